@@ -1,0 +1,116 @@
+"""ToMe token merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
+
+Bipartite soft matching exactly as ToMe defines it: the keys averaged over heads are the
+similarity metric; tokens are split alternately into sets A (even positions) and B (odd
+positions); each A token is matched to its most cosine-similar B token; the r most
+similar edges are merged by a size-weighted average into their B token; the class token
+is never merged; at most half of the non-prefix tokens go per application.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from prance.tokens.state import METRIC, TokenOp, TokenState
+
+Merge = Callable[[Tensor, str], Tensor]
+
+
+def max_r(n: int, num_prefix: int) -> int:
+    """Most tokens one bipartite matching can remove from ``n`` tokens."""
+    return max(0, (n - num_prefix) // 2)
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Merge:
+    """Plan a merge of ``r`` tokens from ``metric`` (B, N, d); return ``merge(x, mode)``
+    that applies it to any (B, N, C) tensor, reducing with ``mode`` ("sum", "mean", ...).
+
+    Prefix tokens sit at the front: the even ones fall in A and are never sources, the odd
+    ones fall in B and are never destinations. The output keeps the prefix tokens first
+    (for a single class token the output order is exactly ToMe's: sorted unmerged A
+    tokens, then B).
+    """
+    n = metric.shape[1]
+    r = min(r, max_r(n, num_prefix))
+    if r <= 0:
+        return lambda x, mode="mean": x
+    pre_a, pre_b = (num_prefix + 1) // 2, num_prefix // 2
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
+        if pre_a:
+            scores[:, :pre_a, :] = -math.inf
+        if pre_b:
+            scores[:, :, :pre_b] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[:, r:]
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+        if num_prefix:
+            unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        bsz, n_a, c = src.shape
+        unm = src.gather(1, unm_idx.expand(bsz, n_a - r, c))
+        src = src.gather(1, src_idx.expand(bsz, r, c))
+        dst = dst.scatter_reduce(1, dst_idx.expand(bsz, r, c), src, reduce=mode)
+        if pre_b:
+            return torch.cat([unm[:, :pre_a], dst[:, :pre_b], unm[:, pre_a:], dst[:, pre_b:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def merge_wavg(merge: Merge, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge: a merged token is the mean of the patches it holds."""
+    x = merge(x * size, "sum")
+    size = merge(size, "sum")
+    return x / size, size
+
+
+def merge_tokens(state: TokenState, r: int) -> TokenState:
+    """Merge ``r`` tokens of ``state`` by ToMe's matching on ``state.metric``."""
+    merge = bipartite_soft_matching(state.metric, r, state.num_prefix)
+    x, size = merge_wavg(merge, state.x, state.sizes())
+    return TokenState(x, size, state.num_prefix, stats=state.stats)
+
+
+def matching_macs(n: int, head_dim: int) -> int:
+    """Multiply-accumulates of the A x B similarity matrix for ``n`` tokens."""
+    return math.ceil(n / 2) * (n // 2) * head_dim
+
+
+def merge_op(r: int | Callable[[int], int], num_prefix: int) -> TokenOp:
+    """Merge ``r`` tokens (or ``r(n)`` of ``n``), capped at half the non-prefix tokens."""
+    r_of = r if callable(r) else (lambda n: r)
+
+    def eff(n: int) -> int:
+        return max(0, min(r_of(n), max_r(n, num_prefix)))
+
+    return TokenOp(
+        name="merge",
+        apply=lambda s: merge_tokens(s, eff(s.x.shape[1])),
+        out_tokens=lambda n: n - eff(n),
+        extra_macs=lambda n, hd: matching_macs(n, hd) if eff(n) > 0 else 0,
+        needs=frozenset({METRIC}),
+    )
+
+
+def tome_schedule(r: int, depth: int, schedule: str = "constant") -> list[int]:
+    """r per block: ToMe's constant schedule, or its decreasing one (inflection -1:
+    linearly from 2r in the first block to 0 in the last, same total)."""
+    if schedule == "constant":
+        return [r] * depth
+    if schedule == "decreasing":
+        if depth == 1:
+            return [r]
+        step = -2 * r / (depth - 1)
+        return [int(2 * r + step * i) for i in range(depth)]
+    raise ValueError(f"unknown ToMe schedule {schedule!r}")

@@ -1,0 +1,64 @@
+"""Token pruning by class-token attention (EViT, Liang et al., ICLR 2022; PRANCE's prune).
+
+Importance of a patch token is the class token's attention to it, averaged over heads.
+The top ``ceil(keep * patches)`` patch tokens are kept (EViT's count) in their original
+order; with ``fuse`` the dropped ones are fused into one extra token weighted by their
+attention (EViT's "inattentive token fusion", raw attention weights as in EViT).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from prance.tokens.state import CLS_ATTN, TokenOp, TokenState, gather_tokens, keep_with_prefix
+
+
+def kept_patches(n: int, keep: float, num_prefix: int) -> int:
+    patches = n - num_prefix
+    return min(patches, max(1, math.ceil(keep * patches))) if patches > 0 else 0
+
+
+def keep_top(state: TokenState, scores: Tensor, k: int) -> TokenState:
+    """Keep the prefix and the ``k`` patch tokens with the highest ``scores`` (B, patches),
+    in their original order."""
+    idx = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1)[0]
+    return state.gather(keep_with_prefix(idx, state.num_prefix))
+
+
+def prune_tokens(state: TokenState, keep: float, fuse: bool = False) -> TokenState:
+    p = state.num_prefix
+    n = state.x.shape[1]
+    k = kept_patches(n, keep, p)
+    if k >= n - p:
+        return state
+    scores = state.cls_attn.mean(dim=1)[:, p:]
+    if not fuse:
+        return keep_top(state, scores, k)
+    order = scores.argsort(dim=1, descending=True)
+    kept = state.gather(keep_with_prefix(order[:, :k].sort(dim=1)[0], p))
+    dropped = order[:, k:]
+    w = scores.gather(1, dropped).unsqueeze(-1)
+    patches = state.x[:, p:]
+    fused = (gather_tokens(patches, dropped) * w).sum(dim=1, keepdim=True)
+    x = torch.cat([kept.x, fused], dim=1)
+    size = kept.size
+    if size is not None:
+        size = torch.cat([size, gather_tokens(state.size[:, p:], dropped).sum(dim=1, keepdim=True)], dim=1)
+    return TokenState(x, size, p, stats=state.stats)
+
+
+def prune_op(keep: float, num_prefix: int, fuse: bool = False) -> TokenOp:
+    def out_tokens(n: int) -> int:
+        k = kept_patches(n, keep, num_prefix)
+        dropped = n - num_prefix - k
+        return num_prefix + k + (1 if fuse and dropped > 0 else 0)
+
+    return TokenOp(
+        name="prune",
+        apply=lambda s: prune_tokens(s, keep, fuse),
+        out_tokens=out_tokens,
+        needs=frozenset({CLS_ATTN}),
+    )
