@@ -1,0 +1,5 @@
+import sys
+
+from prance.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Checkpoints: safetensors weights with the model's name, constructor arguments and
+sub-network space in the header, so one file is enough to rebuild the meta-network.
+
+Loading never unpickles code: ``.safetensors`` files are parsed by safetensors;
+``.pt``/``.pth``/``.bin`` files (e.g. the DeiT release) go through
+``torch.load(weights_only=True)``, which accepts only tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from prance.errors import PranceError
+from prance.models.meta import MetaViT
+from prance.models.subnet import SubnetSpace
+from prance.models.zoo import create_vit
+
+FORMAT = "prance.meta_vit.v1"
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: MetaViT,
+    model_name: str,
+    model_kwargs: dict | None = None,
+    info: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model``'s weights (optionally cast, e.g. to float16) and how to rebuild it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, v in model.vit.state_dict().items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    header = {
+        "format": FORMAT,
+        "model": model_name,
+        "model_kwargs": json.dumps(model_kwargs or {}),
+        "space": json.dumps(asdict(model.space)),
+        "info": json.dumps(info or {}),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def read_header(path: str | Path) -> dict:
+    """The decoded header of a prance safetensors checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise PranceError(f"{path} is not a readable safetensors checkpoint ({type(e).__name__}: {e})") from None
+    out = dict(meta)
+    for key in ("model_kwargs", "space", "info"):
+        if key in out:
+            out[key] = json.loads(out[key])
+    return out
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        header = read_header(path)
+        try:
+            return load_file(str(path)), header
+        except Exception as e:
+            raise PranceError(f"{path} is a corrupt safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PranceError(
+            f"refusing to load {path}: not a plain tensor checkpoint (loaded with weights_only=True: {first})"
+        ) from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PranceError(f"{path} does not hold a state dict of tensors")
+    return obj, {}
+
+
+def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwargs) -> tuple[MetaViT, dict]:
+    """Rebuild the meta-network saved at ``path``; returns (model in eval mode, header).
+
+    For a bare state dict (a ``.pt`` file, or a safetensors file without our header)
+    ``model_name`` says which timm model it belongs to.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PranceError(f"checkpoint {path} not found")
+    state, header = _read_state_dict(path)
+    name = model_name or header.get("model")
+    if not name:
+        raise PranceError(f"{path} does not name its model: pass --model with the timm model name")
+    kwargs = {**header.get("model_kwargs", {}), **model_kwargs}
+    vit = create_vit(name, **kwargs)
+    state = {k.removeprefix("vit."): v for k, v in state.items()}
+    model_state = vit.state_dict()
+    missing = sorted(set(model_state) - set(state))
+    unexpected = sorted(set(state) - set(model_state))
+    wrong = [k for k in model_state if k in state and state[k].shape != model_state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+        )
+        raise PranceError(f"checkpoint {path} does not fit model {name!r}: {detail}")
+    vit.load_state_dict({k: v.to(model_state[k].dtype) for k, v in state.items()})
+    space = SubnetSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in header["space"].items()}) if "space" in header else None
+    return MetaViT(vit, space).eval(), header

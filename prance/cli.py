@@ -1,0 +1,260 @@
+"""``python -m prance``: flops, eval and bench from the command line.
+
+Every subcommand takes ``--json`` to print exactly one JSON value on stdout (progress and
+logs go to stderr). A mistake in the input prints one line ``prance: error: ...`` and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prance.errors import PranceError
+from prance.tokens.strategies import STRATEGIES
+
+HELP_MODEL = "timm model name (e.g. deit_small_patch16_224, prance_vit_fmnist)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"prance: error: {message} (see --help)\n")
+
+
+def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    p.add_argument("--model", help=HELP_MODEL)
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, or a .pt/.pth state dict with --model")
+
+
+def _add_strategy_args(p: argparse.ArgumentParser, single: bool = True) -> None:
+    if single:
+        p.add_argument("--strategy", default="none", help=f"token strategy: {', '.join(STRATEGIES)}")
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--r", type=int, help="tokens merged/removed per step (merge, ppt)")
+        group.add_argument("--keep", type=float, help="keep ratio per reduction block (prune, prune_merge)")
+        group.add_argument("--budget", help="target GFLOPs (e.g. 2.3) or share of dense (e.g. 50%%): calibrates r/keep")
+    p.add_argument("--locs", help="reduction blocks, comma-separated (default: quarter points, 3,6,9 for 12 blocks)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "decreasing"], help="ToMe r schedule")
+    p.add_argument("--threshold", type=float, default=7e-5, help="PPT variance threshold")
+    p.add_argument("--fuse", action="store_true", help="prune: fuse dropped tokens into one (EViT)")
+    p.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention for merged tokens")
+
+
+def _strategy_config(args: argparse.Namespace, name: str | None = None):
+    from prance.tokens.strategies import StrategyConfig, check_strategy
+
+    locs = None
+    if args.locs:
+        try:
+            locs = tuple(int(v) for v in args.locs.split(","))
+        except ValueError:
+            raise PranceError(f"--locs must be comma-separated block indices, got {args.locs!r}") from None
+    return StrategyConfig(
+        name=check_strategy(name or args.strategy),
+        r=getattr(args, "r", None),
+        keep=getattr(args, "keep", None),
+        locs=locs,
+        schedule=args.schedule,
+        threshold=args.threshold,
+        fuse=args.fuse,
+        prop_attn=not args.no_prop_attn,
+    )
+
+
+def _load_model(args: argparse.Namespace):
+    from prance.models import DEFAULT_MODEL, create_meta
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        from prance.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(checkpoint, args.model)
+        return model
+    return create_meta(args.model or DEFAULT_MODEL, pretrained=args.pretrained)
+
+
+def _budget(args: argparse.Namespace, model) -> float | None:
+    from prance import flops
+    from prance.budget import parse_budget
+
+    if getattr(args, "budget", None) is None:
+        return None
+    return parse_budget(args.budget, flops.gflops(model.arch))
+
+
+def _images(args: argparse.Namespace, model, n: int):
+    """A batch of ``n`` real images from ``args.dataset`` (or random ones), shaped for the model."""
+    import torch
+
+    from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+
+    spec = input_spec_for_model(model.vit)
+    if args.dataset == "random":
+        return torch.randn(n, spec.in_chans, *spec.img_size, generator=torch.Generator().manual_seed(args.seed))
+    ds = build_dataset(args.dataset, "test", spec)
+    if len(ds) < n:
+        raise PranceError(f"dataset {args.dataset} has {len(ds)} test images, fewer than the batch size {n}")
+    x, _ = next(iter(make_loader(seeded_subset(ds, n, args.seed), batch_size=n)))
+    return x
+
+
+def cmd_flops(args: argparse.Namespace) -> dict:
+    import torch
+
+    from prance import flops
+    from prance.data import input_spec_for_model
+    from prance.evaluate import plan_for
+
+    model = _load_model(args)
+    cfg, plan = plan_for(model, _strategy_config(args), _budget(args, model))
+    report = flops.count(model.arch, None, plan)
+    spec = input_spec_for_model(model.vit)
+    x = torch.randn(args.reference_batch, spec.in_chans, *spec.img_size, generator=torch.Generator().manual_seed(0))
+    return {
+        "model": args.model or model.vit.pretrained_cfg.get("architecture"),
+        "strategy": cfg.name,
+        "params": plan.params,
+        "gflops": report.gflops,
+        "gflops_reference": flops.measured_gflops(model, x, plan=plan),
+        "token_ratio": report.token_ratio,
+        "final_token_ratio": report.final_token_ratio,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+    from prance.evaluate import evaluate, plan_for
+
+    model = _load_model(args)
+    cfg, plan = plan_for(model, _strategy_config(args), _budget(args, model))
+    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
+    if args.limit is not None:
+        ds = seeded_subset(ds, args.limit, args.seed)
+    loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    result = evaluate(model, loader, plan=plan, device=args.device, amp=args.amp, progress=not args.json)
+    return {"strategy": cfg.name, "params": plan.params, **result}
+
+
+def cmd_bench(args: argparse.Namespace) -> list[dict]:
+    from prance.evaluate import bench
+
+    model = _load_model(args)
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    from prance.tokens.strategies import check_strategy
+
+    for s in names:
+        check_strategy(s)
+    base = _strategy_config(args, "none")
+    images = _images(args, model, args.batch_size)
+    return bench(
+        model,
+        images,
+        names,
+        _budget(args, model),
+        base=base,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=args.device,
+        amp=args.amp,
+        progress=not args.json,
+    )
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, dict):
+            return ",".join(f"{k}={fmt(x)}" for k, x in v.items()) or "-"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("flops", help="analytic GFLOPs and token ratios, checked against FlopCounterMode")
+    _add_model_args(p)
+    _add_strategy_args(p)
+    p.add_argument("--reference-batch", type=int, default=2, help="images in the FlopCounterMode forward")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("eval", help="Top-1, GFLOPs, token ratios and throughput on a dataset")
+    _add_model_args(p)
+    _add_strategy_args(p)
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or imagefolder:PATH")
+    p.add_argument("--split", default="test", help="test/val or train")
+    p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="throughput of token strategies against the dense model")
+    _add_model_args(p)
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated strategies")
+    p.add_argument("--budget", help="calibrate every strategy to this GFLOPs (e.g. 2.3) or share of dense (50%%)")
+    _add_strategy_args(p, single=False)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, imagefolder:PATH or random")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "repeats", "reference_batch", "limit"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise PranceError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if getattr(args, "warmup", 0) < 0:
+        raise PranceError("--warmup must be >= 0")
+    device = getattr(args, "device", "cpu")
+    if device != "cpu":
+        import torch
+
+        try:
+            ok = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise PranceError(f"device {device!r} is not available here (use cpu, or cuda on a GPU machine)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        result = args.func(args)
+    except PranceError as e:
+        print(f"prance: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prance: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    elif isinstance(result, list):
+        _print_table(result, ["strategy", "params", "gflops", "flops_speedup", "throughput_img_s", "speedup", "final_token_ratio"])
+    else:
+        for k, v in result.items():
+            print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")
+    return 0

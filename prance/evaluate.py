@@ -1,0 +1,154 @@
+"""Evaluation: Top-1 on a dataset, analytic GFLOPs and token ratios, measured throughput;
+and the strategy benchmark (every strategy on the same batch, same budget).
+
+Metric names are fixed here once (:data:`METRICS`) and used by the CLI, MLflow and
+results tables alike. ``top1`` is a percentage.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from prance import flops
+from prance.budget import calibrate
+from prance.models.meta import MetaViT
+from prance.models.subnet import SubNet
+from prance.tokens.state import TokenPlan
+from prance.tokens.strategies import StrategyConfig, build_plan
+
+METRICS = ("top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if amp and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def plan_for(model: MetaViT, cfg: StrategyConfig, budget_gflops: float | None = None, subnet: SubNet | None = None) -> tuple[StrategyConfig, TokenPlan]:
+    """The plan of ``cfg``, calibrated to ``budget_gflops`` when one is given."""
+    if budget_gflops is None:
+        return cfg, build_plan(cfg, model.arch)
+    c = calibrate(cfg, model.arch, budget_gflops, subnet)
+    return c.config, c.plan
+
+
+@torch.inference_mode()
+def evaluate(
+    model: MetaViT,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    subnet: SubNet | None = None,
+    plan: TokenPlan | None = None,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Top-1 (%), GFLOPs per image, token ratios and images/s of the model's forwards
+    (data loading excluded) over ``batches``."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    report = flops.count(model.arch, subnet, plan)
+    correct = n = 0
+    seconds = 0.0
+    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+        x = x.to(device, non_blocking=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device, amp):
+            logits = model(x, subnet, plan)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        correct += int((logits.argmax(dim=-1).cpu() == y).sum())
+        n += len(y)
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    return {
+        "top1": 100.0 * correct / n,
+        "gflops": report.gflops,
+        "token_ratio": report.token_ratio,
+        "final_token_ratio": report.final_token_ratio,
+        "throughput_img_s": n / seconds,
+        "n_images": n,
+    }
+
+
+@torch.inference_mode()
+def bench(
+    model: MetaViT,
+    images: Tensor,
+    strategies: list[str],
+    budget_gflops: float | None = None,
+    base: StrategyConfig | None = None,
+    warmup: int = 2,
+    repeats: int = 7,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Throughput of every strategy on the same batch (each calibrated to the budget when
+    one is given). Rounds are interleaved -- one timed forward of each strategy per round
+    -- so that drifting machine load hits all strategies alike; the median is reported.
+    ``speedup`` is against the dense model, ``flops_speedup`` the FLOPs-ideal speedup."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    images = images.to(device)
+    base = base or StrategyConfig()
+    names = ["none"] + [s for s in strategies if s != "none"]
+    plans = {}
+    for name in names:
+        cfg = StrategyConfig(**{**base.__dict__, "name": name, "r": None, "keep": None}) if name != base.name else base
+        plans[name] = plan_for(model, cfg, budget_gflops if name != "none" else None)
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    def run(plan: TokenPlan) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device, amp):
+            model(images, None, plan)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for name in names:
+            run(plans[name][1])
+    for _ in tqdm(range(repeats), desc="bench", unit="round", disable=not progress, leave=False):
+        for name in names:
+            times[name].append(run(plans[name][1]))
+
+    rows = []
+    bsz = images.shape[0]
+    dense = flops.count(model.arch)
+    dense_ips = bsz / statistics.median(times["none"])
+    for name in names:
+        if name not in strategies:
+            continue
+        cfg, plan = plans[name]
+        report = flops.count(model.arch, None, plan)
+        ips = bsz / statistics.median(times[name])
+        rows.append(
+            {
+                "strategy": name,
+                "params": plan.params,
+                "gflops": report.gflops,
+                "token_ratio": report.token_ratio,
+                "final_token_ratio": report.final_token_ratio,
+                "throughput_img_s": ips,
+                "speedup": ips / dense_ips,
+                "flops_speedup": dense.gflops / report.gflops,
+            }
+        )
+    return rows
