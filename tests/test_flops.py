@@ -1,0 +1,62 @@
+"""The analytic FLOPs counter against FlopCounterMode on real forwards, and the DeiT
+reference numbers."""
+
+import pytest
+import torch
+
+from prance import flops
+from prance.models import create_meta
+from prance.tokens import STRATEGIES, StrategyConfig, build_plan
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {
+        "prance_vit_fmnist": create_meta("prance_vit_fmnist"),
+        "deit_tiny_64": create_meta("deit_tiny_patch16_224", img_size=64, num_classes=10),
+    }
+
+
+def _images(model, n=3, seed=0):
+    pe = model.vit.patch_embed
+    return torch.randn(n, pe.proj.in_channels, *pe.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("model_key", ["prance_vit_fmnist", "deit_tiny_64"])
+def test_analytic_counter_agrees_with_flop_counter_mode(models, model_key, name):
+    m = models[model_key]
+    plan = build_plan(StrategyConfig(name), m.arch)
+    g = torch.Generator().manual_seed(7)
+    subnets = [None, m.space.smallest()] + [m.space.sample(g) for _ in range(3)]
+    for sub in subnets:
+        analytic = flops.gflops(m.arch, sub, plan)
+        measured = flops.measured_gflops(m, _images(m), subnet=sub, plan=plan)
+        assert analytic == pytest.approx(measured, rel=0.01), (sub, analytic, measured)
+
+
+def test_decreasing_tome_schedule_and_fused_prune_are_counted(models):
+    m = models["prance_vit_fmnist"]
+    for cfg in [StrategyConfig("merge", r=3, schedule="decreasing"), StrategyConfig("prune", keep=0.5, fuse=True),
+                StrategyConfig("merge", r=4, prop_attn=False)]:
+        plan = build_plan(cfg, m.arch)
+        assert flops.gflops(m.arch, None, plan) == pytest.approx(flops.measured_gflops(m, _images(m), plan=plan), rel=0.01)
+
+
+@pytest.mark.parametrize("name,expected", [("deit_tiny_patch16_224", 1.3), ("deit_small_patch16_224", 4.6), ("deit_base_patch16_224", 17.6)])
+def test_dense_deit_gflops_match_the_published_tables(name, expected):
+    m = create_meta(name)
+    assert round(flops.gflops(m.arch), 1) == expected
+
+
+def test_token_ratios():
+    m = create_meta("prance_vit_micro")  # 4 blocks, 16 patches + CLS; reduction blocks 1, 2, 3
+    plan = build_plan(StrategyConfig("prune", keep=0.5), m.arch)
+    report = flops.count(m.arch, None, plan)
+    entering = [17, 17, 9, 5]
+    assert report.token_ratio == pytest.approx(sum(entering) / (4 * 17))
+    assert report.final_token_ratio == pytest.approx(5 / 17)
+    dense = flops.count(m.arch)
+    assert dense.token_ratio == 1 and dense.final_token_ratio == 1
+    mean = flops.mean_report([dense, report], [3, 1])
+    assert mean.macs == round((3 * dense.macs + report.macs) / 4)
