@@ -149,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
         check_strategy(s)
     base = _strategy_config(args, "none")
     images = _images(args, model, args.batch_size)
-    return bench(
+    rows = bench(
         model,
         images,
         names,
@@ -161,6 +161,33 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
         amp=args.amp,
         progress=not args.json,
     )
+    if args.output:
+        _write_record(args.output, rows, args.device)
+    return rows
+
+
+def _write_record(path: str, rows: list[dict], device: str) -> None:
+    """Benchmark rows with what is needed to reproduce and compare them."""
+    import datetime
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    record = {
+        "command": "python -m prance " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "rows": rows,
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -215,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="also write the rows with the command, machine and date to this JSON file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
