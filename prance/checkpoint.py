@@ -66,7 +66,10 @@ def read_header(path: str | Path) -> dict:
     out = dict(meta)
     for key in ("model_kwargs", "space", "info"):
         if key in out:
-            out[key] = json.loads(out[key])
+            try:
+                out[key] = json.loads(out[key])
+            except ValueError:
+                raise PranceError(f"{path} has a malformed {key!r} entry in its header (not JSON)") from None
     return out
 
 
@@ -120,5 +123,8 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
         )
         raise PranceError(f"checkpoint {path} does not fit model {name!r}: {detail}")
     vit.load_state_dict({k: v.to(model_state[k].dtype) for k, v in state.items()})
-    space = SubnetSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in header["space"].items()}) if "space" in header else None
+    try:
+        space = SubnetSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in header["space"].items()}) if "space" in header else None
+    except (AttributeError, TypeError) as e:
+        raise PranceError(f"checkpoint {path} has a malformed sub-network space in its header ({e})") from None
     return MetaViT(vit, space).eval(), header

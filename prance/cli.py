@@ -145,6 +145,8 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     from prance.tokens.strategies import check_strategy
 
+    if not names:
+        raise PranceError("--strategies names no strategy")
     for s in names:
         check_strategy(s)
     base = _strategy_config(args, "none")
@@ -260,7 +262,8 @@ def _check_args(args: argparse.Namespace) -> None:
         import torch
 
         try:
-            ok = torch.device(device).type == "cuda" and torch.cuda.is_available()
+            dev = torch.device(device)
+            ok = dev.type == "cuda" and torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
         except RuntimeError:
             ok = False
         if not ok:
