@@ -1,7 +1,7 @@
 """Checkpoints: safetensors weights with the model's name, constructor arguments and
 sub-network space in the header, so one file is enough to rebuild the meta-network.
 
-Loading never unpickles code: ``.safetensors`` files are parsed by safetensors;
+Loading never unpickles code: safetensors files (recognised by content) are parsed by safetensors;
 ``.pt``/``.pth``/``.bin`` files (e.g. the DeiT release) go through
 ``torch.load(weights_only=True)``, which accepts only tensors and plain containers.
 """
@@ -73,8 +73,15 @@ def read_header(path: str | Path) -> dict:
     return out
 
 
+def _is_safetensors(path: Path) -> bool:
+    """By content, not by name: 8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors.torch import load_file
 
         header = read_header(path)
