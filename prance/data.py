@@ -241,7 +241,8 @@ FASHION_MNIST_SPEC = InputSpec(1, (28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_ST
 def _built_input_shape(model: torch.nn.Module) -> tuple[int | None, tuple[int, int] | None]:
     """The channels and image size a timm ViT was actually built with (None when unknown)."""
     patch_embed = getattr(model, "patch_embed", None)
-    in_chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+    # the model's own in_chans (a hybrid ViT's proj conv reads stem features, not pixels)
+    in_chans = getattr(model, "in_chans", None) or getattr(getattr(patch_embed, "proj", None), "in_channels", None)
     img_size = getattr(patch_embed, "img_size", None)
     if not (isinstance(img_size, (tuple, list)) and len(img_size) == 2):
         img_size = None

@@ -4,6 +4,8 @@ Convention (DeiT/ToMe/PPT tables): "FLOPs" are multiply-accumulates of matmul-ty
 linear layers, the two attention matmuls, the patch-embedding conv, plus the
 matmul-type work of the token strategies themselves (the class-attention row used for
 ranking, ToMe's similarity matrix) -- PRANCE's released code leaves those out; we do not.
+A hybrid ViT's fixed convolutional stem is counted once, by FlopCounterMode, when the
+architecture is read (:func:`prance.models.arch.stem_macs`).
 Element-wise ops, norms, softmax and sorting are not counted. DeiT-T/S/B at 224 give
 1.26 / 4.61 / 17.58 GFLOPs.
 
@@ -48,7 +50,7 @@ def count(arch: ArchSpec, subnet: SubNet | None = None, plan: TokenPlan | None =
     subnet = subnet or SubNet.full(arch)
     plan = plan or TokenPlan.dense(arch.depth)
     n0 = arch.num_tokens
-    macs = arch.num_patches * subnet.embed[0] * arch.patch_dim
+    macs = arch.stem_macs + arch.num_patches * subnet.embed[0] * arch.patch_dim
     for i, (n_in, n_mlp) in enumerate(plan.token_counts(n0)):
         heads, hd = subnet.heads[i], arch.head_dim
         macs += block_macs(n_in, n_mlp, subnet.embed[i], heads, hd, subnet.mlp[i])

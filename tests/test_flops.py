@@ -19,7 +19,7 @@ def models():
 
 def _images(model, n=3, seed=0):
     pe = model.vit.patch_embed
-    return torch.randn(n, pe.proj.in_channels, *pe.img_size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, model.vit.in_chans, *pe.img_size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -11,7 +11,7 @@ from prance.models import MetaViT, SubNet, create_meta, create_vit, reorder_by_i
 
 def _images(model, n=3, seed=0):
     pe = model.vit.patch_embed
-    return torch.randn(n, pe.proj.in_channels, *pe.img_size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, model.vit.in_chans, *pe.img_size, generator=torch.Generator().manual_seed(seed))
 
 
 def _randomise(vit, seed=0):
@@ -47,11 +47,11 @@ def test_full_subnet_equals_timm(name, kwargs):
 
 
 def test_uniform_subnet_equals_smaller_timm_model_with_first_k_weights():
-    meta = create_meta("prance_vit_fmnist")
+    meta = create_meta("prance_vit_micro", embed_dim=96, num_heads=4, depth=6)
     _randomise(meta.vit, seed=1)
     arch = meta.arch
     heads, embed, hidden = 3, 72, 192  # 3 heads of 24 channels fit a width-72 timm model
-    small = VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=embed, depth=arch.depth,
+    small = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=embed, depth=arch.depth,
                               num_heads=heads, mlp_ratio=hidden / embed).eval()
     assert small.blocks[0].mlp.fc1.out_features == hidden
     big = meta.vit.state_dict()

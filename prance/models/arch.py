@@ -15,8 +15,10 @@ class ArchSpec:
     """Dimensions of the full network.
 
     ``patch_dim`` is the number of input values one patch embedding reads
-    (in_chans * patch_h * patch_w); ``num_prefix_tokens`` counts the class token and
-    any register tokens, which token strategies never remove.
+    (channels * patch_h * patch_w of the conv that makes the tokens); ``stem_macs`` the
+    multiply-accumulates of a convolutional stem before it (hybrid ViTs; 0 for plain
+    patch embedding); ``num_prefix_tokens`` counts the class token and any register
+    tokens, which token strategies never remove.
     """
 
     depth: int
@@ -30,6 +32,7 @@ class ArchSpec:
     patch_dim: int
     num_classes: int
     global_pool: str
+    stem_macs: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +54,7 @@ def arch_of(vit: nn.Module) -> ArchSpec:
     Raises :class:`PranceError` naming the feature when the model uses something the
     meta-network cannot slice (e.g. a distillation head, attention pooling, SwiGLU).
     """
-    from timm.layers import LayerScale, Mlp
+    from timm.layers import HybridEmbed, LayerScale, Mlp, PatchEmbed
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -64,8 +67,13 @@ def arch_of(vit: nn.Module) -> ArchSpec:
 
     pe = vit.patch_embed
     if not isinstance(getattr(pe, "proj", None), nn.Conv2d) or getattr(pe, "dynamic_img_size", False):
-        raise unsupported("patch embedding that is not a single strided conv")
-    if not (_is_identity(pe.norm) or _is_layernorm(pe.norm)):
+        raise unsupported("patch embedding whose tokens do not come from one conv")
+    if isinstance(pe, HybridEmbed):
+        if not pe.flatten or getattr(pe, "dynamic_img_pad", False):
+            raise unsupported("hybrid embedding with dynamic padding or a custom output format")
+    elif type(pe) is not PatchEmbed:
+        raise unsupported(f"patch embedding {type(pe).__name__}")
+    if not (_is_identity(getattr(pe, "norm", None)) or _is_layernorm(pe.norm)):
         raise unsupported("patch-embedding norm that is not LayerNorm")
     if vit.attn_pool is not None or vit.global_pool not in ("token", "avg"):
         raise unsupported(f"global_pool={vit.global_pool!r}")
@@ -111,4 +119,26 @@ def arch_of(vit: nn.Module) -> ArchSpec:
         patch_dim=pe.proj.in_channels * kh * kw,
         num_classes=vit.num_classes,
         global_pool=vit.global_pool,
+        stem_macs=stem_macs(vit),
     )
+
+
+def stem_macs(vit: nn.Module) -> int:
+    """MACs per image of a hybrid ViT's convolutional stem (fixed: never sliced), measured
+    once with FlopCounterMode; 0 for plain patch embedding."""
+    backbone = getattr(vit.patch_embed, "backbone", None)
+    if backbone is None:
+        return 0
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pe = vit.patch_embed
+    was_training = backbone.training
+    x = torch.zeros(1, pe.in_chans, *pe.img_size, device=pe.proj.weight.device, dtype=pe.proj.weight.dtype)
+    try:
+        backbone.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            backbone(x)
+    finally:
+        backbone.train(was_training)
+    return counter.get_total_flops() // 2

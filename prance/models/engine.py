@@ -95,14 +95,20 @@ def mlp(m: nn.Module, x: Tensor, hidden: int) -> Tensor:
 
 
 def embed(vit: nn.Module, images: Tensor, width: int) -> Tensor:
-    """Patch embedding, prefix tokens and position embedding at ``width`` channels."""
+    """Patch embedding (after a hybrid ViT's conv stem), prefix tokens and position
+    embedding at ``width`` channels."""
     pe = vit.patch_embed
     expected = tuple(pe.img_size)
     if tuple(images.shape[-2:]) != expected:
         raise ValueError(f"input size {tuple(images.shape[-2:])} does not match the model's {expected}")
+    backbone = getattr(pe, "backbone", None)
+    if backbone is not None:  # hybrid ViT: a convolutional stem makes the feature map
+        images = backbone(images)
+        if isinstance(images, (list, tuple)):
+            images = images[-1]
     conv = pe.proj
     x = F.conv2d(images, conv.weight[:width], None if conv.bias is None else conv.bias[:width], conv.stride, conv.padding)
-    x = layer_norm(x.flatten(2).transpose(1, 2), pe.norm)
+    x = layer_norm(x.flatten(2).transpose(1, 2), getattr(pe, "norm", nn.Identity()))
     bsz = x.shape[0]
     prefix = [t[..., :width].expand(bsz, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
     pos = vit.pos_embed[..., :width]

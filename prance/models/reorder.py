@@ -52,15 +52,15 @@ def permute_mlp(blk: nn.Module, order: Tensor) -> None:
     _take(blk.mlp.fc2.weight, order, 1)
 
 
-def _norm_params(norm: nn.Module) -> list[Tensor | None]:
-    return [] if isinstance(norm, nn.Identity) else [norm.weight, norm.bias]
+def _norm_params(norm: nn.Module | None) -> list[Tensor | None]:
+    return [] if norm is None or isinstance(norm, nn.Identity) else [norm.weight, norm.bias]
 
 
 def _embed_writers_readers(vit: nn.Module) -> tuple[list[tuple[Tensor, int]], list[Tensor | None]]:
     """(weights indexed by embedding channel along a dim, 1-D params indexed by it)."""
     conv = vit.patch_embed.proj
     mats: list[tuple[Tensor, int]] = [(conv.weight, 0), (vit.head.weight, 1)]
-    vecs: list[Tensor | None] = [conv.bias, *_norm_params(vit.patch_embed.norm), *_norm_params(vit.norm_pre)]
+    vecs: list[Tensor | None] = [conv.bias, *_norm_params(getattr(vit.patch_embed, "norm", None)), *_norm_params(vit.norm_pre)]
     vecs += [*_norm_params(vit.norm), *_norm_params(vit.fc_norm)]
     for blk in vit.blocks:
         mats += [(blk.attn.qkv.weight, 1), (blk.attn.proj.weight, 0), (blk.mlp.fc1.weight, 1), (blk.mlp.fc2.weight, 0)]

@@ -4,8 +4,10 @@ with timm for Fashion-MNIST (so that one naming scheme serves everywhere)."""
 from __future__ import annotations
 
 import timm
+from timm.layers import HybridEmbed
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from prance.errors import PranceError
 from prance.models.arch import arch_of
@@ -33,10 +35,33 @@ def _small_vit(name: str, pretrained: bool, defaults: dict, kwargs: dict) -> Vis
     return model
 
 
+def conv_stem(in_chans: int, width: int = 64) -> nn.Sequential:
+    """Three 3x3 convs (stride 1, 2, 2) with BatchNorm and GELU: 28x28 -> 7x7 features.
+
+    The "early convolutions" stem (Xiao et al., 2021) in place of a 4x4 patchify: on
+    Fashion-MNIST it reached 79.7% after one epoch against 70.6% for the patchify ViT of
+    the same width and depth (docs/benchmarks.md), for ~8% more FLOPs.
+    """
+    half = width // 2
+    return nn.Sequential(
+        nn.Conv2d(in_chans, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.GELU(),
+        nn.Conv2d(width, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.GELU(),
+    )  # fmt: skip
+
+
 @register_model
 def prance_vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """12-block ViT for 28x28 Fashion-MNIST: patch 4 (49 patches + CLS), width 96, 4 heads."""
-    defaults = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=4, mlp_ratio=4.0)
+    """12-block hybrid ViT for 28x28 Fashion-MNIST: a 3-conv stem to a 7x7 grid (49 tokens
+    + CLS), width 96, 4 heads of 24 channels, MLP 384. The default meta-network."""
+    in_chans = kwargs.get("in_chans", 1)
+    img_size = kwargs.get("img_size", 28)
+
+    def embed_layer(**k):
+        return HybridEmbed(conv_stem(in_chans), img_size=img_size, patch_size=1, in_chans=in_chans, embed_dim=k["embed_dim"])
+
+    defaults = dict(img_size=28, patch_size=1, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=4,
+                    mlp_ratio=4.0, embed_layer=embed_layer)
     return _small_vit("prance_vit_fmnist", pretrained, defaults, kwargs)
 
 
