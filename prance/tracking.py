@@ -1,0 +1,96 @@
+"""MLflow conventions in one place: tracking URIs, metric names, run life cycle.
+
+Runs are driven through ``MlflowClient`` with explicit run ids (no global active run), so
+a driver and its Ray workers can log to the same run. The default tracking store is
+``sqlite:///<absolute path>/mlflow.db`` (MLflow 3 rejects plain directories; a relative
+URI would resolve inside each Ray worker's temporary directory).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prance.errors import PranceError
+
+# Metric names used everywhere (CLI JSON, MLflow, results tables).
+TOP1 = "top1"
+GFLOPS = "gflops"
+TOKEN_RATIO = "token_ratio"
+FINAL_TOKEN_RATIO = "final_token_ratio"
+THROUGHPUT = "throughput_img_s"
+REWARD = "reward"
+
+
+def default_uri(folder: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None, folder: str | os.PathLike) -> str:
+    """``uri`` made absolute (sqlite paths), or the default store in ``folder``."""
+    if not uri:
+        Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+        return default_uri(folder)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if "://" not in uri:
+        raise PranceError(f"MLflow tracking URI {uri!r} is not a URI: use sqlite:///path/mlflow.db or http://host:port")
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any run is created, when an MLflow server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise PranceError(f"MLflow server {uri} is unreachable ({getattr(e, 'reason', e)})") from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else c.create_experiment(name)
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    c = client(uri)
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags or {})
+    for k, v in params.items():
+        c.log_param(run.info.run_id, k, str(v)[:6000])
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    c = client(uri)
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            c.log_metric(run_id, k, float(v), step=step)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a resumed run RUNNING again (it was FAILED or KILLED when interrupted)."""
+    client(uri).update_run(run_id, status="RUNNING")

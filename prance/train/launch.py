@@ -1,0 +1,157 @@
+"""The driver side of pretraining: checks the input, starts (or resumes) the MLflow run and
+a Ray Train ``TorchTrainer``, and exports the best checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from prance import tracking
+from prance.checkpoint import read_header
+from prance.config import PretrainConfig
+from prance.errors import PranceError
+from prance.train.worker import MODEL_FILE, STATE_FILE, train_loop_per_worker
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    checkpoint: Path  # the best epoch's model.safetensors, copied into the run folder
+    metrics: dict
+    run_dir: Path
+    mlflow_uri: str
+    mlflow_run_id: str
+
+
+def _is_remote(storage: str) -> bool:
+    return "://" in storage
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest epoch first."""
+    found = []
+    for d in run_dir.glob("checkpoint_*"):
+        if (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file():
+            try:
+                epoch = json.loads((d / "metrics.json").read_text())["epoch"]
+            except (OSError, ValueError, KeyError):
+                continue
+            found.append((epoch, d))
+    return [d for _, d in sorted(found)]
+
+
+def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
+    """Everything that can be checked before Ray starts; returns the checkpoint to resume."""
+    from prance.data import build_dataset, input_spec_for_model
+    from prance.models import create_vit
+
+    vit = create_vit(cfg.model, pretrained=False, **cfg.model_kwargs)  # unknown model -> PranceError
+    build_dataset(cfg.dataset, "test", input_spec_for_model(vit))  # missing dataset -> PranceError
+    if _is_remote(cfg.storage):
+        return None  # Ray Train restores runs on remote storage itself
+    run_dir = Path(cfg.storage).expanduser().resolve() / cfg.name
+    existing = checkpoints_in(run_dir)
+    if not resume:
+        if existing:
+            raise PranceError(f"run {run_dir} already has checkpoints: pass --resume to continue it, or choose another --name")
+        return None
+    if not existing:
+        raise PranceError(f"nothing to resume: no checkpoint in {run_dir}")
+    latest = existing[-1]
+    header = read_header(latest / MODEL_FILE)
+    if header.get("model") != cfg.model or header.get("model_kwargs", {}) != cfg.model_kwargs:
+        def arch(name, kwargs):
+            return f"{name}{kwargs}" if kwargs else f"{name}"
+
+        raise PranceError(
+            f"cannot resume {run_dir}: its checkpoint is a {arch(header.get('model'), header.get('model_kwargs'))}, "
+            f"the config asks for {arch(cfg.model, cfg.model_kwargs)}"
+        )
+    return latest
+
+
+def _check_resources(cfg: PretrainConfig) -> int | None:
+    """Threads per worker; PranceError when the cluster cannot place the workers."""
+    import ray
+
+    res = ray.cluster_resources()
+    workers = max(1, cfg.num_workers)
+    if cfg.use_gpu:
+        gpus = int(res.get("GPU", 0))
+        if gpus < workers:
+            raise PranceError(f"{workers} GPU workers requested, the cluster has {gpus} GPUs")
+        return cfg.cpus_per_worker
+    cpus = int(res.get("CPU", 0))
+    per = cfg.cpus_per_worker or max(1, cpus // workers)
+    if cfg.num_workers > 0 and per * workers > cpus:
+        raise PranceError(f"{workers} workers x {per} CPUs requested, the cluster has {cpus} CPUs")
+    return per
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resume_from = check_inputs(cfg, resume)
+    storage = cfg.storage if _is_remote(cfg.storage) else str(Path(cfg.storage).expanduser().resolve())
+    run_dir = Path(storage) / cfg.name
+    local_store = storage if not _is_remote(storage) else str(Path("runs").resolve())
+    uri = tracking.resolve_uri(cfg.mlflow_uri, local_store)
+    tracking.check_reachable(uri)
+
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray
+    per_worker = _check_resources(cfg)
+
+    run_id_path = run_dir / RUN_ID_FILE
+    if resume and run_id_path.is_file():
+        run_id = run_id_path.read_text().strip()
+        tracking.reopen_run(uri, run_id)
+    else:
+        params = {k: v for k, v in cfg.model_dump().items()}
+        run_id = tracking.start_run(uri, cfg.experiment, f"pretrain-{cfg.name}", params, tags={"prance.kind": "pretrain"})
+        if not _is_remote(storage):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_id_path.write_text(run_id)
+
+    resources = {"CPU": per_worker} if per_worker else None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "pretrain": cfg.model_dump(),
+            "threads": per_worker if not cfg.use_gpu else None,
+            "resume_from": str(resume_from) if resume_from else None,
+            "mlflow_uri": uri,
+            "mlflow_run_id": run_id,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="top1_largest", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    ok = False
+    try:
+        result = trainer.fit()
+        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("top1_largest", -1)) if result.best_checkpoints else None
+        if best is None:
+            raise PranceError("training finished without a checkpoint")
+        checkpoint, metrics = best
+        out = run_dir / "best.safetensors" if not _is_remote(storage) else None
+        with checkpoint.as_directory() as folder:
+            if out is not None:
+                shutil.copyfile(Path(folder) / MODEL_FILE, out)
+        tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in metrics.items() if k.startswith("top1")})
+        tracking.set_tags(uri, run_id, {"checkpoint": str(out or checkpoint.path)})
+        ok = True
+        return PretrainResult(out or Path(checkpoint.path), dict(metrics), run_dir, uri, run_id)
+    finally:
+        tracking.end_run(uri, run_id, ok)

@@ -1,0 +1,187 @@
+"""The Ray Train worker loop of meta-network pretraining (one process per worker).
+
+Data parallel: every epoch the train set is permuted with ``seed + epoch`` and worker
+``r`` of ``w`` takes positions ``r, r + w, ...``, a disjoint shard; gradients are
+all-reduced by DDP once per sandwich step. Each epoch ends with a sharded evaluation of
+the largest and smallest sub-networks and a checkpoint reported through
+``ray.train.report`` (rank 0 writes it: ``model.safetensors`` + ``train_state.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from prance.checkpoint import load_checkpoint, save_checkpoint
+from prance.config import PretrainConfig
+from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, seeded_subset
+from prance.models import MetaViT, create_meta, reorder_by_importance
+from prance.train import optim
+from prance.train.augment import flip_shift
+from prance.train.sandwich import sample_plan, sandwich, sandwich_step
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+def _is_tensor_dataset(ds) -> bool:
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return isinstance(ds, TensorImageDataset)
+
+
+def save_train_checkpoint(folder: Path, model: MetaViT, cfg: PretrainConfig, optimizer, epoch: int, step: int, metrics: dict) -> None:
+    info = {"epoch": epoch, "step": step, "metrics": metrics, "config": cfg.model_dump()}
+    save_checkpoint(folder / MODEL_FILE, model, cfg.model, cfg.model_kwargs, info=info)
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, folder / STATE_FILE)
+    (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}))
+
+
+def load_train_state(folder: Path) -> dict:
+    """Optimizer state and counters; ``weights_only=True``: tensors and plain containers only."""
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+@torch.inference_mode()
+def evaluate_shard(model: MetaViT, loader, subnets: dict, device, world: int) -> dict[str, float]:
+    """Top-1 (%) of each named sub-network over this worker's shard, summed across workers."""
+    model.eval()
+    counts = torch.zeros(len(subnets) + 1, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        for i, sub in enumerate(subnets.values()):
+            counts[i] += (model(x, sub).argmax(-1) == y).sum().item()
+        counts[-1] += len(y)
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    model.train()
+    return {name: 100.0 * float(counts[i] / counts[-1]) for i, name in enumerate(subnets)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = PretrainConfig.model_validate(config["pretrain"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    torch.manual_seed(cfg.seed)  # same initial weights on every worker
+
+    model = create_meta(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
+    start_epoch, step = 0, 0
+    optimizer_state = None
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = config.get("resume_from")
+    if checkpoint is not None or resume_dir:
+        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_dir)) as folder:
+            folder = Path(folder)
+            restored, _ = load_checkpoint(folder / MODEL_FILE)
+            model.vit.load_state_dict(restored.vit.state_dict())
+            state = load_train_state(folder)
+            optimizer_state, start_epoch, step = state["optimizer"], state["epoch"] + 1, state["step"]
+    elif cfg.reorder:
+        reorder_by_importance(model.vit)
+    model.train()
+    if world > 1:
+        net = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU), moved to the device
+    else:
+        net = model.to(device)
+    optimizer = optim.adamw(model, cfg.lr, cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    spec = input_spec_for_model(model.vit)
+    train_set = build_dataset(cfg.dataset, "train", spec, train=cfg.augment)
+    if cfg.train_limit:
+        train_set = seeded_subset(train_set, cfg.train_limit, cfg.seed)
+    test_set = seeded_subset(build_dataset(cfg.dataset, "test", spec), cfg.eval_limit, cfg.seed)
+    eval_shard = Subset(test_set, list(range(rank, len(test_set), world)))
+    eval_loader = make_loader(eval_shard, batch_size=256)
+    per_worker = max(1, cfg.batch_size // world)
+    steps_per_epoch = len(train_set) // world // per_worker
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    tensor_data = _is_tensor_dataset(train_set)
+
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+
+    no_sync = net.no_sync if hasattr(net, "no_sync") else nullcontext
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    epoch_times: list[float] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        shard = Subset(train_set, order[rank::world])
+        loader = make_loader(shard, batch_size=per_worker, drop_last=True, num_workers=config.get("loader_workers", 0))
+        t0 = time.perf_counter()
+        loss_sum, n_img, n_steps = 0.0, 0, 0
+        for x, y in loader:
+            if n_steps >= steps_per_epoch:
+                break
+            optim.set_lr(optimizer, optim.lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.augment and tensor_data:
+                x = flip_shift(x, gen)
+            subnets = sandwich(model.space, cfg.random_subnets, gen)
+            plans = [None] + [sample_plan(model.arch, cfg.token_strategies, cfg.token_keep_min, gen) for _ in subnets[1:]]
+            optimizer.zero_grad(set_to_none=True)
+            losses = sandwich_step(net, x, y, subnets, plans, cfg.label_smoothing, cfg.distill, cfg.distill_temperature,
+                                   scaler=scaler, autocast=autocast, no_sync=no_sync)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            loss_sum += losses[0]
+            n_img += len(y)
+            n_steps += 1
+            step += 1
+        train_seconds = time.perf_counter() - t0
+        top1 = evaluate_shard(model, eval_loader, {"largest": model.space.largest(), "smallest": model.space.smallest()}, device, world)
+        epoch_times.append(time.perf_counter() - t0)
+        eta = (cfg.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / max(1, n_steps),
+            "top1_largest": top1["largest"],
+            "top1_smallest": top1["smallest"],
+            "images_per_s": n_img * world / train_seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": epoch_times[-1],
+            "eta_seconds": eta,
+        }
+        if rank == 0:
+            print(
+                f"[pretrain] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.3f}  "
+                f"top1 largest {top1['largest']:.2f}%  smallest {top1['smallest']:.2f}%  "
+                f"{metrics['images_per_s']:.0f} img/s  epoch {epoch_times[-1]:.0f}s  left ~{eta / 60:.1f} min",
+                flush=True,
+            )
+            if config.get("mlflow_uri") and config.get("mlflow_run_id"):
+                from prance import tracking
+
+                tracking.log_metrics(config["mlflow_uri"], config["mlflow_run_id"], metrics, step=epoch)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_train_checkpoint(Path(tmp), model, cfg, optimizer, epoch, step, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
