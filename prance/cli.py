@@ -17,9 +17,15 @@ from prance.tokens.strategies import STRATEGIES
 HELP_MODEL = "timm model name (e.g. deit_small_patch16_224, prance_vit_fmnist)"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        self.exit(2, f"prance: error: {message} (see --help)\n")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line ``<error_prefix>: error: ...``, exit code 2."""
+
+    def __init__(self, *args, error_prefix: str = "prance", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_prefix = error_prefix
+
+    def error(self, message: str):
+        self.exit(2, f"{self.error_prefix}: error: {message} (see --help)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -208,8 +214,8 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("flops", help="analytic GFLOPs and token ratios, checked against FlopCounterMode")
     _add_model_args(p)

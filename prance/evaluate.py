@@ -31,7 +31,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast_for(device: torch.device, amp: bool):
+    """Mixed precision where asked: float16 on CUDA, bfloat16 on CPU; otherwise a no-op."""
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     if amp and device.type == "cpu":
@@ -68,7 +69,7 @@ def evaluate(
         x = x.to(device, non_blocking=True)
         _sync(device)
         t0 = time.perf_counter()
-        with _autocast(device, amp):
+        with autocast_for(device, amp):
             logits = model(x, subnet, plan)
         _sync(device)
         seconds += time.perf_counter() - t0
@@ -117,7 +118,7 @@ def bench(
     def run(plan: TokenPlan) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        with _autocast(device, amp):
+        with autocast_for(device, amp):
             model(images, None, plan)
         _sync(device)
         return time.perf_counter() - t0

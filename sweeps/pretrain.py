@@ -12,23 +12,18 @@ prance.train.launch.pretrain does the rest. Input mistakes: one line, exit code 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from prance.config import PretrainConfig, load_config, parse_overrides, presets  # noqa: E402
+from prance.cli import OneLineParser  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"pretrain: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description="Pretrain the prance meta-network (sandwich rule, in-place distillation) on Ray Train.")
+    p = OneLineParser(error_prefix="pretrain", description="Pretrain the prance meta-network (sandwich rule, in-place distillation) on Ray Train.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="default", help=f"one of: {', '.join(presets('pretrain'))}")
     src.add_argument("--config", help="a YAML file with PretrainConfig keys")

@@ -17,30 +17,27 @@ def models():
     }
 
 
-def _images(model, n=3, seed=0):
-    pe = model.vit.patch_embed
-    return torch.randn(n, model.vit.in_chans, *pe.img_size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("model_key", ["prance_vit_fmnist", "deit_tiny_64"])
-def test_analytic_counter_agrees_with_flop_counter_mode(models, model_key, name):
+def test_analytic_counter_agrees_with_flop_counter_mode(models, model_key, name, random_images):
     m = models[model_key]
     plan = build_plan(StrategyConfig(name), m.arch)
     g = torch.Generator().manual_seed(7)
     subnets = [None, m.space.smallest()] + [m.space.sample(g) for _ in range(3)]
     for sub in subnets:
         analytic = flops.gflops(m.arch, sub, plan)
-        measured = flops.measured_gflops(m, _images(m), subnet=sub, plan=plan)
+        measured = flops.measured_gflops(m, random_images(m), subnet=sub, plan=plan)
         assert analytic == pytest.approx(measured, rel=0.01), (sub, analytic, measured)
 
 
-def test_decreasing_tome_schedule_and_fused_prune_are_counted(models):
+def test_decreasing_tome_schedule_and_fused_prune_are_counted(models, random_images):
     m = models["prance_vit_fmnist"]
     for cfg in [StrategyConfig("merge", r=3, schedule="decreasing"), StrategyConfig("prune", keep=0.5, fuse=True),
                 StrategyConfig("merge", r=4, prop_attn=False)]:
         plan = build_plan(cfg, m.arch)
-        assert flops.gflops(m.arch, None, plan) == pytest.approx(flops.measured_gflops(m, _images(m), plan=plan), rel=0.01)
+        assert flops.gflops(m.arch, None, plan) == pytest.approx(flops.measured_gflops(m, random_images(m), plan=plan), rel=0.01)
 
 
 @pytest.mark.parametrize("name,expected", [("deit_tiny_patch16_224", 1.3), ("deit_small_patch16_224", 4.6), ("deit_base_patch16_224", 17.6)])

@@ -9,9 +9,6 @@ from prance.errors import PranceError
 from prance.models import MetaViT, SubNet, create_meta, create_vit, reorder_by_importance
 
 
-def _images(model, n=3, seed=0):
-    pe = model.vit.patch_embed
-    return torch.randn(n, model.vit.in_chans, *pe.img_size, generator=torch.Generator().manual_seed(seed))
 
 
 def _randomise(vit, seed=0):
@@ -34,10 +31,10 @@ def _randomise(vit, seed=0):
         ("prance_vit_micro", {"qk_norm": True, "pre_norm": True}),
     ],
 )
-def test_full_subnet_equals_timm(name, kwargs):
+def test_full_subnet_equals_timm(name, kwargs, random_images):
     vit = _randomise(create_vit(name, **kwargs))
     meta = MetaViT(vit).eval()
-    x = _images(meta)
+    x = random_images(meta)
     with torch.no_grad():
         ref = vit(x)
         out = meta(x)
@@ -46,7 +43,7 @@ def test_full_subnet_equals_timm(name, kwargs):
     assert torch.equal(out, out_explicit)
 
 
-def test_uniform_subnet_equals_smaller_timm_model_with_first_k_weights():
+def test_uniform_subnet_equals_smaller_timm_model_with_first_k_weights(random_images):
     meta = create_meta("prance_vit_micro", embed_dim=96, num_heads=4, depth=6)
     _randomise(meta.vit, seed=1)
     arch = meta.arch
@@ -68,15 +65,15 @@ def test_uniform_subnet_equals_smaller_timm_model_with_first_k_weights():
         sliced[k] = src.clone()
     small.load_state_dict(sliced)
     sub = SubNet((heads,) * arch.depth, (hidden,) * arch.depth, (embed,) * arch.depth)
-    x = _images(meta, n=4)
+    x = random_images(meta, n=4)
     with torch.no_grad():
         assert (meta(x, sub) - small(x)).abs().max().item() <= 1e-5
 
 
-def test_stagewise_execution_matches_forward():
+def test_stagewise_execution_matches_forward(random_images):
     meta = create_meta("prance_vit_fmnist")
     sub = meta.space.sample(torch.Generator().manual_seed(3))
-    x = _images(meta)
+    x = random_images(meta)
     with torch.no_grad():
         state = meta.embed(x, sub)
         for start, stop in [(0, 3), (3, 6), (6, 12)]:
@@ -84,12 +81,12 @@ def test_stagewise_execution_matches_forward():
         assert torch.equal(meta.head(state), meta(x, sub))
 
 
-def test_reorder_preserves_function_and_sorts_importance():
+def test_reorder_preserves_function_and_sorts_importance(random_images):
     from prance.models.reorder import embed_importance, head_importance, mlp_importance
 
     meta = create_meta("prance_vit_fmnist")
     _randomise(meta.vit, seed=2)
-    x = _images(meta)
+    x = random_images(meta)
     with torch.no_grad():
         before = meta(x)
         reorder_by_importance(meta.vit)
@@ -102,10 +99,10 @@ def test_reorder_preserves_function_and_sorts_importance():
     assert torch.all(e[:-1] >= e[1:] - 1e-4)
 
 
-def test_sliced_forward_trains_the_shared_weights():
+def test_sliced_forward_trains_the_shared_weights(random_images):
     meta = create_meta("prance_vit_micro").train()
     smallest = meta.space.smallest()
-    meta(_images(meta), smallest).sum().backward()
+    meta(random_images(meta), smallest).sum().backward()
     qkv = meta.vit.blocks[0].attn.qkv.weight.grad
     h, hd, e = smallest.heads[0], meta.arch.head_dim, smallest.embed[0]
     assert qkv[: h * hd, :e].abs().sum() > 0  # active slice receives gradient

@@ -20,7 +20,7 @@ from torch import Tensor
 from prance.models.arch import ArchSpec
 from prance.models.subnet import SubNet, SubnetSpace
 from prance.tokens.state import TokenPlan
-from prance.tokens.strategies import StrategyConfig, build_plan, default_param
+from prance.tokens.strategies import StrategyConfig, build_plan, default_param, r_range
 
 
 def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
@@ -41,8 +41,7 @@ def sample_plan(arch: ArchSpec, strategies: list[str], keep_min: float, gen: tor
     if name in ("prune", "prune_merge"):
         value: float | int = keep_min + (1 - keep_min) * u
     else:
-        value = 1 + int(u * 2 * default_param(name, arch))
-        value = min(value, (arch.num_patches) // 2)
+        value = min(1 + int(u * 2 * default_param(name, arch)), r_range(name, arch)[1])
     return build_plan(StrategyConfig(name).with_param(value), arch)
 
 

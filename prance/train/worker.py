@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 from prance.checkpoint import load_checkpoint, save_checkpoint
 from prance.config import PretrainConfig
 from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, seeded_subset
+from prance.evaluate import autocast_for
 from prance.models import MetaViT, create_meta, reorder_by_importance
 from prance.train import optim
 from prance.train.augment import flip_shift
@@ -118,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+        return autocast_for(device, amp)
 
     no_sync = net.no_sync if hasattr(net, "no_sync") else nullcontext
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
