@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="run name (a folder under --storage)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<storage>/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--export", metavar="PATH", help="afterwards, export the best checkpoint (float16 if lossless) + a JSON record")
+    p.add_argument("--export-only", action="store_true", help="export a finished run without training")
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
@@ -42,9 +44,20 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = load_config(PretrainConfig, "pretrain", args.config or args.preset, overrides)
-        from prance.train.launch import pretrain
+        if args.export_only and not args.export:
+            raise PranceError("--export-only needs --export PATH")
+        from prance.train.export import export_run
+        from prance.train.launch import pretrain, run_dir_of
 
+        command = "python sweeps/pretrain.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--export-only")
+        if args.export_only:
+            record = export_run(run_dir_of(cfg), Path(args.export), command, cfg.dataset)
+            print(f"[pretrain] exported {args.export} ({record['dtype']}): {record['test_top1']}")
+            return 0
         result = pretrain(cfg, resume=args.resume)
+        if args.export:
+            record = export_run(result.run_dir, Path(args.export), command, cfg.dataset)
+            print(f"[pretrain] exported {args.export} ({record['dtype']}): {record['test_top1']}")
     except PranceError as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2

@@ -43,6 +43,16 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def run_dir_of(cfg: PretrainConfig) -> Path:
+    """The local folder of a run; PranceError when it holds no finished run."""
+    if _is_remote(cfg.storage):
+        raise PranceError("exporting needs a local --storage folder")
+    run_dir = Path(cfg.storage).expanduser().resolve() / cfg.name
+    if not (run_dir / "best.safetensors").is_file():
+        raise PranceError(f"no finished run in {run_dir} (best.safetensors is missing)")
+    return run_dir
+
+
 def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
     """Everything that can be checked before Ray starts; returns the checkpoint to resume."""
     from prance.data import build_dataset, input_spec_for_model

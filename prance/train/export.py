@@ -1,0 +1,83 @@
+"""Exporting a finished pretraining run as a small, self-describing checkpoint: the best
+epoch's weights (float16 when that keeps Top-1 within ``tolerance`` points), and beside it
+a JSON record of the command, wall time, per-epoch metrics and the Top-1 of the largest
+and smallest sub-networks on the full test set and on a fixed subset (for tests)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from prance.checkpoint import load_checkpoint, save_checkpoint
+from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+from prance.evaluate import evaluate
+
+FIXED_SUBSET = {"n": 1000, "seed": 0}
+
+
+def _top1(model, dataset, subnet) -> float:
+    return evaluate(model, make_loader(dataset, 500), subnet=subnet, progress=False)["top1"]
+
+
+def subnet_top1(model, dataset) -> dict[str, float]:
+    return {
+        "top1_largest": _top1(model, dataset, model.space.largest()),
+        "top1_smallest": _top1(model, dataset, model.space.smallest()),
+    }
+
+
+def export_run(run_dir: Path, out: Path, command: str, dataset: str, tolerance: float = 0.1) -> dict:
+    from prance import tracking
+    from prance.train.launch import RUN_ID_FILE
+
+    model, header = load_checkpoint(run_dir / "best.safetensors")
+    test = build_dataset(dataset, "test", input_spec_for_model(model.vit))
+    fixed = seeded_subset(test, FIXED_SUBSET["n"], FIXED_SUBSET["seed"])
+    full32 = subnet_top1(model, test)
+
+    half_path = out.with_suffix(".fp16.tmp.safetensors")
+    save_checkpoint(half_path, model, header["model"], header.get("model_kwargs"), header.get("info"), dtype=torch.float16)
+    half, _ = load_checkpoint(half_path)
+    full16 = subnet_top1(half, test)
+    use_half = all(abs(full16[k] - full32[k]) <= tolerance for k in full32)
+    if use_half:
+        half_path.replace(out)
+        final, shipped = half, full16
+    else:
+        half_path.unlink()
+        save_checkpoint(out, model, header["model"], header.get("model_kwargs"), header.get("info"))
+        final, shipped = model, full32
+
+    epochs: dict[int, dict] = {}
+    wall = None
+    uri = tracking.default_uri(run_dir.parent)
+    run_id_file = run_dir / RUN_ID_FILE
+    if run_id_file.is_file():
+        client, run_id = tracking.client(uri), run_id_file.read_text().strip()
+        info = client.get_run(run_id).info
+        if info.end_time and info.start_time:
+            wall = (info.end_time - info.start_time) / 1000
+        for key in ("loss", "top1_largest", "top1_smallest", "images_per_s", "epoch_seconds"):
+            for m in client.get_metric_history(run_id, key):
+                epochs.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    record = {
+        "command": command,
+        "model": header["model"],
+        "dtype": "float16" if use_half else "float32",
+        "best_epoch": header.get("info", {}).get("epoch"),
+        "config": header.get("info", {}).get("config"),
+        "wall_time_s": wall,
+        "test_top1_float32": full32,
+        "test_top1": shipped,
+        "fixed_subset": {**FIXED_SUBSET, **subnet_top1(final, fixed)},
+        "epochs": [epochs[k] for k in sorted(epochs)],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,29 @@
+"""The default meta-network shipped in checkpoints/: it loads, and its Top-1 on the fixed
+test subset is what the record beside it says (so the record was made from this file)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prance.checkpoint import load_checkpoint
+from prance.data import build_dataset, input_spec_for_model, seeded_subset
+from prance.train.export import subnet_top1
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "prance_vit_fmnist.safetensors"
+
+
+@pytest.mark.skipif(not CHECKPOINT.is_file(), reason="the default checkpoint has not been shipped yet")
+def test_shipped_checkpoint_matches_its_record():
+    record = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    model, header = load_checkpoint(CHECKPOINT)
+    assert header["model"] == record["model"] == "prance_vit_fmnist"
+    fixed = record["fixed_subset"]
+    test = build_dataset("fashion-mnist", "test", input_spec_for_model(model.vit))
+    top1 = subnet_top1(model, seeded_subset(test, fixed["n"], fixed["seed"]))
+    one_image = 100 / fixed["n"]
+    assert top1["top1_largest"] == pytest.approx(fixed["top1_largest"], abs=one_image)
+    assert top1["top1_smallest"] == pytest.approx(fixed["top1_smallest"], abs=one_image)
+    # the issue's targets, as recorded on the full test set
+    assert record["test_top1"]["top1_largest"] >= 88.0
+    assert record["test_top1"]["top1_smallest"] >= 86.0
