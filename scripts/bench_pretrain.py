@@ -1,0 +1,107 @@
+"""Pretraining throughput benchmark (docs/benchmarks.md): weight-sharing overhead and
+Ray Train scaling. Run on an otherwise idle machine:
+
+    .venv/bin/python scripts/bench_pretrain.py [--device cuda --amp] [--workers 1,2]
+
+1. Training images/s (forward + backward + AdamW step, batch 128) of the largest
+   sub-network through the meta-network vs the plain timm model it wraps, same batch,
+   interleaved rounds, median. Target: ratio >= 0.9.
+2. Sandwich-step images/s of real Ray Train runs (default preset's model and step,
+   a fixed number of steps) with 1 and 2 workers.
+Writes docs/results/bench_pretrain_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prance.config import PretrainConfig  # noqa: E402
+from prance.evaluate import autocast_for  # noqa: E402
+from prance.models import create_meta  # noqa: E402
+
+
+def weight_sharing_overhead(device: str, amp: bool, batch: int = 128, rounds: int = 7) -> dict:
+    meta = create_meta("prance_vit_fmnist").train().to(device)
+    vit = meta.vit
+    largest = meta.space.largest()
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.AdamW(meta.parameters(), lr=1e-4)
+    dev = torch.device(device)
+
+    def step(fn) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast_for(dev, amp):
+            loss = F.cross_entropy(fn().float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    runs = {"meta_largest": lambda: meta(x, largest), "timm": lambda: vit(x)}
+    for fn in runs.values():
+        step(fn)
+        step(fn)
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, fn in runs.items():
+            times[k].append(step(fn))
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "images_per_s": ips, "ratio": ips["meta_largest"] / ips["timm"]}
+
+
+def ray_scaling(workers: list[int], use_gpu: bool) -> dict:
+    from prance.train.launch import pretrain
+
+    out = {}
+    for n in workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = PretrainConfig(model="prance_vit_fmnist", epochs=2, steps_per_epoch=40, batch_size=128, random_subnets=0,
+                                 eval_limit=256, num_workers=n, use_gpu=use_gpu, storage=tmp, name=f"w{n}", keep_checkpoints=1)
+            result = pretrain(cfg)
+            out[str(n)] = result.metrics["images_per_s"]  # of the best epoch (the 2nd: warm)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--workers", default="1,2")
+    args = p.parse_args()
+    record = {
+        "command": "python scripts/bench_pretrain.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+        "weight_sharing": weight_sharing_overhead(args.device, args.amp),
+    }
+    print(json.dumps(record["weight_sharing"]), flush=True)
+    record["ray_train_images_per_s"] = ray_scaling([int(w) for w in args.workers.split(",")], args.device.startswith("cuda"))
+    print(json.dumps(record["ray_train_images_per_s"]), flush=True)
+    out = ROOT / "docs" / "results" / f"bench_pretrain_{args.device.split(':')[0]}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
