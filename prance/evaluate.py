@@ -1,8 +1,8 @@
 """Evaluation: Top-1 on a dataset, analytic GFLOPs and token ratios, measured throughput;
 and the strategy benchmark (every strategy on the same batch, same budget).
 
-Metric names are fixed here once (:data:`METRICS`) and used by the CLI, MLflow and
-results tables alike. ``top1`` is a percentage.
+Metric names come from :mod:`prance.tracking`, their one home, and are used by the CLI,
+MLflow and results tables alike. ``top1`` is a percentage.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from prance import flops
+from prance import flops, tracking
 from prance.budget import calibrate
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet
 from prance.tokens.state import TokenPlan
 from prance.tokens.strategies import StrategyConfig, build_plan
 
-METRICS = ("top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward")
+METRICS = (tracking.TOP1, tracking.GFLOPS, tracking.TOKEN_RATIO, tracking.FINAL_TOKEN_RATIO, tracking.THROUGHPUT, tracking.REWARD)
 
 
 def _sync(device: torch.device) -> None:
