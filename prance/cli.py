@@ -134,6 +134,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
     from prance.evaluate import evaluate, plan_for
 
+    if args.selector:
+        if args.strategy != "none" or args.r is not None or args.keep is not None:
+            raise PranceError("--selector decides the token schedule itself: drop --strategy/--r/--keep")
+        return _eval_selector(args)
+
     model = _load_model(args)
     cfg, plan = plan_for(model, _strategy_config(args), _budget(args, model))
     ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
@@ -142,6 +147,80 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     result = evaluate(model, loader, plan=plan, device=args.device, amp=args.amp, progress=not args.json)
     return {"strategy": cfg.name, "params": plan.params, **result}
+
+
+def _selector_config(args: argparse.Namespace):
+    from prance.config import SelectorConfig, load_config, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    for key in ("checkpoint", "strategy", "budget", "iterations", "seed", "dataset"):
+        v = getattr(args, key, None)
+        if v is not None:
+            overrides[key] = v
+    if args.config:
+        return load_config(SelectorConfig, "selector", args.config, overrides)
+    from pydantic import ValidationError
+
+    from prance.config import _format_error
+
+    try:
+        return SelectorConfig.model_validate(overrides)
+    except ValidationError as e:
+        raise PranceError(_format_error(e, SelectorConfig, "selector config")) from None
+
+
+def cmd_train_selector(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from prance.selector.run import SELECTOR_FILE, run_selector
+
+    cfg = _selector_config(args)
+    out = Path(args.output)
+    if out.suffix == ".safetensors":
+        out_dir, name = out.parent, out.name
+    else:
+        out_dir, name = out, SELECTOR_FILE
+
+    def report(m: dict) -> None:
+        print(
+            f"[selector] it {m['iteration']:3d}: val top1 {m['top1']:.2f}%  gflops {m['gflops']:.4f} "
+            f"(budget {m['budget_gflops']:.4f})  reward {m['reward']:.3f}  {m['elapsed_s']:.0f}s",
+            file=sys.stderr,
+        )
+
+    result = run_selector(cfg, report, out_dir, progress=not args.json)
+    if name != SELECTOR_FILE:
+        (out_dir / SELECTOR_FILE).replace(out_dir / name)
+    keys = ("top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward")
+    summary = {k: result[k] for k in keys}
+    summary.update({k: v for k, v in result.items() if k.startswith("test_") or k in ("budget_gflops", "train_seconds", "schedules_per_batch")})
+    summary["selector"] = str(out_dir / name)
+    return summary
+
+
+def _eval_selector(args: argparse.Namespace) -> dict:
+    from prance.config import SelectorConfig
+    from prance.data import build_dataset, input_spec_for_model, seeded_subset
+    from prance.selector.run import batches, budget_of
+    from prance.selector.selector import evaluate_selector
+    from prance.selector.store import load_selector, read_selector_header
+    from prance.selector.train import reward_fn
+
+    header = read_selector_header(args.selector)
+    cfg = SelectorConfig.model_validate(header["config"])
+    model = _load_model(args) if args.checkpoint else _load_model(argparse.Namespace(**{**vars(args), "checkpoint": cfg.checkpoint}))
+    selector, header = load_selector(args.selector, model)
+    budget = budget_of(model, args.budget) if args.budget else header["extra"].get("budget_gflops") or budget_of(model, cfg.budget)
+    selector.check_budget(budget)
+    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
+    if args.limit is not None:
+        ds = seeded_subset(ds, args.limit, args.seed)
+    from prance.selector.run import _tensors
+
+    x, y = _tensors(ds, list(range(len(ds))))
+    lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
+    result = evaluate_selector(model, selector, batches(x, y, args.batch_size), budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam))
+    return {"strategy": f"selector:{selector.actions.strategy}", **result}
 
 
 def cmd_bench(args: argparse.Namespace) -> list[dict]:
@@ -229,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_args(p)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or imagefolder:PATH")
     p.add_argument("--split", default="test", help="test/val or train")
+    p.add_argument("--selector", help="a trained selector (.safetensors): adaptive per-image schedules")
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -237,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped checkpoints/prance_vit_fmnist.safetensors)")
+    p.add_argument("--strategy", help="prune, merge or prune_merge")
+    p.add_argument("--budget", help="GFLOPs (e.g. 0.04) or share of the full sub-network (e.g. 50%%)")
+    p.add_argument("--iterations", type=int, help="PPO updates")
+    p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="a YAML file of SelectorConfig keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any SelectorConfig key (repeatable)")
+    p.add_argument("--output", default="runs/selector", help="folder (or .safetensors path) for the selector")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_selector)
 
     p = sub.add_parser("bench", help="throughput of token strategies against the dense model")
     _add_model_args(p)

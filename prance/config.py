@@ -76,13 +76,198 @@ class PretrainConfig(Strict):
         return self
 
 
+class SelectorConfig(Strict):
+    """PRANCE selector: PPO over the stage MDP with Result-to-Go rewards (docs/selector.md)."""
+
+    # what to select
+    checkpoint: str = "checkpoints/prance_vit_fmnist.safetensors"
+    dataset: str = "fashion-mnist"
+    strategy: Literal["prune", "merge", "prune_merge"] = "prune"
+    budget: str = "50%"  # GFLOPs ("0.04") or a share of the full sub-network ("50%")
+    budget_spread: float = Field(default=0.25, ge=0, lt=1)  # train on budgets in budget*(1 +- spread)
+    decision_blocks: list[int] = Field(default_factory=lambda: [3, 6, 9])
+    joint_widths: bool = True  # heads, MLP and embedding widths move together (one level per stage)
+
+    # data: rollouts on a seeded part of the train split, validation on a held-out part of it
+    train_limit: int | None = Field(default=10000, ge=1)
+    val_limit: int = Field(default=1000, ge=1)
+    test_limit: int | None = Field(default=None, ge=1)  # final evaluation on the test split
+
+    # PPO (defaults: PRANCE's where it states them)
+    iterations: int = Field(default=30, ge=1)  # PPO updates
+    rollout_images: int = Field(default=256, ge=8)  # episodes per update (one per image)
+    minibatch: int = Field(default=128, ge=8)  # transitions per gradient step
+    ppo_epochs: int = Field(default=8, ge=1)
+    actor_lr: float = Field(default=3e-3, gt=0)
+    critic_lr: float = Field(default=1e-3, gt=0)
+    clip: float = Field(default=0.2, gt=0, lt=1)
+    entropy_coef: float = Field(default=0.01, ge=0)
+    gamma: float = Field(default=1.0, gt=0, le=1)
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    grad_clip: float = Field(default=0.5, gt=0)
+    hidden: int = Field(default=128, ge=8)
+
+    # reward
+    reward_form: Literal["penalty", "constrained"] = "penalty"
+    correctness: Literal["soft", "acc_prime", "label"] = "soft"
+    flops_weight: float = Field(default=0.02, ge=0)  # per unit of GFLOPs / budget; constrained: initial multiplier
+    over_weight: float = Field(default=2.0, ge=0)  # penalty form: per unit of relative overshoot
+    token_weight: float = Field(default=0.0, ge=0)  # per unit of token ratio (PRANCE: 0.1 x keep)
+    lagrange_lr: float = Field(default=0.5, gt=0)  # constrained form: dual ascent step
+    eval_every: int = Field(default=5, ge=1)  # iterations between validation reports
+
+    batch_size: int = Field(default=64, ge=1)  # evaluation batch
+    seed: int = 0
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self) -> "SelectorConfig":
+        if self.minibatch > self.rollout_images:
+            raise ValueError(f"minibatch {self.minibatch} is larger than rollout_images {self.rollout_images}")
+        if sorted(set(self.decision_blocks)) != list(self.decision_blocks) or not self.decision_blocks:
+            raise ValueError(f"decision_blocks {self.decision_blocks} must be increasing, distinct and non-empty")
+        return self
+
+
+# Token strategies of a budget sweep: name -> (method, token strategy). The PPO selector
+# decides per input; the training-free ones run the full meta-network with the strategy
+# calibrated to the budget (prance.budget.calibrate), one deterministic trial each.
+SWEEP_STRATEGIES: dict[str, tuple[str, str]] = {
+    "prune": ("selector", "prune"),
+    "merge": ("selector", "merge"),
+    "prune_merge": ("selector", "prune_merge"),
+    "free_prune": ("training_free", "prune"),
+    "free_merge": ("training_free", "merge"),
+    "free_prune_merge": ("training_free", "prune_merge"),
+    "free_ppt": ("training_free", "ppt"),
+}
+# SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
+SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "device")
+
+
+class ParamSpace(Strict):
+    """One searched hyper-parameter: a range (``low``/``high``, optionally ``log`` or
+    ``step``) or ``choices``; ``when`` makes it conditional on other parameters' values."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+    choices: list[Any] | None = Field(default=None, min_length=1)
+    when: dict[str, Any] | None = None  # e.g. {reward_form: penalty}
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParamSpace":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high, or choices")
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class SweepConfig(Strict):
+    """Ray Tune + Optuna sweep over budget x token strategy and the selector's PPO/reward
+    hyper-parameters (docs/sweep.md)."""
+
+    # what to compress, on which images
+    checkpoint: str = "checkpoints/prance_vit_fmnist.safetensors"
+    dataset: str = "fashion-mnist"
+    budgets: list[str] = Field(default_factory=lambda: ["40%", "55%", "70%"], min_length=1)  # GFLOPs or % of dense
+    strategies: list[str] = Field(default_factory=lambda: list(SWEEP_STRATEGIES), min_length=1)
+
+    # the search
+    trials_per_combo: int = Field(default=1, ge=1)  # selector trials per budget x selector strategy
+    selector: SelectorConfig = Field(default_factory=SelectorConfig)  # fixed selector settings of every trial
+    space: dict[str, ParamSpace] = Field(default_factory=dict)  # searched SelectorConfig keys
+    multi_objective: bool = False  # Optuna on (top1 max, gflops min), no ASHA; reports the Pareto front
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int | None = Field(default=None, ge=1)  # PPO iterations before ASHA may stop a trial
+    reduction_factor: float = Field(default=2.0, gt=1)
+    overshoot_penalty: float = Field(default=200.0, ge=0)  # score points per unit of relative GFLOPs overshoot
+    startup_trials: int = Field(default=4, ge=0)  # random selector trials before TPE models the space
+    seed: int = 0
+
+    # resources, storage, tracking
+    cpus_per_trial: int = Field(default=1, ge=1)
+    gpus_per_trial: float = Field(default=1.0, gt=0)
+    use_gpu: bool = False
+    max_concurrent_trials: int | None = Field(default=None, ge=1)  # default: what the cluster can place
+    max_failures: int = Field(default=0, ge=0)  # retries of a failed trial
+    storage: str = "runs/sweeps"  # local folder or s3://, gs://, an NFS path
+    name: str | None = None  # default <preset>-<date>-<time>
+    mlflow_uri: str | None = None  # default sqlite:///<storage>/mlflow.db
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        unknown = [s for s in self.strategies if s not in SWEEP_STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategy {unknown[0]!r}: choose from {', '.join(SWEEP_STRATEGIES)}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError("a strategy is listed twice")
+        if len({b.strip() for b in self.budgets}) != len(self.budgets):
+            raise ValueError("a budget is listed twice")
+        owned = sorted(set(SWEEP_OWNED) & self.selector.model_fields_set)
+        if owned:
+            raise ValueError(f"selector.{owned[0]} is set by the sweep: use the top-level keys checkpoint, dataset, strategies, budgets, use_gpu")
+        tunable = [k for k in SelectorConfig.model_fields if k not in SWEEP_OWNED]
+        seen: list[str] = []
+        for key, spec in self.space.items():
+            if key not in tunable:
+                raise ValueError(f"space: {key!r} is not a tunable selector setting; choose from {', '.join(tunable)}")
+            for cond in spec.when or {}:
+                if cond not in seen and cond not in SelectorConfig.model_fields:
+                    raise ValueError(f"space.{key}.when: {cond!r} is neither a selector setting nor a parameter listed before {key!r}")
+            base = self.selector.model_dump()
+            for value in spec.values_to_check():
+                try:
+                    SelectorConfig.model_validate({**base, key: value})
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    raise ValueError(f"space.{key}: value {value!r} is invalid for the selector: {first['msg']}") from None
+            seen.append(key)
+        return self
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], str]:
+    """The (nested) model that holds the last key of ``loc``, and the dotted key."""
+    import typing
+
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return model, ".".join(str(p) for p in loc)
+    if typing.get_origin(current) is dict:
+        current = typing.get_args(current)[1]
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        current = model
+    return current, ".".join(str(p) for p in loc)
+
+
 def _format_error(err: ValidationError, model: type[BaseModel], where: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(config)"
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(config)"
     if first["type"] == "extra_forbidden":
-        allowed = ", ".join(model.model_fields)
+        holder, key = _model_at(model, loc)
+        allowed = ", ".join(holder.model_fields)
         return f"{where}: unknown key {key!r}; allowed keys: {allowed}"
-    return f"{where}: {key}: {first['msg']}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {key}: {msg}" if loc else f"{where}: {msg}"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -97,6 +282,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as e:
             raise PranceError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return out
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set ``overrides`` into ``data``; a dotted key (``selector.iterations``) reaches into
+    nested mappings, creating them where missing."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        target = data
+        for part in parts[:-1]:
+            nxt = target.get(part)
+            if not isinstance(nxt, dict):
+                nxt = target[part] = {}
+            target = nxt
+        target[parts[-1]] = value
 
 
 def presets(kind: str) -> list[str]:
@@ -118,7 +317,7 @@ def load_config(model: type[T], kind: str, preset_or_path: str, overrides: dict[
         raise PranceError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise PranceError(f"{path} must hold a mapping of keys to values")
-    data.update(overrides or {})
+    _apply_overrides(data, overrides or {})
     try:
         return model.model_validate(data)
     except ValidationError as e:

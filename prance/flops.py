@@ -45,21 +45,42 @@ def block_macs(n_in: int, n_mlp: int, width: int, heads: int, head_dim: int, hid
     return qkv + attn + proj + mlp
 
 
+def span_macs(arch: ArchSpec, subnet: SubNet, plan: TokenPlan, start: int, stop: int, n_in: int) -> tuple[int, list[int]]:
+    """MACs per image of blocks ``start``..``stop-1`` entered by ``n_in`` tokens, and the
+    token count entering each of them followed by the count leaving the last."""
+    macs = 0
+    counts = [n_in]
+    n = n_in
+    for i in range(start, stop):
+        op = plan.ops[i]
+        after = n if op is None else op.out_tokens(n)
+        heads, hd = subnet.heads[i], arch.head_dim
+        macs += block_macs(n, after, subnet.embed[i], heads, hd, subnet.mlp[i])
+        if op is not None:
+            if CLS_ATTN in op.needs:
+                macs += heads * n * hd
+            macs += op.extra_macs(n, hd)
+        n = after
+        counts.append(n)
+    return macs, counts
+
+
+def embed_macs(arch: ArchSpec, width: int) -> int:
+    """The (hybrid) stem and the patch projection to ``width`` channels."""
+    return arch.stem_macs + arch.num_patches * width * arch.patch_dim
+
+
+def head_macs(arch: ArchSpec, width: int) -> int:
+    return width * arch.num_classes
+
+
 def count(arch: ArchSpec, subnet: SubNet | None = None, plan: TokenPlan | None = None) -> FlopsReport:
     """Analytic MACs per image of ``subnet`` (default: full) under ``plan`` (default: dense)."""
     subnet = subnet or SubNet.full(arch)
     plan = plan or TokenPlan.dense(arch.depth)
     n0 = arch.num_tokens
-    macs = arch.stem_macs + arch.num_patches * subnet.embed[0] * arch.patch_dim
-    for i, (n_in, n_mlp) in enumerate(plan.token_counts(n0)):
-        heads, hd = subnet.heads[i], arch.head_dim
-        macs += block_macs(n_in, n_mlp, subnet.embed[i], heads, hd, subnet.mlp[i])
-        op = plan.ops[i]
-        if op is not None:
-            if CLS_ATTN in op.needs:
-                macs += heads * n_in * hd
-            macs += op.extra_macs(n_in, hd)
-    macs += subnet.embed[-1] * arch.num_classes
+    blocks, _ = span_macs(arch, subnet, plan, 0, arch.depth, n0)
+    macs = embed_macs(arch, subnet.embed[0]) + blocks + head_macs(arch, subnet.embed[-1])
     ratio, final = plan.token_ratios(n0)
     return FlopsReport(macs, ratio, final)
 

@@ -1,0 +1,97 @@
+"""One selector run end to end, as a sweep trial or the CLI calls it: load the
+meta-network and the data, check the budget, train with PPO, report validation metrics
+as it goes, save the selector, evaluate the best one on held-out test images.
+
+Data: rollouts on a seeded subset of the train split; validation (what a sweep
+optimises) on a seeded subset of the test split; the final test figures on the rest of
+the test split, disjoint from the validation images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from prance import flops
+from prance.budget import parse_budget
+from prance.checkpoint import load_checkpoint
+from prance.config import SelectorConfig
+from prance.data import build_dataset, input_spec_for_model, make_loader
+from prance.errors import PranceError
+from prance.models.meta import MetaViT
+from prance.selector.selector import Selector, evaluate_selector
+from prance.selector.store import save_selector
+from prance.selector.train import train_selector
+
+SELECTOR_FILE = "selector.safetensors"
+
+
+def _tensors(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
+    if hasattr(dataset, "batch"):
+        return dataset.batch(indices)
+    from torch.utils.data import Subset
+
+    xs, ys = zip(*make_loader(Subset(dataset, indices), batch_size=256))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Tensor]]:
+    spec = input_spec_for_model(meta.vit)
+    train = build_dataset(cfg.dataset, "train", spec)
+    test = build_dataset(cfg.dataset, "test", spec)
+    g = torch.Generator().manual_seed(cfg.seed)
+    t_idx = torch.randperm(len(train), generator=g)[: cfg.train_limit or len(train)].tolist()
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(1234)).tolist()
+    if cfg.val_limit >= len(test):
+        raise PranceError(f"val_limit {cfg.val_limit} leaves no test images ({len(test)} in the test split)")
+    v_idx, rest = perm[: cfg.val_limit], perm[cfg.val_limit :]
+    out = {"train": _tensors(train, t_idx), "val": _tensors(test, v_idx)}
+    if cfg.test_limit is not None:
+        out["test"] = _tensors(test, rest[: cfg.test_limit])
+    return out
+
+
+def budget_of(meta: MetaViT, budget: str | float) -> float:
+    """GFLOPs of a budget given as GFLOPs or as a share of the full sub-network."""
+    return parse_budget(budget, flops.count(meta.arch).gflops)
+
+
+def batches(x: Tensor, y: Tensor, size: int):
+    for i in range(0, x.shape[0], size):
+        yield x[i : i + size], y[i : i + size]
+
+
+def run_selector(
+    cfg: SelectorConfig,
+    report: Callable[[dict], None] | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a selector per ``cfg``; ``report(metrics)`` every ``cfg.eval_every``
+    iterations (after saving ``out_dir/selector.safetensors`` when ``out_dir`` is given).
+    Returns the best validation metrics, plus ``test_*`` ones when ``cfg.test_limit``."""
+    meta, _ = load_checkpoint(cfg.checkpoint)
+    budget = budget_of(meta, cfg.budget)
+    # cheap input checks before any data is loaded
+    Selector.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths).check_budget(budget)
+    data = load_data(meta, cfg)
+    out = Path(out_dir) if out_dir is not None else None
+    config = cfg.model_dump()
+
+    def callback(metrics: dict, selector: Selector) -> None:
+        if out is not None:
+            save_selector(out / SELECTOR_FILE, selector, config, {"budget_gflops": budget})
+        if report is not None:
+            report({**metrics, "budget_gflops": budget})
+
+    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress)
+    final = {**result.best, "budget_gflops": budget, "train_seconds": result.seconds}
+    if out is not None:
+        save_selector(out / SELECTOR_FILE, result.selector, config, {"budget_gflops": budget, "val": result.best})
+    if "test" in data:
+        test = evaluate_selector(meta, result.selector, batches(*data["test"], cfg.batch_size), budget, progress=False)
+        final.update({f"test_{k}": v for k, v in test.items()})
+    return final

@@ -1,0 +1,116 @@
+"""A trained selector: its networks, action space and cost table, bound to the
+meta-network it was trained on; and adaptive evaluation (Top-1, GFLOPs with the
+selector's own cost, token ratios, measured throughput)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from prance.errors import PranceError
+from prance.models.meta import MetaViT
+from prance.selector import execute
+from prance.selector.actions import ActionSpace, CostTable
+from prance.selector.features import obs_dim
+from prance.selector.policy import ActorCritic
+
+
+def meta_fingerprint(meta: MetaViT) -> str:
+    """sha256 of the meta-network's weights (float32, sorted names) and architecture."""
+    h = hashlib.sha256(repr(meta.arch).encode() + repr(meta.space).encode())
+    for name, t in sorted(meta.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Selector:
+    policy: ActorCritic
+    actions: ActionSpace
+    table: CostTable
+    fingerprint: str  # of the meta-network it belongs to
+
+    @classmethod
+    def create(cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True) -> "Selector":
+        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths)
+        torch.manual_seed(seed)
+        policy = ActorCritic(obs_dim(meta.arch.embed_dim, actions.num_stages), actions.sizes, hidden)
+        return cls(policy, actions, CostTable(actions), meta_fingerprint(meta))
+
+    @property
+    def overhead_macs(self) -> int:
+        return self.policy.actor_macs() * self.actions.num_stages
+
+    def min_gflops(self) -> float:
+        """The least GFLOPs per image any schedule reaches (selector included)."""
+        return (self.table.min_macs + self.overhead_macs) / 1e9
+
+    def full_gflops(self) -> float:
+        return self.table.full_macs / 1e9
+
+    def check_budget(self, budget_gflops: float) -> float:
+        lo = self.min_gflops()
+        if budget_gflops < lo:
+            raise PranceError(
+                f"budget {budget_gflops:.4g} GFLOPs is below the smallest this meta-network reaches with "
+                f"strategy {self.actions.strategy!r} ({lo:.4g} GFLOPs, {100 * lo / self.full_gflops():.1f}% of the full sub-network)"
+            )
+        return budget_gflops
+
+    def run(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, greedy: bool = True, generator=None, rtg: bool = False) -> execute.Episode:
+        b = images.shape[0]
+        budget = torch.as_tensor(budget_gflops, dtype=torch.float64) * 1e9
+        budget = budget.expand(b) if budget.dim() == 0 else budget
+        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg)
+
+
+@torch.inference_mode()
+def evaluate_selector(
+    meta: MetaViT,
+    selector: Selector,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    budget_gflops: float,
+    progress: bool = True,
+    reward_fn: Callable[[Tensor, Tensor, execute.Episode], Tensor] | None = None,
+) -> dict:
+    """Top-1 (%), mean GFLOPs per image (selector included), token ratios, images/s of
+    the adaptive forward (data loading excluded), the mean distinct schedules per batch
+    and, with ``reward_fn(x, y, episode)``, the mean reward (computed outside the timing)."""
+    meta.eval()
+    correct = n = 0
+    macs = tok = final = 0.0
+    seconds = 0.0
+    groups = []
+    rewards = 0.0
+    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        ep = selector.run(meta, x, budget_gflops)
+        seconds += time.perf_counter() - t0
+        correct += int((ep.logits.argmax(dim=-1) == y).sum())
+        n += len(y)
+        macs += float(ep.macs.sum())
+        tok += float(ep.token_ratio.sum())
+        final += float(ep.final_token_ratio.sum())
+        groups.append(ep.groups)
+        if reward_fn is not None:
+            rewards += float(reward_fn(x, y, ep).sum())
+    if n == 0:
+        raise PranceError("no images to evaluate")
+    return {
+        "top1": 100.0 * correct / n,
+        "gflops": macs / n / 1e9,
+        "token_ratio": tok / n,
+        "final_token_ratio": final / n,
+        "throughput_img_s": n / seconds,
+        "n_images": n,
+        "budget_gflops": budget_gflops,
+        "schedules_per_batch": sum(groups) / len(groups),
+        **({"reward": rewards / n} if reward_fn is not None else {}),
+    }

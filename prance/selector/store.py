@@ -1,0 +1,76 @@
+"""Selector checkpoints: safetensors weights with a JSON header naming the action space,
+the network sizes, the training config and the meta-network they belong to (by a
+fingerprint of its weights). Loading never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prance.errors import PranceError
+from prance.models.meta import MetaViT
+from prance.selector.selector import Selector, meta_fingerprint
+
+FORMAT = "prance-selector/1"
+
+
+def save_selector(path: str | Path, selector: Selector, config: dict | None = None, extra: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": FORMAT,
+        "actions": selector.actions.signature(),
+        "decision_blocks": [s for s, _ in selector.actions.stages[1:]],
+        "hidden": selector.policy.hidden,
+        "obs_dim": selector.policy.obs_dim,
+        "meta_fingerprint": selector.fingerprint,
+        "config": config or {},
+        "extra": extra or {},
+    }
+    state = {k: v.detach().contiguous() for k, v in selector.policy.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"prance": json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def read_selector_header(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PranceError(f"selector checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise PranceError(f"{path} is not a safetensors selector checkpoint ({e.__class__.__name__})") from None
+    try:
+        header = json.loads(meta.get("prance", "{}"))
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("format") != FORMAT:
+        raise PranceError(f"{path} is not a prance selector checkpoint")
+    return header
+
+
+def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
+    """The selector saved at ``path``, for ``meta``; refuses one trained on another
+    meta-network."""
+    from safetensors.torch import load_file
+
+    header = read_selector_header(path)
+    found = meta_fingerprint(meta)
+    if header["meta_fingerprint"] != found:
+        raise PranceError(
+            f"selector {path} was trained on another meta-network (fingerprint {header['meta_fingerprint']}, "
+            f"this checkpoint's is {found}): pass the --checkpoint it was trained with"
+        )
+    strategy = header["actions"]["strategy"]
+    selector = Selector.create(meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True))
+    if selector.actions.signature() != header["actions"]:
+        raise PranceError(f"selector {path}: its action space does not match this meta-network's sub-network space")
+    selector.policy.load_state_dict(load_file(str(path)))
+    selector.policy.eval()
+    return selector, header
