@@ -12,6 +12,7 @@ prance.train.launch.pretrain does the rest. Input mistakes: one line, exit code 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,15 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP)")
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, NCCL, AMP")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--storage", help="where runs and checkpoints go (local path, s3://, gs://, NFS)")
+    p.add_argument("--storage", help="where runs and checkpoints go (local path, s3://, gs://, NFS; default $PRANCE_STORAGE, else the config's)")
     p.add_argument("--name", help="run name (a folder under --storage)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<storage>/mlflow.db)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $PRANCE_MLFLOW_URI, else sqlite:///<storage>/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--export", metavar="PATH", help="afterwards, export the best checkpoint (float16 if lossless) + a JSON record")
     p.add_argument("--export-only", action="store_true", help="export a finished run without training")
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
+        # A cluster's runtime_env env_vars set these (docs/cluster.md); --storage / --set storage=... win.
+        for key, env in (("storage", "PRANCE_STORAGE"), ("mlflow_uri", "PRANCE_MLFLOW_URI")):
+            if getattr(args, key) is None and key not in overrides and os.environ.get(env):
+                overrides[key] = os.environ[env]
         for key in ("num_workers", "use_gpu", "epochs", "storage", "name", "mlflow_uri"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)

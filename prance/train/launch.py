@@ -12,6 +12,7 @@ from prance import tracking
 from prance.checkpoint import read_header
 from prance.config import PretrainConfig
 from prance.errors import PranceError
+from prance.train.placement import check_shared_locations
 from prance.train.worker import MODEL_FILE, STATE_FILE, train_loop_per_worker
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -115,6 +116,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
 
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray
+    check_shared_locations(storage, uri)  # multi-node: local storage -> PranceError, sqlite MLflow -> warning
     per_worker = _check_resources(cfg)
 
     run_id_path = run_dir / RUN_ID_FILE
