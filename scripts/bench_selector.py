@@ -1,0 +1,130 @@
+"""Selector benchmark (docs/benchmarks.md, "PRANCE selector"). On an otherwise idle machine:
+
+    .venv/bin/python scripts/bench_selector.py [--budget 50%] [--iterations 30] [--test-limit 5000]
+
+For each selector strategy (prune, merge, prune_merge), on the shipped meta-network:
+1. trains a budget-conditioned selector at the budget (wall time recorded);
+2. Top-1 on held-out test images against the full sub-network, the smallest one and
+   every training-free strategy calibrated to the selector's measured GFLOPs;
+3. adaptive throughput at batch 64 against the dense full sub-network (interleaved
+   rounds, median) and the FLOPs-ideal speedup.
+Then one budget-conditioned selector (prune) evaluated at budget x {0.8, 1, 1.2} against
+selectors trained for each of those budgets alone (budget_spread 0).
+Writes docs/results/bench_selector_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prance import flops  # noqa: E402
+from prance.budget import calibrate  # noqa: E402
+from prance.checkpoint import load_checkpoint  # noqa: E402
+from prance.config import SelectorConfig  # noqa: E402
+from prance.evaluate import evaluate  # noqa: E402
+from prance.selector.run import batches, budget_of, load_data  # noqa: E402
+from prance.selector.selector import evaluate_selector  # noqa: E402
+from prance.selector.train import train_selector  # noqa: E402
+from prance.tokens.strategies import StrategyConfig  # noqa: E402
+
+
+def throughput(meta, selector, x, budget, rounds=9):
+    times = {"dense": [], "adaptive": []}
+    with torch.inference_mode():
+        for _ in range(2):
+            meta(x)
+            selector.run(meta, x, budget)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            meta(x)
+            times["dense"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ep = selector.run(meta, x, budget)
+            times["adaptive"].append(time.perf_counter() - t0)
+    dense, adaptive = statistics.median(times["dense"]), statistics.median(times["adaptive"])
+    ideal = flops.count(meta.arch).macs / float(ep.macs.mean())
+    return {"batch": x.shape[0], "dense_img_s": x.shape[0] / dense, "adaptive_img_s": x.shape[0] / adaptive,
+            "speedup": dense / adaptive, "flops_speedup": ideal, "ratio_to_ideal": (dense / adaptive) / ideal, "schedules": ep.groups}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget", default="50%")
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--test-limit", type=int, default=5000)
+    p.add_argument("--strategies", default="prune,merge,prune_merge")
+    p.add_argument("--no-conditioning", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    base = SelectorConfig(budget=args.budget, iterations=args.iterations, test_limit=args.test_limit)
+    meta, _ = load_checkpoint(ROOT / base.checkpoint)
+    data = load_data(meta, base)
+    test = data["test"]
+    budget = budget_of(meta, args.budget)
+    full = flops.count(meta.arch).gflops
+    out = {"command": "python scripts/bench_selector.py " + " ".join(sys.argv[1:]),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+           "budget_gflops": budget, "full_gflops": full, "test_images": test[0].shape[0]}
+    ref = {}
+    for name, sub in (("full", meta.space.largest()), ("smallest", meta.space.smallest())):
+        r = evaluate(meta, batches(*test, 500), subnet=sub, progress=False)
+        ref[name] = {"top1": r["top1"], "gflops": r["gflops"]}
+    out["reference"] = ref
+    print(json.dumps(ref), flush=True)
+    rows = []
+    for strategy in args.strategies.split(","):
+        cfg = base.model_copy(update={"strategy": strategy})
+        t0 = time.perf_counter()
+        res = train_selector(meta, cfg, budget, data["train"], data["val"], progress=False)
+        wall = time.perf_counter() - t0
+        m = evaluate_selector(meta, res.selector, batches(*test, 64), budget, progress=False)
+        free = {}
+        for s in ("prune", "merge", "prune_merge", "ppt"):
+            try:
+                c = calibrate(StrategyConfig(name=s), meta.arch, m["gflops"])
+            except Exception as e:  # unreachable at this budget
+                free[s] = {"unreachable": str(e)}
+                continue
+            r = evaluate(meta, batches(*test, 500), plan=c.plan, progress=False)
+            free[s] = {"top1": r["top1"], "gflops": r["gflops"], "params": c.plan.params}
+        row = {"strategy": strategy, "train_seconds": wall, "top1": m["top1"], "gflops": m["gflops"],
+               "gflops_share": m["gflops"] / full, "token_ratio": m["token_ratio"], "final_token_ratio": m["final_token_ratio"],
+               "top1_drop_vs_full": ref["full"]["top1"] - m["top1"], "training_free": free,
+               "throughput_b64": throughput(meta, res.selector, test[0][:64], budget)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out["selectors"] = rows
+    if not args.no_conditioning:
+        cond = []
+        cfg = base.model_copy(update={"strategy": "prune"})
+        shared = train_selector(meta, cfg, budget, data["train"], data["val"], progress=False).selector
+        for f in (0.8, 1.0, 1.2):
+            b = budget * f
+            own = train_selector(meta, cfg.model_copy(update={"budget_spread": 0.0}), b, data["train"], data["val"], progress=False).selector
+            m_shared = evaluate_selector(meta, shared, batches(*test, 64), b, progress=False)
+            m_own = evaluate_selector(meta, own, batches(*test, 64), b, progress=False)
+            cond.append({"budget_gflops": b, "conditioned": {"top1": m_shared["top1"], "gflops": m_shared["gflops"]},
+                         "per_budget": {"top1": m_own["top1"], "gflops": m_own["gflops"]}})
+            print(json.dumps(cond[-1]), flush=True)
+        out["budget_conditioning"] = cond
+    path = ROOT / "docs" / "results" / "bench_selector_cpu.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The PRANCE selector: PPO and GAE on problems with known answers, grouped adaptive
+execution against one-image-at-a-time runs, exact FLOPs, per-image budgets, checkpoints,
+a short real training on the shipped meta-network, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prance import flops
+from prance.config import SelectorConfig
+from prance.errors import PranceError
+from prance.models import create_meta
+from prance.selector import execute, ppo, reward
+from prance.selector.actions import ActionSpace, CostTable
+from prance.selector.policy import ActorCritic
+from prance.selector.selector import Selector
+from prance.selector.store import load_selector, save_selector
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "checkpoints" / "prance_vit_fmnist.safetensors"
+
+
+def test_gae_matches_hand_computation_across_episode_boundaries():
+    # two episodes: [r=1, r=2 | done] and [r=3 | done]; gamma .5, lambda .5
+    rewards = torch.tensor([1.0, 2.0, 3.0])
+    values = torch.tensor([0.5, 1.0, 2.0])
+    dones = torch.tensor([False, True, True])
+    adv, ret = ppo.gae(rewards, values, dones, gamma=0.5, lam=0.5, last_value=100.0)
+    d1 = 2.0 - 1.0  # terminal: no bootstrap
+    d0 = 1.0 + 0.5 * 1.0 - 0.5
+    expected = torch.tensor([d0 + 0.25 * d1, d1, 3.0 - 2.0])  # nothing flows across the boundary, last_value unused
+    assert torch.allclose(adv, expected)
+    assert torch.allclose(ret, expected + values)
+
+
+def test_vectorised_gae_equals_sequential():
+    g = torch.Generator().manual_seed(0)
+    r, v = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    adv, ret = ppo.gae_episodes(r, v, 0.9, 0.8)
+    dones = torch.zeros(5, 4, dtype=torch.bool)
+    dones[:, -1] = True
+    a2, r2 = ppo.gae(r.flatten(), v.flatten(), dones.flatten(), 0.9, 0.8)
+    assert torch.allclose(adv.flatten(), a2, atol=1e-6) and torch.allclose(ret.flatten(), r2, atol=1e-6)
+
+
+def test_rtg_rewards_telescope_to_final_minus_full():
+    results = torch.tensor([[0.2, 0.5, 0.9]])
+    r = reward.rtg_rewards(results, torch.tensor([1.0]))
+    assert torch.allclose(r, torch.tensor([[-0.8, 0.3, 0.4]]))
+    assert torch.isclose(r.sum(), results[0, -1] - 1.0)
+
+
+def test_ppo_learns_a_contextual_bandit_with_masks():
+    """Context c in {0,1,2}; the best arm of 4 is (c + 1) % 4 but arm 3 is masked out
+    for context 2, where arm 0 is then best. PPO must learn all three."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    policy = ActorCritic(3, (4,), hidden=32)
+    actor = torch.optim.Adam(policy.actor.parameters(), lr=3e-3)
+    critic = torch.optim.Adam(policy.critic.parameters(), lr=3e-3)
+    buf = ppo.RolloutBuffer()
+    settings = ppo.PPOSettings(epochs=4, minibatch=64, entropy_coef=0.0)
+
+    def feasible(ctx):
+        f = torch.ones(ctx.shape[0], 4, dtype=torch.bool)
+        f[ctx == 2, 3] = False
+        return f
+
+    def payoff(ctx, a):
+        best = torch.where(ctx == 2, torch.zeros_like(ctx), (ctx + 1) % 4)
+        return (a == best).float() + 0.1 * (a == 3).float() * (ctx != 2).float()
+
+    for _ in range(60):
+        ctx = torch.randint(0, 3, (256,), generator=g)
+        obs = torch.nn.functional.one_hot(ctx, 3).float()
+        with torch.no_grad():
+            dec = policy.act(obs, feasible(ctx), (True,), (0,), greedy=False, generator=g)
+            r = payoff(ctx, dec.actions[:, 0])
+            v = policy.value(obs)
+        adv, ret = ppo.gae(r, v, torch.ones(256, dtype=torch.bool), 1.0, 1.0)
+        buf.add(obs, dec.actions, dec.masks, torch.ones(256, 1, dtype=torch.bool), dec.logp, adv, ret)
+        ppo.update(policy, actor, critic, buf, settings, g)
+        assert len(buf) == 0  # cleared after every update
+    ctx = torch.arange(3)
+    dec = policy.act(torch.eye(3), feasible(ctx), (True,), (0,), greedy=True)
+    assert dec.actions[:, 0].tolist() == [1, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return create_meta("prance_vit_micro").eval()
+
+
+@pytest.mark.parametrize("strategy", ["prune", "merge", "prune_merge"])
+@pytest.mark.parametrize("joint", [True, False])
+def test_grouped_execution_equals_each_image_alone(micro, strategy, joint):
+    torch.manual_seed(1)
+    actions = ActionSpace(micro.arch, micro.space, strategy, [1, 2, 3], joint_widths=joint)
+    table = CostTable(actions)
+    from prance.selector.features import obs_dim
+
+    policy = ActorCritic(obs_dim(micro.arch.embed_dim, actions.num_stages), actions.sizes, 16)
+    for p in policy.actor.parameters():  # a decisive random policy: many different schedules
+        torch.nn.init.normal_(p, std=1.0)
+    x = torch.randn(24, 1, 28, 28)
+    budgets = torch.linspace(0.55, 1.0, 24, dtype=torch.float64) * table.full_macs
+    ep = execute.run(micro, actions, table, policy, x, budgets, greedy=False, generator=torch.Generator().manual_seed(0), rtg=True)
+    assert 1 < ep.groups <= 24
+    overhead = policy.actor_macs() * actions.num_stages
+    for i in range(24):
+        decs = execute.decisions_of(actions, ep, i)
+        sub, plan = actions.compose(decs)
+        with torch.no_grad():
+            alone = micro(x[i : i + 1], sub, plan)[0]
+        assert torch.allclose(alone, ep.logits[i], atol=1e-4), i
+        report = flops.count(micro.arch, sub, plan)
+        wide_embed = micro.arch.num_patches * (micro.arch.embed_dim - decs[0].embed) * micro.arch.patch_dim
+        assert ep.macs[i].item() == pytest.approx(report.macs + wide_embed + overhead)
+        assert ep.macs[i] <= budgets[i] + 1e-6  # the per-image budget holds
+        assert ep.token_ratio[i].item() == pytest.approx(report.token_ratio, abs=1e-6)
+        assert ep.final_token_ratio[i].item() == pytest.approx(report.final_token_ratio, abs=1e-6)
+    # the episode's own result is the last Result-to-Go entry
+    assert torch.equal(ep.cont_logits[:, -1], ep.logits)
+
+
+def test_batch_mates_do_not_change_an_images_result(micro):
+    sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16)
+    x = torch.randn(16, 1, 28, 28)
+    budget = 0.7 * sel.full_gflops()
+    whole = sel.run(micro, x, budget)
+    part = sel.run(micro, x[5:9], budget)
+    assert torch.allclose(whole.logits[5:9], part.logits, atol=1e-5)
+    assert torch.equal(whole.actions[5:9], part.actions)
+
+
+def test_checkpoint_round_trip_and_refusal_of_another_meta_network(micro, tmp_path):
+    sel = Selector.create(micro, "merge", [1, 2, 3], hidden=16, seed=3)
+    path = tmp_path / "s.safetensors"
+    save_selector(path, sel, {"strategy": "merge"})
+    back, header = load_selector(path, micro)
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.equal(sel.run(micro, x, 0.8 * sel.full_gflops()).actions, back.run(micro, x, 0.8 * sel.full_gflops()).actions)
+    other = create_meta("prance_vit_micro")
+    with pytest.raises(PranceError, match="another meta-network"):
+        load_selector(path, other)
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(PranceError):
+        load_selector(bogus, micro)
+
+
+def test_budget_below_reach_is_refused(micro):
+    sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16)
+    with pytest.raises(PranceError, match="below the smallest"):
+        sel.check_budget(0.5 * sel.min_gflops())
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped checkpoint missing")
+def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tmp_path):
+    from prance.selector.run import SELECTOR_FILE, run_selector
+
+    cfg = SelectorConfig(
+        checkpoint=str(SHIPPED), strategy="prune", budget="45%", iterations=4, rollout_images=96,
+        minibatch=48, ppo_epochs=2, eval_every=2, train_limit=2000, val_limit=300, test_limit=300,
+    )
+    seen = []
+    final = run_selector(cfg, seen.append, tmp_path, progress=False)
+    assert [m["iteration"] for m in seen] == [2, 4]
+    for m in seen:
+        assert m["gflops"] <= m["budget_gflops"] * (1 + 1e-9)
+        assert set(m) >= {"top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward"}
+    assert final["top1"] > 60 and final["test_top1"] > 60  # chance is 10%
+    assert final["test_gflops"] <= final["budget_gflops"] * (1 + 1e-9)
+    assert (tmp_path / SELECTOR_FILE).is_file()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "prance", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train-selector", "--strategy", "ppt"], "strategy"),
+        (["train-selector", "--budget", "5%"], "below the smallest"),
+        (["train-selector", "--checkpoint", "nope.safetensors"], "not found"),
+        (["train-selector", "--set", "actor_lr=-1"], "actor_lr"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args, message):
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prance: error:") and message in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped checkpoint missing")
+def test_cli_refuses_a_selector_of_another_meta_network(micro, tmp_path):
+    from prance.checkpoint import save_checkpoint
+
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, create_meta("prance_vit_fmnist"), "prance_vit_fmnist")
+    sel_path = tmp_path / "sel.safetensors"
+    from prance.checkpoint import load_checkpoint
+
+    meta, _ = load_checkpoint(other)
+    save_selector(sel_path, Selector.create(meta, "prune", [3, 6, 9]), SelectorConfig(checkpoint=str(other)).model_dump())
+    r = _cli("eval", "--selector", str(sel_path), "--checkpoint", str(SHIPPED), "--limit", "64", "--json")
+    assert r.returncode == 2 and "another meta-network" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("eval", "--selector", str(sel_path), "--limit", "64", "--json")  # the checkpoint it names
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward"}
