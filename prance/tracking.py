@@ -94,3 +94,84 @@ def end_run(uri: str, run_id: str, ok: bool) -> None:
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a resumed run RUNNING again (it was FAILED or KILLED when interrupted)."""
     client(uri).update_run(run_id, status="RUNNING")
+
+
+# --------------------------------------------------------------------------- sweeps
+# A sweep's runs carry these tags; a run is found again by (sweep id, trial id), which is
+# what keeps a resumed sweep from creating duplicates.
+TAG_KIND = "prance.kind"  # pretrain | sweep-trial | sweep-summary
+TAG_SWEEP = "prance.sweep_id"
+TAG_TRIAL = "prance.trial_id"
+TAG_STATUS = "prance.status"  # finished | stopped | error | interrupted
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite database (MLflow's own
+    default would be ``./mlruns`` in whatever folder the driver runs in); a server decides
+    for itself."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+        return (db.parent / "mlartifacts" / safe).as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (with its artifact location) when missing."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_location(uri, name))
+
+
+def find_runs(uri: str, experiment_id: str, tags: dict[str, str]) -> list:
+    """Every run of the experiment whose tags equal ``tags`` (any status)."""
+    from mlflow.entities import ViewType
+
+    c = client(uri)
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
+                             max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def log_batch(uri: str, run_id: str, metrics: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+              tags: dict[str, Any] | None = None, step: int = 0) -> None:
+    """Metrics (numbers only), params and tags in one request."""
+    import math
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    m = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()
+         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    if m or p or t:
+        client(uri).log_batch(run_id, metrics=m, params=p, tags=t)
+
+
+def log_artifacts(uri: str, run_id: str, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
+    client(uri).log_artifacts(run_id, str(folder), artifact_path)
+
+
+def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """RUNNING, FINISHED, FAILED or KILLED (end time set for the last three)."""
+    c = client(uri)
+    if status == "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+    else:
+        c.set_terminated(run_id, status=status)

@@ -1,5 +1,19 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
+
+# A bare ray.init() joins the cluster of the last `ray start` on this machine when there is
+# one; tests start their own local Ray instead (the ray_cluster fixture gives a cluster).
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 
 @pytest.fixture
@@ -11,3 +25,92 @@ def random_images():
         return torch.randn(n, model.vit.in_chans, *pe.img_size, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory) -> Path:
+    """A freshly initialised micro meta-network (4 blocks, 16 patches) as a checkpoint."""
+    from prance.checkpoint import save_checkpoint
+    from prance.models import create_meta
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro.safetensors", create_meta("prance_vit_micro"), "prance_vit_micro")
+
+
+# ---------------------------------------------------------------------------- Ray cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str  # the GCS address (host:port)
+    dashboard: str  # http://127.0.0.1:PORT, for `ray job submit --address`
+    env: dict  # the environment a client of this cluster needs (token auth, PATH)
+
+    def ray(self, *args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+        """Run the `ray` CLI against this cluster."""
+        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, *entrypoint: str, submission_id: str, timeout: float = 300) -> tuple[str, str]:
+        """`ray job submit --working-dir . -- <entrypoint>` from the repository root, waiting
+        for the job to end; returns (its status as `ray job status` tells it, the output)."""
+        proc = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".", "--submission-id", submission_id,
+                        "--", *entrypoint, timeout=timeout)
+        status = self.ray("job", "status", "--address", self.dashboard, submission_id, timeout=60)
+        text = status.stdout + status.stderr
+        word = next((w for w in ("succeeded", "failed", "stopped") if f"Job '{submission_id}' {w}" in text
+                     or f"Job '{submission_id}' was {w}" in text), "unknown")
+        return word.upper(), proc.stdout + proc.stderr + text
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real single-node Ray cluster started with `ray start --head` on loopback, with
+    token authentication (Ray >= 2.59 turns it on: clients need RAY_AUTH_MODE=token), on
+    free ports and in a private temp dir (so that no other `ray.init()` on this machine
+    joins it). Stopped after the session by ending the `ray start --block` process group
+    it runs in -- never with `ray stop`, which would end every Ray instance on the machine."""
+    temp = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--num-cpus", "2", "--temp-dir", str(temp), "--disable-usage-stats"]
+    log = open(temp / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
+    cluster = RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}: {(temp / 'ray-start.log').read_text()[-3000:]}")
+            up = cluster.ray("job", "list", "--address", cluster.dashboard, timeout=60)
+            if up.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Ray cluster did not come up: {up.stderr[-2000:]}")
+            time.sleep(2)
+        yield cluster
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` ends its Ray processes on SIGTERM
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is still shutting down in that group
+        except ProcessLookupError:
+            pass
+        log.close()

@@ -1,0 +1,15 @@
+"""The budget sweep: budget x token strategy x the selector's PPO/reward hyper-parameters.
+
+One job per module; only :mod:`prance.sweep.tune` imports Ray.
+
+- ``plan``: checks every input before any trial (checkpoint, dataset, budgets, strategies)
+  and lays out the combos in trial order.
+- ``space``: the define-by-run Optuna space (combo by trial number, conditional PPO/reward
+  parameters for selector combos only).
+- ``trial``: the body of one trial, Ray-free: a training-free evaluation or a selector
+  training, and the score the search optimises.
+- ``runs``: the sweep's MLflow runs (one per trial, found again on resume, a summary run).
+- ``report``: results table, Pareto front, plot, the printed summary.
+- ``store``: the sweep folder (its settings, naming, locating the latest sweep).
+- ``tune``: the Ray Tune driver (Tuner, OptunaSearch, ASHA, the MLflow callback, resume).
+"""

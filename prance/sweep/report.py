@@ -1,0 +1,151 @@
+"""The sweep's report: one results table (a row per trial, plus the combos no trial could
+run), the Pareto front of Top-1 vs GFLOPs, the plot, and the printed summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from prance import tracking
+
+METRIC_COLUMNS = [tracking.TOP1, tracking.GFLOPS, tracking.TOKEN_RATIO, tracking.FINAL_TOKEN_RATIO,
+                  tracking.THROUGHPUT, tracking.REWARD]
+LEAD_COLUMNS = ["trial_number", "trial_id", "method", "strategy", "token_strategy", "budget", "budget_gflops",
+                "status", "within_budget", "pareto", *METRIC_COLUMNS, "score", "baseline_top1", "iteration",
+                "param", "wall_s", "body_s", "mlflow_run_id"]
+# status: finished (ran to its end), stopped (by ASHA), error, interrupted (resume to finish it),
+# pending (not started before an interruption), unreachable (the strategy cannot meet the
+# budget on this model: no trial ran)
+DONE = ("finished", "stopped")
+TOLERANCE = 1e-9  # relative: a strategy calibrated exactly to the budget is within it
+
+
+def within(gflops: float, budget_gflops: float) -> bool:
+    return gflops <= budget_gflops * (1 + TOLERANCE)
+
+
+def pareto_mask(df: pd.DataFrame) -> pd.Series:
+    """Rows no other row beats on both Top-1 (higher) and GFLOPs (lower), ties kept once."""
+    ok = df["status"].isin(DONE) & df[tracking.TOP1].notna() & df[tracking.GFLOPS].notna()
+    mask = pd.Series(False, index=df.index)
+    best = -math.inf
+    for i in df[ok].sort_values([tracking.GFLOPS, tracking.TOP1], ascending=[True, False]).index:
+        if df.at[i, tracking.TOP1] > best:
+            mask[i] = True
+            best = df.at[i, tracking.TOP1]
+    return mask
+
+
+def results_frame(rows: list[dict], param_names: list[str]) -> pd.DataFrame:
+    """Rows -> the results table: fixed columns first, then the hyper-parameters."""
+    df = pd.DataFrame(rows)
+    for col in LEAD_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    if len(df):
+        done = df["status"].isin(DONE) & df[tracking.GFLOPS].notna()
+        df["within_budget"] = [bool(within(g, b)) if d else None for g, b, d in zip(df[tracking.GFLOPS], df["budget_gflops"], done)]
+        df["pareto"] = pareto_mask(df)
+    df["trial_number"] = pd.array(df["trial_number"], dtype="Int64")
+    params = [p for p in param_names if p in df.columns]
+    rest = [c for c in df.columns if c not in LEAD_COLUMNS and c not in params]
+    df = df[LEAD_COLUMNS + params + rest]
+    order = {"dense": 0, "training_free": 1, "selector": 2}
+    df = df.assign(_m=df["method"].map(order).fillna(3), _n=df["trial_number"].fillna(1e9))
+    return df.sort_values(["_m", "_n", "budget_gflops", "strategy"]).drop(columns=["_m", "_n"]).reset_index(drop=True)
+
+
+def best_per_combo(df: pd.DataFrame) -> pd.DataFrame:
+    """Per budget x strategy: the best Top-1 among trials within the budget (else the
+    trial closest to it, flagged), or the reason there is none."""
+    out = []
+    for (budget, strategy), g in df[df["method"] != "dense"].groupby(["budget", "strategy"], sort=False):
+        done = g[g["status"].isin(DONE) & g[tracking.TOP1].notna()]
+        ok = done[done["within_budget"] == True]  # noqa: E712 (object column)
+        if len(ok):
+            row = ok.loc[ok[tracking.TOP1].idxmax()]
+        elif len(done):
+            row = done.loc[(done[tracking.GFLOPS] / done["budget_gflops"]).idxmin()]
+        else:
+            row = g.iloc[0]
+        out.append(row)
+    if not out:
+        return df.iloc[0:0]
+    best = pd.DataFrame(out)
+    return best.sort_values(["budget_gflops", "method", "strategy"]).reset_index(drop=True)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if _isnan(v) else format(v, spec)
+
+
+def summary_table(df: pd.DataFrame, param_names: list[str]) -> str:
+    """The printed table: the best configuration per budget x strategy."""
+    best = best_per_combo(df)
+    header = f"{'budget':>7} {'strategy':<17} {'top1%':>6} {'GFLOPs':>8} {'fits':>4} {'tokens':>6} {'img/s':>6}  {'trial':>5}  configuration"
+    lines = [header, "-" * len(header)]
+    dense = df[df["method"] == "dense"]
+    if len(dense) and dense.iloc[0]["status"] in DONE:
+        d = dense.iloc[0]
+        lines.append(f"{'100%':>7} {'dense':<17} {_fmt(d[tracking.TOP1], '6.2f')} {_fmt(d[tracking.GFLOPS], '8.4g')} {'':>4} "
+                     f"{_fmt(d[tracking.FINAL_TOKEN_RATIO], '6.2f')} {_fmt(d[tracking.THROUGHPUT], '6.0f')}  {int(d['trial_number']):>5}")
+    for _, r in best.iterrows():
+        if r["status"] not in DONE:
+            why = {"unreachable": f"unreachable ({r.get('note') or 'below the lowest GFLOPs'})"}.get(r["status"], r["status"])
+            lines.append(f"{r['budget']:>7} {r['strategy']:<17} {'':>6} {'':>8} {'':>4} {'':>6} {'':>6}  {'':>5}  {why}")
+            continue
+        if r["method"] == "selector":
+            conf = ", ".join(f"{p}={_short(r.get(p))}" for p in param_names if p in r and r.get(p) is not None and not _isnan(r.get(p)))
+        else:
+            conf = r.get("param") or ""
+        fits = "yes" if r["within_budget"] else "NO"
+        trial = "-" if _isnan(r["trial_number"]) else str(int(r["trial_number"]))
+        lines.append(f"{r['budget']:>7} {r['strategy']:<17} {_fmt(r[tracking.TOP1], '6.2f')} {_fmt(r[tracking.GFLOPS], '8.4g')} {fits:>4} "
+                     f"{_fmt(r[tracking.FINAL_TOKEN_RATIO], '6.2f')} {_fmt(r[tracking.THROUGHPUT], '6.0f')}  {trial:>5}  {conf}")
+    return "\n".join(lines)
+
+
+def _isnan(v) -> bool:
+    return v is None or (not isinstance(v, (str, list, dict, tuple)) and bool(pd.isna(v)))
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def plot_pareto(df: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Top-1 vs GFLOPs: a series per strategy, the Pareto front, the budgets, the dense model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    done = df[df["status"].isin(DONE) & df[tracking.TOP1].notna()]
+    markers = {"selector": "o", "training_free": "s"}
+    for strategy, g in done[done["method"] != "dense"].groupby("strategy", sort=True):
+        method = g["method"].iloc[0]
+        ax.scatter(g[tracking.GFLOPS], g[tracking.TOP1], label=strategy, marker=markers.get(method, "o"),
+                   alpha=0.8, s=36 if method == "selector" else 44, edgecolors="none" if method == "selector" else "k")
+    front = done[df.loc[done.index, "pareto"] == True].sort_values(tracking.GFLOPS)  # noqa: E712
+    if len(front):
+        ax.step(front[tracking.GFLOPS], front[tracking.TOP1], where="post", color="0.3", lw=1, ls="--", label="Pareto front")
+    dense = done[done["method"] == "dense"]
+    if len(dense):
+        ax.scatter(dense[tracking.GFLOPS], dense[tracking.TOP1], marker="*", s=220, color="gold", edgecolors="k", zorder=5, label="dense")
+    for b in sorted(df.loc[df["method"] != "dense", "budget_gflops"].dropna().unique()):
+        ax.axvline(b, color="0.8", lw=0.8, ls=":", zorder=0)
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("Top-1 (%) on the validation images")
+    ax.set_title(title or "Top-1 vs GFLOPs (dotted lines: budgets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

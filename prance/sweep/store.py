@@ -1,0 +1,110 @@
+"""The sweep folder: ``<storage>/<name>/`` holds Ray Tune's experiment (trials, searcher
+and scheduler state), ``sweep.json`` (the settings a resume continues with) and the
+report (``results.csv``, ``pareto.png``). With remote storage (s3://, gs://) the report
+is written to ``runs/sweeps/<name>/`` locally and copied there too."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prance.errors import PranceError
+
+SWEEP_FILE = "sweep.json"
+LOCAL_ROOT = Path("runs/sweeps")
+
+
+def is_remote(storage: str) -> bool:
+    return "://" in storage and not storage.startswith("file://")
+
+
+def absolute_storage(storage: str) -> str:
+    if is_remote(storage):
+        return storage.rstrip("/")
+    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
+
+
+def default_name(source: str) -> str:
+    stem = Path(source).stem if source else "sweep"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def experiment_path(storage: str, name: str) -> str:
+    return f"{absolute_storage(storage)}/{name}"
+
+
+def report_folder(storage: str, name: str) -> Path:
+    """Where results.csv and pareto.png are written on this machine."""
+    if is_remote(storage):
+        return (LOCAL_ROOT / name).resolve()
+    return Path(experiment_path(storage, name))
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def write_settings(storage: str, name: str, data: dict) -> None:
+    text = json.dumps(data, indent=2, default=str)
+    if is_remote(storage):
+        fs, path = _fs(f"{experiment_path(storage, name)}/{SWEEP_FILE}")
+        fs.create_dir(path.rsplit("/", 1)[0])
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+        return
+    folder = Path(experiment_path(storage, name))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (SWEEP_FILE + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(folder / SWEEP_FILE)
+
+
+def read_settings(storage: str, name: str) -> dict | None:
+    try:
+        if is_remote(storage):
+            fs, path = _fs(f"{experiment_path(storage, name)}/{SWEEP_FILE}")
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        path = Path(experiment_path(storage, name)) / SWEEP_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise PranceError(f"{experiment_path(storage, name)}/{SWEEP_FILE} is corrupt ({e})") from None
+
+
+def latest_sweep(storage: str) -> str:
+    """The most recently created sweep in a local storage folder."""
+    if is_remote(storage):
+        raise PranceError("with remote --storage, --resume needs --name (the sweep to continue)")
+    root = Path(absolute_storage(storage))
+    found = []
+    for f in root.glob(f"*/{SWEEP_FILE}"):
+        try:
+            found.append((json.loads(f.read_text()).get("created", 0), f.parent.name))
+        except (OSError, ValueError):
+            continue
+    if not found:
+        raise PranceError(f"nothing to resume: no sweep in {root}")
+    return max(found)[1]
+
+
+def exists(storage: str, name: str) -> bool:
+    if read_settings(storage, name) is not None:
+        return True
+    if is_remote(storage):
+        return False
+    return any(Path(experiment_path(storage, name)).glob("*")) if Path(experiment_path(storage, name)).is_dir() else False
+
+
+def publish(storage: str, name: str, files: list[Path]) -> None:
+    """Copy report files into remote storage (local storage already holds them)."""
+    if not is_remote(storage):
+        return
+    fs, base = _fs(experiment_path(storage, name))
+    for f in files:
+        with fs.open_output_stream(f"{base}/{f.name}") as out:
+            out.write(f.read_bytes())

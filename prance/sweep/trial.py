@@ -1,0 +1,190 @@
+"""The body of one sweep trial, free of Ray: the Tune trainable (prance.sweep.tune) only
+passes ``report`` in.
+
+- ``dense``: the full meta-network, no token reduction (the reference point of the plot).
+- ``training_free``: the full meta-network with the token strategy calibrated to the
+  budget, evaluated once on the validation images.
+- ``selector``: ``prance.selector.run.run_selector`` trains the PPO selector and reports
+  validation metrics every ``eval_every`` iterations.
+
+The score the search optimises makes budgets comparable: Top-1 gain over the best
+training-free strategy at the same budget (the dense Top-1 when none reaches it), minus
+``overshoot_penalty`` x the relative GFLOPs overshoot of the budget:
+
+    score = top1 - baseline_top1(budget) - overshoot_penalty * max(0, gflops / budget - 1)
+
+Baselines are evaluated at most once per worker process and budget (cached), on the same
+validation images as the trial.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from prance import tracking
+
+TRAINING_FREE_TOKENS = ("prune", "merge", "prune_merge", "ppt")
+SELECTOR_FILE = "selector.safetensors"
+FINAL = "final"  # set in a trial's last report when it ran to its end
+
+Report = Callable[[dict, "Path | None"], None]  # (metrics, folder holding the selector checkpoint or None)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares (plain data: it travels to Ray workers)."""
+
+    checkpoint: str  # absolute path
+    dataset: str
+    selector: dict  # SelectorConfig fields shared by all trials (val_limit, batch_size, seed, ...)
+    overshoot_penalty: float = 200.0
+    threads: int = 1
+    device: str = "cpu"
+    progress: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def score(top1: float, gflops: float, budget_gflops: float, baseline_top1: float, overshoot_penalty: float) -> float:
+    over = max(0.0, gflops / budget_gflops - 1.0)
+    return top1 - baseline_top1 - overshoot_penalty * over
+
+
+# ------------------------------------------------------------------ per-process caches
+_MODELS: dict = {}
+_VAL: dict = {}
+_TOP1: dict = {}
+
+
+def _model(checkpoint: str):
+    if checkpoint not in _MODELS:
+        from prance.checkpoint import load_checkpoint
+
+        _MODELS.clear()
+        _MODELS[checkpoint] = load_checkpoint(checkpoint)[0]
+    return _MODELS[checkpoint]
+
+
+def validation_images(ctx: TrialContext, model):
+    """The selector's validation images (``prance.selector.run.load_data``: a seeded part
+    of the test split), as (x, y) tensors, so both methods are scored on the same images."""
+    from prance.selector.run import load_data
+
+    key = (ctx.dataset, ctx.checkpoint, repr(sorted(ctx.selector.items())))
+    if key not in _VAL:
+        _VAL.clear()
+        cfg = selector_config({"token_strategy": "prune", "budget_gflops": 1.0}, ctx)
+        cfg = cfg.model_copy(update={"train_limit": 1, "test_limit": None})
+        _VAL[key] = load_data(model, cfg)["val"]
+    return _VAL[key]
+
+
+def evaluate_fixed(ctx: TrialContext, token_strategy: str, budget_gflops: float | None) -> dict:
+    """Top-1, GFLOPs, token ratios, throughput of the full meta-network with
+    ``token_strategy`` calibrated to ``budget_gflops`` (dense when None)."""
+    from prance.evaluate import evaluate, plan_for
+    from prance.tokens.strategies import StrategyConfig
+
+    model = _model(ctx.checkpoint)
+    plan = None
+    param = ""
+    if budget_gflops is not None and token_strategy != "none":
+        cfg, plan = plan_for(model, StrategyConfig(token_strategy), budget_gflops)
+        param = f"{'r' if cfg.r is not None else 'keep'}={cfg.param_value:.4g}"
+    x, y = validation_images(ctx, model)
+    size = ctx.selector.get("batch_size", 64)
+    batches = [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+    out = evaluate(model, batches, None, plan, device=ctx.device, progress=ctx.progress)
+    out.pop("n_images", None)
+    _TOP1[(ctx.checkpoint, ctx.dataset, token_strategy, budget_gflops)] = out[tracking.TOP1]
+    return {**out, "param": param}
+
+
+def _top1(ctx: TrialContext, token_strategy: str, budget_gflops: float | None) -> float:
+    key = (ctx.checkpoint, ctx.dataset, token_strategy, budget_gflops)
+    if key not in _TOP1:
+        evaluate_fixed(ctx, token_strategy, budget_gflops)
+    return _TOP1[key]
+
+
+def baseline_top1(ctx: TrialContext, budget_gflops: float) -> float:
+    """The best training-free Top-1 at the budget; the dense Top-1 when no training-free
+    strategy reaches it."""
+    from prance.errors import PranceError
+
+    best = None
+    for token in TRAINING_FREE_TOKENS:
+        try:
+            t = _top1(ctx, token, budget_gflops)
+        except PranceError:  # this strategy cannot reach the budget
+            continue
+        best = t if best is None else max(best, t)
+    return best if best is not None else _top1(ctx, "none", None)
+
+
+def selector_config(config: dict, ctx: TrialContext):
+    """The SelectorConfig of a selector trial: shared settings, the trial's suggested
+    hyper-parameters, its strategy and budget (exact GFLOPs)."""
+    from prance.config import SelectorConfig
+
+    data = dict(ctx.selector)
+    data.update({k: v for k, v in config.items() if k in SelectorConfig.model_fields})
+    data.update(checkpoint=ctx.checkpoint, dataset=ctx.dataset, strategy=config["token_strategy"],
+                budget=repr(float(config["budget_gflops"])), device=ctx.device)
+    return SelectorConfig.model_validate(data)
+
+
+def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path) -> dict:
+    """Run the trial described by ``config`` (a combo plus suggested parameters), calling
+    ``report`` with its metrics; returns the final metrics."""
+    import torch
+
+    start = time.perf_counter()
+    torch.set_num_threads(ctx.threads)
+    method = config["method"]
+    budget = float(config["budget_gflops"])
+    penalty = ctx.overshoot_penalty
+
+    if method in ("dense", "training_free"):
+        m = evaluate_fixed(ctx, config["token_strategy"], budget if method == "training_free" else None)
+        base = baseline_top1(ctx, budget) if method == "training_free" else m[tracking.TOP1]
+        m.pop("param")
+        final = {**m, "budget_gflops": budget, "baseline_top1": base,
+                 "score": score(m[tracking.TOP1], m[tracking.GFLOPS], budget, base, penalty), FINAL: 1}
+        final["body_s"] = time.perf_counter() - start
+        report(final, None)
+        return final
+
+    from prance.selector.run import run_selector
+
+    cfg = selector_config(config, ctx)
+    base = baseline_top1(ctx, budget)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def with_score(m: dict) -> dict:
+        out = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
+        out["budget_gflops"] = budget
+        out["baseline_top1"] = base
+        out["score"] = score(m[tracking.TOP1], m[tracking.GFLOPS], budget, base, penalty)
+        out["body_s"] = time.perf_counter() - start
+        return out
+
+    def checkpoint_dir() -> Path | None:
+        return workdir if (workdir / SELECTOR_FILE).is_file() else None
+
+    def on_report(m: dict) -> None:
+        # The last iteration is reported once, as the final result below: a scheduler
+        # stopping the trial at that report would otherwise cut off the final metrics.
+        if int(m.get("iteration", 0)) < cfg.iterations:
+            report(with_score(m), checkpoint_dir())
+
+    final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress))
+    # The final metrics are those of the best validation iteration (the selector that is
+    # kept), reported at the last iteration so that MLflow and Tune show them last.
+    final["best_iteration"] = final.get("iteration", cfg.iterations)
+    final["iteration"] = cfg.iterations
+    final[FINAL] = 1
+    report(final, checkpoint_dir())
+    return final

@@ -1,0 +1,472 @@
+"""The Ray Tune driver of the budget sweep (the only module of prance.sweep importing Ray).
+
+One ``Tuner`` per sweep: ``OptunaSearch`` over the define-by-run space of
+:mod:`prance.sweep.space` (TPE, multivariate and grouped for the conditional space,
+seeded, constant liar for parallel trials), ASHA on the per-iteration ``score`` of the
+selector trials (training-free trials report no ``iteration`` and are invisible to it),
+trials placed by resources with actors reused. ``multi_objective`` swaps in Optuna on
+(top1 max, gflops min) and no early stopping.
+
+MLflow is written by :class:`SweepCallback` on the driver only, through
+:class:`prance.sweep.runs.SweepRuns`: a run per trial (reused on resume), metrics per
+iteration, the selector checkpoint as an artifact, a summary run. The results table is
+built from Tune's ``ResultGrid`` after ``fit()`` -- also after an interrupted or resumed
+sweep -- so a finished trial is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prance import tracking
+from pydantic import ValidationError
+
+from prance.config import SWEEP_OWNED, SweepConfig, _format_error
+from prance.errors import PranceError
+from prance.sweep import report as rep
+from prance.sweep import store
+from prance.sweep.plan import SweepPlan, plan_sweep, trial_threads
+from prance.sweep.runs import SweepRuns
+from prance.sweep.space import DefineByRun
+from prance.sweep.trial import FINAL, SELECTOR_FILE, TrialContext, run_trial, selector_config
+
+# Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
+NOT_LOGGED = frozenset({"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname",
+                        "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "date",
+                        "trial_id", "experiment_tag", "config", "should_checkpoint", "iteration", FINAL, "body_s",
+                        "trial_number", "n_images"})
+_ACTIVE: "Progress | None" = None  # the driver's live state, found by the (re)loaded callback
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def trainable(config: dict, ctx: TrialContext) -> None:
+    """A Tune function trainable: one trial, reported through ``tune.report``."""
+    from ray import tune
+
+    for name in ("ray.tune", "ray.train"):  # no "Checkpoint successfully created" line per report
+        logging.getLogger(name).setLevel(logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix="prance-selector-"))
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    try:
+        run_trial(config, ctx, report, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- the driver
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m:d}:{s:02d}"
+
+
+def _label(config: dict) -> str:
+    return f"{config.get('strategy')}@{config.get('budget')} #{config.get('trial_number')}"
+
+
+@dataclass
+class Progress:
+    """What the callback needs on the driver: the MLflow runs, the plan, the clock."""
+
+    runs: SweepRuns
+    plan: SweepPlan
+    ctx: TrialContext
+    iterations: int
+    total: int
+    done: int = 0
+    start: float = field(default_factory=time.monotonic)
+    started: dict = field(default_factory=dict)  # trial number -> monotonic start (this session)
+    wall: dict = field(default_factory=dict)  # trial number -> seconds from start to end (this session)
+
+    def line(self, text: str) -> None:
+        print(f"[{_clock(time.monotonic() - self.start):>6}] {text}", flush=True)
+
+    def params(self, config: dict) -> dict:
+        base = {k: v for k, v in config.items()}
+        if config.get("method") == "selector":
+            base.update(selector_config(config, self.ctx).model_dump())
+        else:
+            base.update({k: self.ctx.selector.get(k) for k in ("val_limit", "batch_size", "seed")})
+        return base
+
+    def on_start(self, trial) -> None:
+        c = trial.config
+        n = int(c["trial_number"])
+        self.started[n] = time.monotonic()
+        tags = {k: c.get(k) for k in ("method", "strategy", "token_strategy", "budget", "budget_gflops")}
+        self.runs.open(n, trial.trial_id, f"{c['strategy']}@{c['budget']}#{n}", self.params(c), tags)
+
+    def on_result(self, trial, result: dict) -> None:
+        c = trial.config
+        n = int(c["trial_number"])
+        step = int(result.get("iteration", 0) or 0)
+        metrics = {k: v for k, v in result.items() if k not in NOT_LOGGED}
+        self.runs.log(n, metrics, step)
+        if c.get("method") == "selector" and not result.get(FINAL):
+            self.line(f"      {_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
+                      f"{result.get('gflops', float('nan')):.4g} GFLOPs  score {result.get('score', float('nan')):+7.2f}")
+
+    def on_complete(self, trial, error: bool = False) -> None:
+        c = trial.config
+        n = int(c["trial_number"])
+        last = trial.last_result or {}
+        wall = time.monotonic() - self.started.get(n, time.monotonic())
+        self.wall[n] = wall
+        self.done += 1
+        outcome = "error" if error else ("finished" if last.get(FINAL) else "stopped")
+        metrics = {"trial_wall_s": wall, "trial_body_s": last.get("body_s")}
+        step = int(last.get("iteration", 0) or 0)
+        checkpoint = None if error else trial.checkpoint
+        try:
+            with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as folder:
+                art = Path(folder) if folder and (Path(folder) / SELECTOR_FILE).is_file() else None
+                self.runs.close(n, "FAILED" if error else "FINISHED", outcome, metrics, step=step, artifacts=art)
+        except Exception as e:  # never let tracking take the sweep down
+            print(f"warning: MLflow logging of trial {n} failed: {e}", file=sys.stderr)
+        what = {"finished": "", "stopped": f" (stopped by ASHA at it {last.get('iteration')})", "error": " FAILED"}[outcome]
+        if error:
+            self.line(f"{self.done:>3}/{self.total} {_label(c):<28} failed after {wall:.1f}s: see {trial.path}")
+        else:
+            self.line(f"{self.done:>3}/{self.total} {_label(c):<28} top1 {last.get('top1', float('nan')):6.2f}%  "
+                      f"{last.get('gflops', float('nan')):.4g} GFLOPs  score {last.get('score', float('nan')):+7.2f}  {wall:5.1f}s{what}")
+
+
+def _callback_class():
+    from ray import tune
+
+    class SweepCallback(tune.Callback):
+        """Per-trial MLflow runs and one-line progress, from the driver. Pickled with the
+        Tuner; a restored copy picks up the live state of the resuming driver."""
+
+        def __init__(self):
+            self.progress: Progress | None = None
+
+        def __reduce__(self):
+            return (_make_callback, ())
+
+        def setup(self, **info):
+            self.progress = _ACTIVE
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.progress:
+                self.progress.on_start(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self.progress:
+                self.progress.on_result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if self.progress:
+                self.progress.on_complete(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if self.progress:
+                self.progress.on_complete(trial, error=True)
+
+    return SweepCallback
+
+
+def trial_name(trial) -> str:
+    """``t0007-prune-55pct-<id>``: the trial's folder and name in Tune."""
+    c = trial.config
+    budget = str(c.get("budget", "")).replace("%", "pct")
+    return f"t{int(c.get('trial_number', 0)):04d}-{c.get('strategy')}-{budget}-{trial.trial_id}"
+
+
+def _make_callback():
+    return _callback_class()()
+
+
+def _searcher(cfg: SweepConfig, plan: SweepPlan, multi: bool):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    fixed = sum(1 for c in plan.schedule if c.method != "selector")
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True, group=True, seed=cfg.seed, n_startup_trials=fixed + cfg.startup_trials, constant_liar=True
+    )
+    space = DefineByRun([c.as_config() for c in plan.schedule], {k: v.model_dump() for k, v in cfg.space.items()},
+                        cfg.selector.model_dump())
+    if multi:
+        return OptunaSearch(space, metric=[tracking.TOP1, tracking.GFLOPS], mode=["max", "min"], sampler=sampler)
+    return OptunaSearch(space, metric="score", mode="max", sampler=sampler)
+
+
+def _scheduler(cfg: SweepConfig, multi: bool):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if multi or cfg.scheduler == "fifo":
+        return FIFOScheduler()
+    s = cfg.selector
+    grace = cfg.grace_period or max(s.eval_every, s.iterations // 4)
+    grace = min(grace, s.iterations)
+    return ASHAScheduler(time_attr="iteration", metric="score", mode="max", max_t=s.iterations,
+                         grace_period=grace, reduction_factor=cfg.reduction_factor)
+
+
+def _slots(cfg: SweepConfig) -> int:
+    """Trials the cluster can run at once; PranceError when it cannot run one."""
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.use_gpu:
+        gpus = float(res.get("GPU", 0))
+        if gpus < cfg.gpus_per_trial:
+            try:
+                from prance.train.placement import autoscaler_max_nodes
+            except ImportError:
+                autoscaler_max_nodes = None
+            if not (autoscaler_max_nodes and autoscaler_max_nodes() > 1):
+                raise PranceError(f"--use-gpu: a trial needs {cfg.gpus_per_trial} GPU, the Ray cluster has {gpus:g}")
+            return cfg.max_concurrent_trials or 1  # the autoscaler brings GPU nodes once trials wait
+        return cfg.max_concurrent_trials or max(1, int(gpus // cfg.gpus_per_trial))
+    cpus = float(res.get("CPU", 0))
+    if cpus < cfg.cpus_per_trial:
+        raise PranceError(f"a trial needs {cfg.cpus_per_trial} CPUs, the Ray cluster has {cpus:g}")
+    return cfg.max_concurrent_trials or max(1, int(cpus // cfg.cpus_per_trial))
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address) if address else ray.init()  # a running cluster, e.g. under `ray job submit`
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    folder: Path
+    results: Path
+    plot: Path
+    table: str
+    mlflow_uri: str
+    experiment_id: str
+    interrupted: int  # trials left unfinished (resume to finish them)
+    failed: int
+    wall_s: float
+
+
+def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
+    """The saved configuration of the sweep to continue."""
+    name = name or store.latest_sweep(storage)
+    settings = store.read_settings(storage, name)
+    if settings is None:
+        raise PranceError(f"nothing to resume: no sweep {name!r} in {store.absolute_storage(storage)}")
+    try:
+        cfg = SweepConfig.model_validate({**settings["config"], "name": name, "storage": storage})
+    except ValidationError as e:
+        raise PranceError(f"the saved settings of sweep {name} no longer validate: {_format_error(e, SweepConfig, store.SWEEP_FILE)}") from None
+    return cfg, settings
+
+
+def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False, settings: dict | None = None,
+              command: str = "", address: str | None = None) -> SweepOutcome:
+    """Check everything, run (or resume) the sweep, write the report."""
+    global _ACTIVE
+    t_start = time.monotonic()
+
+    # 1. inputs, before Ray and before anything is written to MLflow
+    plan = plan_sweep(cfg)
+    name = cfg.name or store.default_name(source)
+    storage = store.absolute_storage(cfg.storage)
+    exp_path = store.experiment_path(storage, name)
+    local_root = storage if not store.is_remote(storage) else str(store.LOCAL_ROOT.resolve())
+    if resume:
+        uri = settings["mlflow_uri"]
+        if cfg.mlflow_uri and tracking.resolve_uri(cfg.mlflow_uri, local_root) != uri:
+            raise PranceError(f"sweep {name} tracks to {uri}; resume it there (drop --mlflow-uri)")
+    else:
+        uri = tracking.resolve_uri(cfg.mlflow_uri, local_root)
+        if store.exists(storage, name):
+            raise PranceError(f"sweep {name!r} already exists in {storage}: pass --resume to continue it, or choose another --name")
+    tracking.check_reachable(uri)
+
+    # 2. Ray, and what needs it
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: Progress prints one line per event
+    # a checkpoint per report forces an experiment snapshot (cheap, and fresher state to resume from): no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    from ray import tune
+
+    _init_ray(address)
+    for logger in ("ray.tune", "ray.train", "mlflow"):  # their INFO lines drown the progress lines
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    try:
+        from prance.train.placement import check_shared_locations
+    except ImportError:
+        check_shared_locations = None
+    if check_shared_locations is not None:
+        check_shared_locations(storage, uri)
+    slots = _slots(cfg)
+    if resume and not tune.Tuner.can_restore(exp_path):
+        raise PranceError(f"nothing to resume in {exp_path}: the sweep never started its trials")
+
+    # 3. from here on things are written: settings, the MLflow experiment
+    multi = cfg.multi_objective
+    if resume:
+        sweep_id, experiment = settings["sweep_id"], settings["experiment"]
+    else:
+        sweep_id, experiment = f"{name}-{uuid.uuid4().hex[:8]}", f"prance-sweep-{name}"
+        store.write_settings(storage, name, {
+            "name": name, "sweep_id": sweep_id, "experiment": experiment, "mlflow_uri": uri, "created": time.time(),
+            "source": source, "command": command,
+            "config": cfg.model_dump(exclude={"name": True, "storage": True, "selector": set(SWEEP_OWNED)}),
+        })
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    runs = SweepRuns(uri, experiment_id, sweep_id)
+    if resume:
+        closed = runs.close_running()
+        if closed:
+            print(f"[sweep] closed {len(closed)} MLflow run(s) left RUNNING by the interrupted session (trials {closed})", flush=True)
+
+    ctx = TrialContext(
+        checkpoint=plan.checkpoint, dataset=plan.dataset,
+        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
+        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
+        device="cuda" if cfg.use_gpu else "cpu",
+    )
+    counts = plan.counts()
+    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
+    progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
+    _ACTIVE = progress
+    print(
+        f"[sweep] {name}: {len(plan.schedule)} trials ({counts['dense']} dense, {counts['training_free']} training-free, "
+        f"{counts['selector']} selector) on {budget_list(plan)}, {slots} at a time"
+        + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
+        + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
+        + ("\n[sweep] resuming: finished trials are kept" if resume else ""),
+        flush=True,
+    )
+
+    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if cfg.use_gpu else 0}
+    fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources)
+    if resume:
+        tuner = tune.Tuner.restore(exp_path, fn, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(cfg, plan, multi), scheduler=_scheduler(cfg, multi),
+                num_samples=len(plan.schedule), max_concurrent_trials=slots, reuse_actors=True,
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, callbacks=[_make_callback()], verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            ),
+        )
+    try:
+        grid = tuner.fit()
+    finally:
+        _ACTIVE = None
+
+    # 4. the report, from Tune's results
+    runs.close_running()  # trials interrupted in this session
+    runs.refresh()
+    rows = result_rows(grid, plan, runs, progress)
+    params = list(cfg.space)
+    df = rep.results_frame(rows, params)
+    folder = store.report_folder(storage, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = folder / "results.csv"
+    df.to_csv(results, index=False)
+    plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs on {plan.model}")
+    store.publish(storage, name, [results, plot])
+    interrupted = int(df["status"].isin(["interrupted", "pending"]).sum())
+    failed = int((df["status"] == "error").sum())
+    wall = time.monotonic() - t_start
+    summary_metrics = {
+        "trials_finished": int((df["status"] == "finished").sum()), "trials_stopped": int((df["status"] == "stopped").sum()),
+        "trials_failed": failed, "trials_interrupted": interrupted, "session_wall_s": wall,
+    }
+    dense = df[(df["method"] == "dense") & df["status"].isin(rep.DONE)]
+    if len(dense):
+        summary_metrics["dense_top1"] = float(dense.iloc[0][tracking.TOP1])
+    runs.summary(name, {k: v for k, v in cfg.model_dump(exclude={"space", "selector"}).items()},
+                 [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
+    table = rep.summary_table(df, params)
+    if multi:
+        front = df[df["pareto"] == True]  # noqa: E712
+        table += "\n\nPareto front (Top-1 up, GFLOPs down):\n" + "\n".join(
+            f"  {r['strategy']}@{r['budget']} #{int(r['trial_number'])}: top1 {r[tracking.TOP1]:.2f}%  {r[tracking.GFLOPS]:.4f} GFLOPs"
+            for _, r in front.sort_values(tracking.GFLOPS).iterrows())
+    return SweepOutcome(name, folder, results, plot, table, uri, experiment_id, interrupted, failed, wall)
+
+
+def budget_list(plan: SweepPlan) -> str:
+    return "budgets " + ", ".join(f"{b} ({g:.4g} GFLOPs)" for b, g in plan.budgets.items())
+
+
+def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> list[dict]:
+    """A row per trial of Tune's ResultGrid (status from its last result and the trial's
+    MLflow run), plus a row per combo no trial could run."""
+    rows = []
+    for result in grid:
+        config = dict(result.config or {})
+        if "trial_number" not in config:
+            continue
+        n = int(config["trial_number"])
+        m = dict(result.metrics or {})
+        if result.error is not None:
+            status = "error"
+        elif m.get(FINAL):
+            status = "finished"
+        elif runs.outcome(n) == "stopped":
+            status = "stopped"
+        else:
+            status = "interrupted"
+        row = {**config, "trial_id": m.get("trial_id"), "status": status, "mlflow_run_id": runs.run_ids.get(n)}
+        for k in (*rep.METRIC_COLUMNS, "score", "baseline_top1", "iteration", "body_s"):
+            if k in m:
+                row[k] = m[k]
+        for k, v in m.items():
+            if k.startswith("test_"):
+                row[k] = v
+        if n in progress.wall:
+            row["wall_s"] = progress.wall[n]
+        if result.error is not None:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else type(result.error).__name__
+        rows.append(row)
+    seen = {int(r["trial_number"]) for r in rows}
+    for number, c in enumerate(plan.schedule):
+        if number not in seen:  # never started (the sweep was interrupted before)
+            rows.append({**c.as_config(), "trial_number": number, "status": "pending"})
+    for c in plan.unreachable:
+        rows.append({**c.as_config(), "status": "unreachable", "note": c.note})
+    return rows
+
+
+def mlflow_ui_command(uri: str, experiment_id: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _isfinite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -1,0 +1,335 @@
+"""The budget sweep: its config, plan, search space and report (no Ray), bad input (one
+line, exit 2, nothing in MLflow), and real sweeps of the micro meta-network on a local Ray:
+against a real `mlflow server`, and interrupted then resumed (tests/test_ray_jobs.py runs
+one with `ray job submit`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from prance.config import ParamSpace, SweepConfig, load_config
+from prance.errors import PranceError
+from prance.sweep import report as rep
+from prance.sweep.plan import plan_sweep
+from prance.sweep.space import DefineByRun
+from prance.sweep.trial import TrialContext, score, validation_images
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "sweeps" / "budget_sweep.py"
+METRICS = ["top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s"]
+
+
+def tiny_args(checkpoint: Path, *more: str) -> list[str]:
+    # the micro model has 4 blocks: the selector decides before blocks 1, 2, 3
+    return ["--preset", "tiny", "--set", f"checkpoint={checkpoint}", "--set", "selector.decision_blocks=[1,2,3]", *more]
+
+
+def run_sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def sweep_runs(uri: str, name: str):
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(f"prance-sweep-{name}")
+    assert exp is not None
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# ------------------------------------------------------------------------ no Ray needed
+
+
+def test_presets_and_config_errors():
+    default = load_config(SweepConfig, "sweep", "default")
+    assert len(default.budgets) >= 3
+    assert {"prune", "merge", "prune_merge", "free_prune", "free_merge", "free_prune_merge", "free_ppt"} <= set(default.strategies)
+    tiny = load_config(SweepConfig, "sweep", "tiny", {"selector.iterations": 6, "space.actor_lr.high": 0.01})
+    assert tiny.selector.iterations == 6 and tiny.space["actor_lr"].high == 0.01  # dotted overrides reach nested keys
+    cases = {
+        "unknown key 'selector.iteration'": {"selector.iteration": 3},
+        "unknown strategy 'ppt_free'": {"strategies": ["ppt_free"]},
+        "space.gamma: value 1.5 is invalid": {"space": {"gamma": {"low": 0.9, "high": 1.5}}},
+        "not a tunable selector setting": {"space": {"budget": {"choices": ["50%"]}}},
+        "selector.budget is set by the sweep": {"selector.budget": "50%"},
+        "unknown key 'space.clip.hi'": {"space": {"clip": {"low": 0.1, "hi": 0.3}}},
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(PranceError, match=message):
+            load_config(SweepConfig, "sweep", "tiny", overrides)
+
+
+def test_plan_orders_trials_and_marks_unreachable_combos(micro_checkpoint):
+    cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%", "75%"], strategies=["prune", "merge", "free_prune", "free_ppt"],
+                      trials_per_combo=2, selector={"decision_blocks": [1, 2, 3]})
+    plan = plan_sweep(cfg)
+    methods = [c.method for c in plan.schedule]
+    assert methods[0] == "dense" and plan.schedule[0].budget == "100%"
+    assert methods == sorted(methods, key=["dense", "training_free", "selector"].index)  # fixed ones first
+    selector = [c.label for c in plan.schedule if c.method == "selector"]
+    assert selector == ["prune@55%", "merge@55%", "prune@75%", "merge@75%"] * 2  # round-robin, trials_per_combo times
+    # PPT prunes at 3 blocks only: 55% of the micro model is out of its reach, 75% is not
+    assert [c.label for c in plan.unreachable] == ["free_ppt@55%"]
+    assert "free_ppt@75%" in [c.label for c in plan.schedule]
+    assert all(c.param.startswith(("keep=", "r=")) for c in plan.schedule if c.method == "training_free")
+
+
+@pytest.mark.parametrize(
+    "budgets,message",
+    [(["150%"], "above the dense model"), (["1%"], "below what any strategy of this sweep reaches"),
+     (["fast"], "neither GFLOPs"), (["50%", "0.000467488"], "are the same GFLOPs")],
+)
+def test_budgets_outside_the_reachable_range_are_refused(micro_checkpoint, budgets, message):
+    cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=budgets, strategies=["free_prune", "free_merge"])
+    with pytest.raises(PranceError, match=message):
+        plan_sweep(cfg)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_define_by_run_space_is_conditional_and_follows_the_schedule():
+    space = {
+        "actor_lr": ParamSpace(low=1e-4, high=1e-2, log=True).model_dump(),
+        "ppo_epochs": ParamSpace(low=2, high=6).model_dump(),
+        "reward_form": ParamSpace(choices=["penalty", "constrained"]).model_dump(),
+        "over_weight": ParamSpace(low=0.5, high=4, when={"reward_form": "penalty"}).model_dump(),
+        "lagrange_lr": ParamSpace(low=0.1, high=2, when={"reward_form": "constrained"}).model_dump(),
+    }
+    schedule = [{"method": "training_free", "strategy": "free_prune"}] + [{"method": "selector", "strategy": "prune"}] * 11
+    fn = DefineByRun(schedule, space, {})
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True, n_startup_trials=3))
+    forms = set()
+    for number in range(len(schedule)):
+        trial = study.ask()
+        constants = fn(trial)
+        assert constants["trial_number"] == number and constants["strategy"] == schedule[number]["strategy"]
+        if number == 0:
+            assert trial.params == {}  # training-free: no PPO parameters
+        else:
+            p = trial.params
+            assert isinstance(p["ppo_epochs"], int) and 1e-4 <= p["actor_lr"] <= 1e-2
+            assert ("over_weight" in p) == (p["reward_form"] == "penalty")
+            assert ("lagrange_lr" in p) == (p["reward_form"] == "constrained")
+            forms.add(p["reward_form"])
+        study.tell(trial, float(number))
+    assert forms == {"penalty", "constrained"}
+
+
+def test_score_and_report_pick_the_best_within_budget(tmp_path):
+    assert score(80.0, 1.0, 1.0, 79.0, 200) == pytest.approx(1.0)
+    assert score(80.0, 1.1, 1.0, 79.0, 200) == pytest.approx(1.0 - 20.0)  # 10% over the budget costs 20 points
+    rows = [
+        dict(trial_number=0, method="dense", strategy="dense", budget="100%", budget_gflops=2.0, status="finished", top1=90.0, gflops=2.0),
+        dict(trial_number=1, method="training_free", strategy="free_prune", budget="50%", budget_gflops=1.0, status="finished", top1=85.0, gflops=0.99),
+        dict(trial_number=2, method="selector", strategy="prune", budget="50%", budget_gflops=1.0, status="finished", top1=89.0, gflops=1.05, actor_lr=1e-3),
+        dict(trial_number=3, method="selector", strategy="prune", budget="50%", budget_gflops=1.0, status="stopped", top1=87.0, gflops=0.98, actor_lr=3e-4),
+        dict(trial_number=4, method="selector", strategy="prune", budget="50%", budget_gflops=1.0, status="interrupted"),
+        dict(method="training_free", strategy="free_ppt", budget="50%", budget_gflops=1.0, status="unreachable", note="lowest 1.2"),
+    ]
+    df = rep.results_frame(rows, ["actor_lr"])
+    assert list(df.columns[: len(rep.LEAD_COLUMNS)]) == rep.LEAD_COLUMNS and "actor_lr" in df.columns
+    by_n = df.set_index("trial_number")
+    assert not by_n.loc[2, "within_budget"] and by_n.loc[3, "within_budget"]
+    # Pareto front: #3 (cheapest), #2, dense; #1 is beaten by #3 (cheaper and more accurate)
+    assert set(df[df["pareto"] == True]["trial_number"]) == {0, 2, 3}  # noqa: E712
+    best = rep.best_per_combo(df).set_index("strategy")
+    assert best.loc["prune", "trial_number"] == 3  # 87% within the budget beats 89% over it
+    assert best.loc["free_ppt", "status"] == "unreachable"
+    table = rep.summary_table(df, ["actor_lr"])
+    assert "actor_lr=0.0003" in table and "unreachable" in table
+    png = rep.plot_pareto(df, tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_free_trials_use_the_selectors_validation_images(micro_checkpoint):
+    from prance.checkpoint import load_checkpoint
+    from prance.config import SelectorConfig
+    from prance.selector.run import load_data
+
+    selector = SelectorConfig(val_limit=50, train_limit=20, seed=3).model_dump()
+    ctx = TrialContext(str(micro_checkpoint), "fashion-mnist", selector)
+    model, _ = load_checkpoint(micro_checkpoint)
+    x, y = validation_images(ctx, model)
+    ref_x, ref_y = load_data(model, SelectorConfig(checkpoint=str(micro_checkpoint), val_limit=50, train_limit=20, seed=3))["val"]
+    assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+def _bad_input_cases(tmp: Path, checkpoint: Path) -> dict[str, tuple[list[str], str]]:
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("budgets: [50%\nstrategies: prune\n")
+    typo = tmp / "typo.yaml"
+    typo.write_text("budgets: ['50%']\nstrategys: [free_prune]\n")
+    closed = free_port()
+    return {
+        "unknown strategy": (tiny_args(checkpoint, "--set", "strategies=[free_prune,tome]"), "unknown strategy 'tome'"),
+        "budget above dense": (tiny_args(checkpoint, "--set", "budgets=[120%]"), "above the dense model"),
+        "budget below reach": (tiny_args(checkpoint, "--set", "budgets=[2%]"), "below what any strategy"),
+        "missing checkpoint": (tiny_args(tmp / "nope.safetensors"), "not found"),
+        "missing dataset": (tiny_args(checkpoint, "--set", f"dataset=imagefolder:{tmp}/no-such-folder"), "does not exist"),
+        "invalid yaml": (["--config", str(bad_yaml)], "is not valid YAML"),
+        "misspelt key": (["--config", str(typo)], "unknown key 'strategys'"),
+        "mlflow unreachable": (tiny_args(checkpoint, "--mlflow-uri", f"http://127.0.0.1:{closed}"), "is unreachable"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown strategy", "budget above dense", "budget below reach", "missing checkpoint",
+                                  "missing dataset", "invalid yaml", "misspelt key", "mlflow unreachable"])
+def test_bad_input_is_one_line_exit_2_and_nothing_in_mlflow(tmp_path, micro_checkpoint, capsys, case):
+    sys.path.insert(0, str(SWEEP.parent))
+    try:
+        import budget_sweep
+    finally:
+        sys.path.pop(0)
+    args, message = _bad_input_cases(tmp_path, micro_checkpoint)[case]
+    storage = tmp_path / "storage"
+    rc = budget_sweep.main([*args, "--storage", str(storage), "--name", "bad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("budget_sweep: error:") and message in err[0], err
+    assert not (storage / "mlflow.db").exists() and not (storage / "bad").exists()  # nothing written
+
+
+def test_bad_input_from_the_command_line(tmp_path, micro_checkpoint):
+    proc = run_sweep(*tiny_args(micro_checkpoint, "--set", "strategies=[prune,freeprune]"), "--storage", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("budget_sweep: error:") and "unknown strategy 'freeprune'" in last
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------- real sweeps on Ray
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifacts)."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+           "--workers", "1"]
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped")) -> pd.DataFrame:
+    df = pd.read_csv(folder / "results.csv")
+    for col in rep.LEAD_COLUMNS + ["actor_lr", "entropy_coef", "reward_form"]:
+        assert col in df.columns, col
+    trials = df[df["status"] != "unreachable"]
+    assert set(trials["status"]) <= set(statuses_done), trials[["trial_number", "status"]]
+    assert set(trials["method"]) == {"dense", "training_free", "selector"}
+    assert trials[METRICS].notna().all().all()
+    assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    lines = stdout.strip().splitlines()
+    assert lines[-2].endswith(str(folder / "pareto.png")) and lines[-1].startswith("MLflow UI: ")
+    return df
+
+
+def test_tiny_sweep_against_a_real_mlflow_server(tmp_path, micro_checkpoint, mlflow_server):
+    proc = run_sweep(*tiny_args(micro_checkpoint), "--storage", str(tmp_path), "--name", "srv", "--mlflow-uri", mlflow_server)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Best configuration per budget x strategy" in proc.stdout
+    df = check_report(tmp_path / "srv", proc.stdout)
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+    client, runs = sweep_runs(mlflow_server, "srv")
+    trial_runs = [r for r in runs if r.data.tags.get("prance.kind") == "sweep-trial"]
+    summary = [r for r in runs if r.data.tags.get("prance.kind") == "sweep-summary"]
+    assert len(trial_runs) == int((df["status"] != "unreachable").sum()) and len(summary) == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+    sweep_ids = {r.data.tags["prance.sweep_id"] for r in runs}
+    assert len(sweep_ids) == 1
+    for r in trial_runs:
+        tags, metrics = r.data.tags, r.data.metrics
+        assert {"budget", "strategy", "method", "prance.trial_id"} <= set(tags)
+        assert set(METRICS) <= set(metrics), (tags["strategy"], sorted(metrics))
+        row = df[df["trial_number"] == int(tags["prance.trial_number"])].iloc[0]
+        assert metrics["top1"] == pytest.approx(row["top1"]) and row["mlflow_run_id"] == r.info.run_id
+        if tags["method"] == "selector":
+            assert {"actor_lr", "entropy_coef", "reward_form", "clip", "gamma", "iterations"} <= set(r.data.params)
+            assert "reward" in metrics
+            steps = sorted(h.step for h in client.get_metric_history(r.info.run_id, "top1"))
+            if row["status"] == "finished":
+                assert steps == [2, 4]  # per iteration, then the final metrics at the last one
+            else:
+                assert row["status"] == "stopped" and steps == [2]  # ASHA stopped it at its first rung
+            assert [a.path for a in client.list_artifacts(r.info.run_id, "selector")] == ["selector/selector.safetensors"]
+    artifacts = {a.path for a in client.list_artifacts(summary[0].info.run_id)}
+    assert {"results.csv", "pareto.png"} <= artifacts
+
+
+def test_interrupted_sweep_resumes_without_duplicate_or_running_runs(tmp_path, micro_checkpoint):
+    # one trial at a time, selector trials long enough to interrupt the sweep in the middle
+    args = tiny_args(micro_checkpoint, "--set", "max_concurrent_trials=1", "--set", "trials_per_combo=3",
+                     "--set", "selector.iterations=8", "--storage", str(tmp_path), "--name", "cut")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " it " in line and "prune@" in line:  # a selector trial is under way
+            proc.send_signal(signal.SIGINT)  # Ctrl-C to the driver
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume --name cut" in out
+    first = pd.read_csv(tmp_path / "cut" / "results.csv")
+    done_before = first[first["status"].isin(["finished", "stopped"])]
+    assert len(done_before) >= 5 and first["status"].isin(["interrupted", "pending"]).any()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, runs = sweep_runs(uri, "cut")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    again = run_sweep("--resume", "--name", "cut", "--storage", str(tmp_path))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    df = check_report(tmp_path / "cut", again.stdout)
+    assert len(df[df["status"] != "unreachable"]) == 1 + 4 + 6  # dense + training-free + 3 x 2 selector trials
+    # no finished trial was lost or run again: same trial ids, same results
+    merged = done_before.merge(df, on="trial_number", suffixes=("_before", "_after"))
+    assert len(merged) == len(done_before)
+    assert (merged["trial_id_before"] == merged["trial_id_after"]).all()
+    assert (merged["top1_before"] == merged["top1_after"]).all()
+    client, runs = sweep_runs(uri, "cut")
+    assert not [r for r in runs if r.info.status != "FINISHED"]
+    numbers = Counter(r.data.tags["prance.trial_number"] for r in runs if r.data.tags.get("prance.kind") == "sweep-trial")
+    assert len(numbers) == 11 and set(numbers.values()) == {1}  # one run per trial: no duplicates
+    assert sum(r.data.tags.get("prance.kind") == "sweep-summary" for r in runs) == 1
