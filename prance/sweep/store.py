@@ -108,3 +108,13 @@ def publish(storage: str, name: str, files: list[Path]) -> None:
     for f in files:
         with fs.open_output_stream(f"{base}/{f.name}") as out:
             out.write(f.read_bytes())
+
+
+def append_timing(folder: Path, session: dict) -> Path:
+    """``timing.json``: per driver session, the Tuner.fit wall time and the trial slots
+    (what scripts/bench_sweep.py derives Tune's overhead from)."""
+    path = folder / "timing.json"
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions.append({**session, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    path.write_text(json.dumps(sessions, indent=2) + "\n")
+    return path

@@ -294,6 +294,9 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     plan = plan_sweep(cfg)
     name = cfg.name or store.default_name(source)
     storage = store.absolute_storage(cfg.storage)
+    if "runtime_resources/working_dir_files" in storage:
+        print(f"warning: --storage {cfg.storage} lies in the Ray job's temporary copy of the working dir ({storage}): "
+              "pass an absolute path or shared storage (s3://, gs://, NFS) to keep the results", file=sys.stderr)
     exp_path = store.experiment_path(storage, name)
     local_root = storage if not store.is_remote(storage) else str(store.LOCAL_ROOT.resolve())
     if resume:
@@ -381,10 +384,12 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             ),
         )
+    t_fit = time.monotonic()
     try:
         grid = tuner.fit()
     finally:
         _ACTIVE = None
+    fit_s = time.monotonic() - t_fit
 
     # 4. the report, from Tune's results
     runs.close_running()  # trials interrupted in this session
@@ -397,13 +402,15 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     results = folder / "results.csv"
     df.to_csv(results, index=False)
     plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs on {plan.model}")
-    store.publish(storage, name, [results, plot])
+    timing = store.append_timing(folder, {"resumed": resume, "slots": slots, "fit_s": round(fit_s, 2),
+                                          "session_s": round(time.monotonic() - t_start, 2), "trials": len(progress.wall)})
+    store.publish(storage, name, [results, plot, timing])
     interrupted = int(df["status"].isin(["interrupted", "pending"]).sum())
     failed = int((df["status"] == "error").sum())
     wall = time.monotonic() - t_start
     summary_metrics = {
         "trials_finished": int((df["status"] == "finished").sum()), "trials_stopped": int((df["status"] == "stopped").sum()),
-        "trials_failed": failed, "trials_interrupted": interrupted, "session_wall_s": wall,
+        "trials_failed": failed, "trials_interrupted": interrupted, "session_wall_s": wall, "fit_s": fit_s,
     }
     dense = df[(df["method"] == "dense") & df["status"].isin(rep.DONE)]
     if len(dense):
