@@ -112,11 +112,11 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         raise PranceError(f"checkpoint {cfg.checkpoint} not found (looked in {Path.cwd()} and {REPO_ROOT})")
     model, header = load_checkpoint(checkpoint)
     dataset = resolve_dataset(cfg.dataset)
-    spec = input_spec_for_model(model.vit)
-    build_dataset(dataset, "train", spec)  # missing / unknown dataset -> PranceError
-    n_test = len(build_dataset(dataset, "test", spec))
-    if cfg.selector.val_limit >= n_test:
-        raise PranceError(f"selector.val_limit {cfg.selector.val_limit} leaves no test images ({n_test} in the test split of {cfg.dataset})")
+    build_dataset(dataset, "test", input_spec_for_model(model.vit))  # missing / unknown dataset -> PranceError
+    # the selector's own data split (too few images for val_limit / train_limit -> PranceError)
+    from prance.selector.run import load_data
+
+    load_data(model, cfg.selector.model_copy(update={"dataset": dataset, "checkpoint": str(checkpoint)}))
 
     dense = flops.gflops(model.arch)
     budgets: dict[str, float] = {}

@@ -27,14 +27,16 @@ def within(gflops: float, budget_gflops: float) -> bool:
 
 
 def pareto_mask(df: pd.DataFrame) -> pd.Series:
-    """Rows no other row beats on both Top-1 (higher) and GFLOPs (lower), ties kept once."""
+    """Rows no other row dominates (at least as good on Top-1 and GFLOPs, better on one);
+    identical points are all on the front."""
     ok = df["status"].isin(DONE) & df[tracking.TOP1].notna() & df[tracking.GFLOPS].notna()
     mask = pd.Series(False, index=df.index)
-    best = -math.inf
-    for i in df[ok].sort_values([tracking.GFLOPS, tracking.TOP1], ascending=[True, False]).index:
-        if df.at[i, tracking.TOP1] > best:
+    best, at = -math.inf, None
+    for i in df[ok].sort_values([tracking.GFLOPS, tracking.TOP1], ascending=[True, False], kind="mergesort").index:
+        top1, gflops = df.at[i, tracking.TOP1], df.at[i, tracking.GFLOPS]
+        if top1 > best or (top1 == best and gflops == at):
             mask[i] = True
-            best = df.at[i, tracking.TOP1]
+            best, at = top1, gflops
     return mask
 
 

@@ -17,7 +17,6 @@ sweep -- so a finished trial is never lost.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -421,7 +420,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     if multi:
         front = df[df["pareto"] == True]  # noqa: E712
         table += "\n\nPareto front (Top-1 up, GFLOPs down):\n" + "\n".join(
-            f"  {r['strategy']}@{r['budget']} #{int(r['trial_number'])}: top1 {r[tracking.TOP1]:.2f}%  {r[tracking.GFLOPS]:.4f} GFLOPs"
+            f"  {r['strategy']}@{r['budget']} #{int(r['trial_number'])}: top1 {r[tracking.TOP1]:.2f}%  {r[tracking.GFLOPS]:.4g} GFLOPs"
             for _, r in front.sort_values(tracking.GFLOPS).iterrows())
     return SweepOutcome(name, folder, results, plot, table, uri, experiment_id, interrupted, failed, wall)
 
@@ -473,7 +472,3 @@ def mlflow_ui_command(uri: str, experiment_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}"
     return f"mlflow ui --backend-store-uri {uri}"
-
-
-def _isfinite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
