@@ -100,7 +100,7 @@ def selector_compute(df: pd.DataFrame, iterations: int) -> dict:
         "selector_body_s": round(used, 1),
         "estimated_body_s_without_stopping": round(used + remaining, 1),
         "best_score": None if best is None else round(float(best["score"]), 3),
-        "best": None if best is None else f"{best['strategy']}@{best['budget']}: top1 {best['top1']:.2f}%, {best['gflops']:.4f} GFLOPs",
+        "best": None if best is None else f"{best['strategy']}@{best['budget']}: top1 {best['top1']:.2f}%, {best['gflops']:.4g} GFLOPs",
         "best_top1_within_budget_per_combo": {
             f"{s}@{b}": round(float(g[g["within_budget"] == True]["top1"].max()), 2)  # noqa: E712
             for (s, b), g in sel.groupby(["strategy", "budget"]) if (g["within_budget"] == True).any()  # noqa: E712
