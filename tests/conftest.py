@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,3 +115,4 @@ def ray_cluster():
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
