@@ -88,29 +88,32 @@ class SelectorConfig(Strict):
     decision_blocks: list[int] = Field(default_factory=lambda: [3, 6, 9])
     joint_widths: bool = True  # heads, MLP and embedding widths move together (one level per stage)
 
-    # data: rollouts on a seeded part of the train split, validation on a held-out part of it
-    train_limit: int | None = Field(default=10000, ge=1)
-    val_limit: int = Field(default=1000, ge=1)
-    test_limit: int | None = Field(default=None, ge=1)  # final evaluation on the test split
+    # data: rollouts on images the meta-network never trained on (a part of the test split,
+    # disjoint from validation and test images) or on the train split; see docs/selector.md
+    rollouts_from: Literal["holdout", "train"] = "holdout"
+    train_limit: int | None = Field(default=4000, ge=1)  # rollout images
+    val_limit: int = Field(default=1000, ge=1)  # validation images (what a sweep optimises)
+    test_limit: int | None = Field(default=None, ge=1)  # final test images (the rest of the test split)
 
     # PPO (defaults: PRANCE's where it states them)
-    iterations: int = Field(default=30, ge=1)  # PPO updates
+    iterations: int = Field(default=20, ge=1)  # PPO updates
     rollout_images: int = Field(default=256, ge=8)  # episodes per update (one per image)
     minibatch: int = Field(default=128, ge=8)  # transitions per gradient step
     ppo_epochs: int = Field(default=8, ge=1)
-    actor_lr: float = Field(default=3e-3, gt=0)
+    actor_lr: float = Field(default=1e-3, gt=0)
     critic_lr: float = Field(default=1e-3, gt=0)
     clip: float = Field(default=0.2, gt=0, lt=1)
-    entropy_coef: float = Field(default=0.01, ge=0)
+    entropy_coef: float = Field(default=0.0, ge=0)
     gamma: float = Field(default=1.0, gt=0, le=1)
     gae_lambda: float = Field(default=0.95, ge=0, le=1)
     grad_clip: float = Field(default=0.5, gt=0)
     hidden: int = Field(default=128, ge=8)
+    warm_start: float = Field(default=3.0, ge=0)  # initial logit bias towards the widest static schedule in budget (0: uniform)
 
     # reward
     reward_form: Literal["penalty", "constrained"] = "penalty"
-    correctness: Literal["soft", "acc_prime", "label"] = "soft"
-    flops_weight: float = Field(default=0.02, ge=0)  # per unit of GFLOPs / budget; constrained: initial multiplier
+    correctness: Literal["acc_prime", "label", "soft"] = "acc_prime"
+    flops_weight: float = Field(default=0.0, ge=0)  # per unit of GFLOPs / budget; constrained: initial multiplier
     over_weight: float = Field(default=2.0, ge=0)  # penalty form: per unit of relative overshoot
     token_weight: float = Field(default=0.0, ge=0)  # per unit of token ratio (PRANCE: 0.1 x keep)
     lagrange_lr: float = Field(default=0.5, gt=0)  # constrained form: dual ascent step

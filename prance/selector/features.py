@@ -3,7 +3,7 @@
 PRANCE fed the per-token mean of the previous block's keys, zero-padded to a fixed token
 count. Ours is smaller and independent of the token count: the class token and the
 size-weighted mean of the other tokens (each layer-normalised without affine weights and
-zero-padded to the full width), their spread, the stage (one-hot), the image's budget,
+zero-padded to the full width), the stage (one-hot), the image's budget,
 the MACs already spent and the tokens left -- all as shares of the full sub-network.
 """
 
@@ -19,7 +19,7 @@ EXTRA = 4  # budget, spent, remaining, token ratio
 
 
 def obs_dim(embed_dim: int, num_stages: int) -> int:
-    return 2 * embed_dim + 1 + num_stages + EXTRA
+    return 2 * embed_dim + num_stages + EXTRA
 
 
 def observe(
@@ -42,7 +42,6 @@ def observe(
     else:
         s = state.size[:, p:].float()
         mean = (patches * s).sum(dim=1) / s.sum(dim=1)
-    spread = F.layer_norm(patches, (c,)).std(dim=1).mean(dim=-1, keepdim=True)
     mean = F.layer_norm(mean, (c,))
     pad = embed_dim - c
     if pad > 0:
@@ -52,4 +51,4 @@ def observe(
     budget = budget_frac.float().view(b, 1)
     spent = spent_frac.float().view(b, 1)
     tokens = torch.full((b, 1), n / n0)
-    return torch.cat([cls, mean, spread, onehot, budget, spent, budget - spent, tokens], dim=1)
+    return torch.cat([cls, mean, onehot, budget, spent, budget - spent, tokens], dim=1)

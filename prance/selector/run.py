@@ -2,9 +2,11 @@
 meta-network and the data, check the budget, train with PPO, report validation metrics
 as it goes, save the selector, evaluate the best one on held-out test images.
 
-Data: rollouts on a seeded subset of the train split; validation (what a sweep
-optimises) on a seeded subset of the test split; the final test figures on the rest of
-the test split, disjoint from the validation images.
+Data (all disjoint): validation images (what a sweep optimises), rollout images and final
+test images, from a fixed permutation of the test split -- the meta-network never saw
+them. Rolling out on the meta-network's own training images (``rollouts_from: train``)
+teaches the selector how confident the meta-network is on data it memorised, which does
+not transfer (docs/selector.md).
 """
 
 from __future__ import annotations
@@ -39,16 +41,27 @@ def _tensors(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
 
 
 def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Tensor]]:
+    """Rollout, validation and (with ``test_limit``) test images, disjoint. The test split
+    is permuted once (fixed seed): the first ``val_limit`` images validate, with
+    ``rollouts_from: holdout`` the next ``train_limit`` are the rollout images, the rest
+    are test images."""
     spec = input_spec_for_model(meta.vit)
-    train = build_dataset(cfg.dataset, "train", spec)
     test = build_dataset(cfg.dataset, "test", spec)
-    g = torch.Generator().manual_seed(cfg.seed)
-    t_idx = torch.randperm(len(train), generator=g)[: cfg.train_limit or len(train)].tolist()
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(1234)).tolist()
-    if cfg.val_limit >= len(test):
-        raise PranceError(f"val_limit {cfg.val_limit} leaves no test images ({len(test)} in the test split)")
     v_idx, rest = perm[: cfg.val_limit], perm[cfg.val_limit :]
-    out = {"train": _tensors(train, t_idx), "val": _tensors(test, v_idx)}
+    if cfg.rollouts_from == "holdout":
+        n = cfg.train_limit or len(rest) // 2
+        r_idx, rest = rest[:n], rest[n:]
+        rollouts = _tensors(test, r_idx)
+    else:
+        train = build_dataset(cfg.dataset, "train", spec)
+        g = torch.Generator().manual_seed(cfg.seed)
+        rollouts = _tensors(train, torch.randperm(len(train), generator=g)[: cfg.train_limit or len(train)].tolist())
+    if not rest and cfg.test_limit is not None:
+        raise PranceError(f"val_limit {cfg.val_limit} + train_limit {cfg.train_limit} leave no test images ({len(test)} in the test split)")
+    if len(v_idx) == 0 or rollouts[0].shape[0] == 0:
+        raise PranceError(f"the test split ({len(test)} images) is too small for val_limit {cfg.val_limit} and train_limit {cfg.train_limit}")
+    out = {"train": rollouts, "val": _tensors(test, v_idx)}
     if cfg.test_limit is not None:
         out["test"] = _tensors(test, rest[: cfg.test_limit])
     return out

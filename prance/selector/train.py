@@ -30,6 +30,33 @@ def reward_fn(meta: MetaViT, cfg: SelectorConfig, budget_gflops: float, lam: flo
     return f
 
 
+def static_schedule(selector: Selector, budget_gflops: float) -> list[int] | None:
+    """Per-dimension indices of the widest uniform schedule without token reduction
+    that meets the budget (selector included), or None if none does."""
+    actions, table = selector.actions, selector.table
+    n0 = actions.arch.num_tokens
+    levels = len(actions.dims[0].choices)
+    for level in range(levels - 1, -1, -1):
+        idx = [level] * actions.num_width_dims + [actions.fixed_index(d) for d in range(actions.num_width_dims, len(actions.dims))]
+        combo = int(table.combo_index(torch.tensor([idx]))[0])
+        total = sum(float(table.cost[t, n0, combo]) for t in range(actions.num_stages)) + selector.overhead_macs
+        if total <= budget_gflops * 1e9:
+            return idx
+    return None
+
+
+def warm_start(selector: Selector, idx: list[int], strength: float) -> None:
+    """Bias the actor's initial choice towards the static schedule ``idx`` (each
+    dimension's logit +``strength``): PPO starts from a schedule that meets the budget
+    with no token reduction and explores deviations from it."""
+    bias = selector.policy.actor[-1].bias
+    offset = 0
+    with torch.no_grad():
+        for d, size in enumerate(selector.actions.sizes):
+            bias[offset + idx[d]] += strength
+            offset += size
+
+
 @dataclass
 class TrainResult:
     selector: Selector  # the best one by validation Top-1 (budget is guaranteed by masking)
@@ -68,6 +95,10 @@ def train_selector(
     meta.eval()
     selector = Selector.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths)
     selector.check_budget(budget_gflops)
+    if cfg.warm_start > 0:
+        static = static_schedule(selector, budget_gflops * (1 - cfg.budget_spread / 2))
+        if static is not None:
+            warm_start(selector, static, cfg.warm_start)
     policy = selector.policy
     actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
