@@ -175,6 +175,8 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     from prance.selector.run import SELECTOR_FILE, run_selector
 
     cfg = _selector_config(args)
+    if cfg.test_limit is None and not any(item.strip().startswith("test_limit=") for item in args.set):
+        cfg.test_limit = 5000  # the CLI reports held-out test figures (test_*) by default
     out = Path(args.output)
     if out.suffix == ".safetensors":
         out_dir, name = out.parent, out.name
