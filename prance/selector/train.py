@@ -118,6 +118,11 @@ def train_selector(
 
     from tqdm import tqdm
 
+    if cfg.warm_start > 0:
+        # the starting (warm) policy is a candidate too: PPO must beat it on validation
+        start = evaluate_selector(meta, selector, _batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
+        best, best_state = {**start, "iteration": 0}, copy.deepcopy(policy.state_dict())
+
     bar = tqdm(range(1, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False)
     for it in bar:
         idx = torch.randperm(xs.shape[0], generator=gen)[: cfg.rollout_images]
