@@ -121,7 +121,6 @@ class SelectorConfig(Strict):
 
     batch_size: int = Field(default=64, ge=1)  # evaluation batch
     seed: int = 0
-    device: str = "cpu"
 
     @model_validator(mode="after")
     def _check(self) -> "SelectorConfig":
@@ -145,7 +144,7 @@ SWEEP_STRATEGIES: dict[str, tuple[str, str]] = {
     "free_ppt": ("training_free", "ppt"),
 }
 # SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
-SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "device")
+SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget")
 
 
 class ParamSpace(Strict):

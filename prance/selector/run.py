@@ -26,7 +26,7 @@ from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector.selector import Selector, evaluate_selector
 from prance.selector.store import save_selector
-from prance.selector.train import train_selector
+from prance.selector.train import batches, train_selector
 
 SELECTOR_FILE = "selector.safetensors"
 
@@ -70,11 +70,6 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
 def budget_of(meta: MetaViT, budget: str | float) -> float:
     """GFLOPs of a budget given as GFLOPs or as a share of the full sub-network."""
     return parse_budget(budget, flops.count(meta.arch).gflops)
-
-
-def batches(x: Tensor, y: Tensor, size: int):
-    for i in range(0, x.shape[0], size):
-        yield x[i : i + size], y[i : i + size]
 
 
 def run_selector(

@@ -65,7 +65,8 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _batches(x: Tensor, y: Tensor, size: int):
+def batches(x: Tensor, y: Tensor, size: int):
+    """Consecutive ``(x, y)`` batches of ``size`` from in-memory tensors."""
     for i in range(0, x.shape[0], size):
         yield x[i : i + size], y[i : i + size]
 
@@ -120,7 +121,7 @@ def train_selector(
 
     if cfg.warm_start > 0:
         # the starting (warm) policy is a candidate too: PPO must beat it on validation
-        start = evaluate_selector(meta, selector, _batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
+        start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
         best, best_state = {**start, "iteration": 0}, copy.deepcopy(policy.state_dict())
 
     bar = tqdm(range(1, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False)
@@ -171,7 +172,7 @@ def train_selector(
         bar.set_postfix(reward=f"{train_row['train_reward']:.3f}", use=f"{use:.2f}")
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             val_reward = reward_fn(meta, cfg, budget_gflops, lam)
-            metrics = evaluate_selector(meta, selector, _batches(*val, cfg.batch_size), budget_gflops, False, val_reward)
+            metrics = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, val_reward)
             metrics.update(train_row)
             metrics["elapsed_s"] = time.perf_counter() - t_start
             metrics["lagrange"] = lam
