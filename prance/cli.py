@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def _selector_config(args: argparse.Namespace):
-    from prance.config import SelectorConfig, load_config, parse_overrides
+    from prance.config import SelectorConfig, load_config, parse_overrides, validate
 
     overrides = parse_overrides(args.set)
     for key in ("checkpoint", "strategy", "budget", "iterations", "seed", "dataset"):
@@ -159,14 +159,7 @@ def _selector_config(args: argparse.Namespace):
             overrides[key] = v
     if args.config:
         return load_config(SelectorConfig, "selector", args.config, overrides)
-    from pydantic import ValidationError
-
-    from prance.config import _format_error
-
-    try:
-        return SelectorConfig.model_validate(overrides)
-    except ValidationError as e:
-        raise PranceError(_format_error(e, SelectorConfig, "selector config")) from None
+    return validate(SelectorConfig, overrides, "selector config")
 
 
 def cmd_train_selector(args: argparse.Namespace) -> dict:
@@ -202,26 +195,25 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
 
 def _eval_selector(args: argparse.Namespace) -> dict:
     from prance.config import SelectorConfig
-    from prance.data import build_dataset, input_spec_for_model, seeded_subset
-    from prance.selector.run import batches, budget_of
+    from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+    from prance.selector.run import budget_of
     from prance.selector.selector import evaluate_selector
     from prance.selector.store import load_selector, read_selector_header
     from prance.selector.train import reward_fn
 
     header = read_selector_header(args.selector)
     cfg = SelectorConfig.model_validate(header["config"])
-    model = _load_model(args) if args.checkpoint else _load_model(argparse.Namespace(**{**vars(args), "checkpoint": cfg.checkpoint}))
+    args.checkpoint = args.checkpoint or cfg.checkpoint  # default: the meta-network it was trained on
+    model = _load_model(args)
     selector, header = load_selector(args.selector, model)
     budget = budget_of(model, args.budget) if args.budget else header["extra"].get("budget_gflops") or budget_of(model, cfg.budget)
     selector.check_budget(budget)
     ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
     if args.limit is not None:
         ds = seeded_subset(ds, args.limit, args.seed)
-    from prance.selector.run import _tensors
-
-    x, y = _tensors(ds, list(range(len(ds))))
+    loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
-    result = evaluate_selector(model, selector, batches(x, y, args.batch_size), budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam))
+    result = evaluate_selector(model, selector, loader, budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam))
     return {"strategy": f"selector:{selector.actions.strategy}", **result}
 
 

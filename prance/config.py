@@ -320,7 +320,13 @@ def load_config(model: type[T], kind: str, preset_or_path: str, overrides: dict[
     if not isinstance(data, dict):
         raise PranceError(f"{path} must hold a mapping of keys to values")
     _apply_overrides(data, overrides or {})
+    return validate(model, data, str(path))
+
+
+def validate(model: type[T], data: dict[str, Any], where: str) -> T:
+    """``model`` from ``data``; a mistake is a :class:`PranceError` naming the key (and,
+    for an unknown one, the allowed keys), prefixed by ``where``."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise PranceError(_format_error(e, model, str(path))) from None
+        raise PranceError(_format_error(e, model, where)) from None

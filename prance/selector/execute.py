@@ -15,7 +15,7 @@ further token reduction, giving the logits and MACs the reward of that step need
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -70,9 +70,13 @@ def _concat(parts: list[tuple[Group, Tensor]], width: int, num_prefix: int) -> G
     return Group(torch.cat(idx), TokenState(torch.cat(xs), torch.cat(sizes) if merged else None, num_prefix))
 
 
-def _run_blocks(meta: MetaViT, state: TokenState, start: int, stop: int, dec: StageDecision, ops) -> TokenState:
+def _run_blocks(vit, state: TokenState, start: int, stop: int, dec: StageDecision, ops, counts: Tensor | None = None, idx: Tensor | None = None) -> TokenState:
+    """Blocks ``start``..``stop-1`` with ``dec``'s widths and ``ops`` (one per block);
+    with ``counts`` (B, depth), the tokens entering each block go to rows ``idx``."""
     for i in range(start, stop):
-        state = engine.block(meta.vit.blocks[i], state, dec.heads, dec.mlp, dec.embed, ops[i - start], True)
+        if counts is not None:
+            counts[idx, i] = state.x.shape[1]
+        state = engine.block(vit.blocks[i], state, dec.heads, dec.mlp, dec.embed, ops[i - start], True)
     return state
 
 
@@ -142,10 +146,7 @@ def run(
             if t == 0 and not exact_slice:
                 g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx], d.embed), None, p))
             n = g.state.x.shape[1]
-            ops = actions.stage_ops(t, d)
-            for i in range(start, stop):
-                counts[g.idx, i] = g.state.x.shape[1]
-                g.state = engine.block(vit.blocks[i], g.state, d.heads, d.mlp, d.embed, ops[i - start], True)
+            g.state = _run_blocks(vit, g.state, start, stop, d, actions.stage_ops(t, d), counts, g.idx)
             spent[g.idx] += float(table.cost[t, n, combo])
             new_groups.append((g, combo))
         groups = [g for g, _ in new_groups]
@@ -166,13 +167,13 @@ def run(
                 d = actions.decision(table.combos[combos[first]].tolist())
                 parts = [(groups[k], torch.arange(groups[k].idx.shape[0])) for k in members.tolist()]
                 g = _concat(parts, d.embed, p)
-                c_state = _run_blocks(meta, g.state, stop, arch.depth, d, [None] * (arch.depth - stop))
+                c_state = _run_blocks(vit, g.state, stop, arch.depth, d, [None] * (arch.depth - stop))
                 cont_logits[g.idx, t] = engine.head(vit, c_state).float()
                 n_out = g.state.x.shape[1]
                 cont_macs[g.idx, t] = spent[g.idx] + float(table.cont_rest[t, n_out, combos[first]]) + overhead
                 c_counts = counts[g.idx].clone()
                 c_counts[:, stop:] = n_out
-                cont_tokens[g.idx, t] = c_counts[:, : arch.depth].float().mean(dim=1) / n0
+                cont_tokens[g.idx, t] = c_counts.float().mean(dim=1) / n0
 
     for g in groups:
         logits[g.idx] = engine.head(vit, g.state).float()

@@ -83,8 +83,9 @@ def run_selector(
     Returns the best validation metrics, plus ``test_*`` ones when ``cfg.test_limit``."""
     meta, _ = load_checkpoint(cfg.checkpoint)
     budget = budget_of(meta, cfg.budget)
-    # cheap input checks before any data is loaded
-    Selector.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths).check_budget(budget)
+    # input checks before any data is loaded
+    selector = Selector.for_config(meta, cfg)
+    selector.check_budget(budget)
     data = load_data(meta, cfg)
     out = Path(out_dir) if out_dir is not None else None
     config = cfg.model_dump()
@@ -95,7 +96,7 @@ def run_selector(
         if report is not None:
             report({**metrics, "budget_gflops": budget})
 
-    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress)
+    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress, selector)
     final = {**result.best, "budget_gflops": budget, "train_seconds": result.seconds}
     if out is not None:
         save_selector(out / SELECTOR_FILE, result.selector, config, {"budget_gflops": budget, "val": result.best})

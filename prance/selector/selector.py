@@ -38,11 +38,18 @@ class Selector:
     fingerprint: str  # of the meta-network it belongs to
 
     @classmethod
-    def create(cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True) -> "Selector":
+    def create(
+        cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None
+    ) -> "Selector":
         actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths)
         torch.manual_seed(seed)
         policy = ActorCritic(obs_dim(meta.arch.embed_dim, actions.num_stages), actions.sizes, hidden)
-        return cls(policy, actions, CostTable(actions), meta_fingerprint(meta))
+        return cls(policy, actions, CostTable(actions), fingerprint or meta_fingerprint(meta))
+
+    @classmethod
+    def for_config(cls, meta: MetaViT, cfg) -> "Selector":
+        """A fresh selector as a :class:`prance.config.SelectorConfig` describes it."""
+        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths)
 
     @property
     def overhead_macs(self) -> int:

@@ -68,7 +68,9 @@ def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
             f"this checkpoint's is {found}): pass the --checkpoint it was trained with"
         )
     strategy = header["actions"]["strategy"]
-    selector = Selector.create(meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True))
+    selector = Selector.create(
+        meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found
+    )
     if selector.actions.signature() != header["actions"]:
         raise PranceError(f"selector {path}: its action space does not match this meta-network's sub-network space")
     selector.policy.load_state_dict(load_file(str(path)))

@@ -11,11 +11,17 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from prance.config import SelectorConfig
 from prance.models.meta import MetaViT
 from prance.selector import ppo, reward
 from prance.selector.selector import Selector, evaluate_selector
+
+
+def result_of(cfg: SelectorConfig, lam: float, correct: Tensor, macs: Tensor, budget: Tensor, tokens: Tensor) -> Tensor:
+    """:func:`prance.selector.reward.result` with ``cfg``'s reward settings."""
+    return reward.result(correct, macs, budget, tokens, cfg.reward_form, cfg.flops_weight, cfg.over_weight, cfg.token_weight, lam)
 
 
 def reward_fn(meta: MetaViT, cfg: SelectorConfig, budget_gflops: float, lam: float) -> Callable:
@@ -24,8 +30,7 @@ def reward_fn(meta: MetaViT, cfg: SelectorConfig, budget_gflops: float, lam: flo
     def f(x: Tensor, y: Tensor, ep) -> Tensor:
         full = meta(x).argmax(dim=-1)
         c = reward.correctness(ep.logits.argmax(dim=-1), y, full, cfg.correctness, ep.logits)
-        budget = torch.full_like(ep.macs, budget_gflops * 1e9)
-        return reward.result(c, ep.macs, budget, ep.token_ratio, cfg.reward_form, cfg.flops_weight, cfg.over_weight, cfg.token_weight, lam)
+        return result_of(cfg, lam, c, ep.macs, torch.full_like(ep.macs, budget_gflops * 1e9), ep.token_ratio)
 
     return f
 
@@ -86,15 +91,17 @@ def train_selector(
     val: tuple[Tensor, Tensor],
     callback: Callable[[dict, Selector], None] | None = None,
     progress: bool = True,
+    selector: Selector | None = None,
 ) -> TrainResult:
     """PPO for ``cfg.iterations`` updates; every ``cfg.eval_every`` (and at the end) the
     greedy selector is evaluated on ``val`` at ``budget_gflops`` and ``callback(metrics,
-    selector)`` is called."""
+    selector)`` is called. ``selector``: a fresh one made from ``cfg`` by the caller
+    (default: made here)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     meta.eval()
-    selector = Selector.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths)
+    selector = selector or Selector.for_config(meta, cfg)
     selector.check_budget(budget_gflops)
     if cfg.warm_start > 0:
         static = static_schedule(selector, budget_gflops * (1 - cfg.budget_spread / 2))
@@ -114,11 +121,6 @@ def train_selector(
     best: dict | None = None
     best_state = None
 
-    def result_of(correct, macs, budget, tokens):
-        return reward.result(correct, macs, budget, tokens, cfg.reward_form, cfg.flops_weight, cfg.over_weight, cfg.token_weight, lam)
-
-    from tqdm import tqdm
-
     if cfg.warm_start > 0:
         # the starting (warm) policy is a candidate too: PPO must beat it on validation
         start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
@@ -137,8 +139,10 @@ def train_selector(
             preds = ep.cont_logits.argmax(dim=-1)  # (B, S)
             correct = reward.correctness(preds, y[:, None], full_pred[:, None], cfg.correctness, ep.cont_logits)
             bmacs = budgets[:, None] * 1e9
-            results = result_of(correct, ep.cont_macs, bmacs, ep.cont_token_ratio)
+            results = result_of(cfg, lam, correct, ep.cont_macs, bmacs, ep.cont_token_ratio)
             baseline = result_of(
+                cfg,
+                lam,
                 reward.correctness(full_pred, y, full_pred, cfg.correctness, full_logits),
                 torch.full((b,), selector.table.full_macs, dtype=torch.float64),
                 budgets * 1e9,

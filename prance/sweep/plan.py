@@ -97,7 +97,7 @@ def _selector_lowest(model, token_strategy: str, cfg: SweepConfig) -> float:
     from prance.selector.selector import Selector
 
     s = cfg.selector
-    return Selector.create(model, token_strategy, s.decision_blocks, s.hidden, s.seed, s.joint_widths).min_gflops()
+    return Selector.for_config(model, s.model_copy(update={"strategy": token_strategy})).min_gflops()
 
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
