@@ -17,6 +17,14 @@ import torch
 os.environ.setdefault("RAY_ADDRESS", "local")
 
 
+def pytest_report_header(config):
+    """Name the environment at the top of the run, so that a failure says where it ran."""
+    from importlib.metadata import version
+
+    names = ["torch", "torchvision", "timm", "ray", "mlflow", "optuna"]
+    return "prance stack: " + ", ".join(f"{n} {version(n)}" for n in names)
+
+
 @pytest.fixture
 def random_images():
     """``random_images(model, n, seed)``: a seeded batch shaped for a MetaViT's input."""

@@ -130,14 +130,15 @@ def stem_macs(vit: nn.Module) -> int:
     if backbone is None:
         return 0
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from prance.flops import flop_counter
 
     pe = vit.patch_embed
     was_training = backbone.training
     x = torch.zeros(1, pe.in_chans, *pe.img_size, device=pe.proj.weight.device, dtype=pe.proj.weight.dtype)
     try:
         backbone.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             backbone(x)
     finally:
         backbone.train(was_training)
