@@ -27,7 +27,7 @@ def _state(b=3, n=11, c=5, d=4, h=2, seed=0, size=False):
     s = torch.randint(1, 4, (b, n, 1), generator=g).float() if size else None
     cls_attn = torch.rand(b, h, n, generator=g).softmax(-1)
     return TokenState(x, s, 1, cls_attn=cls_attn, metric=torch.randn(b, n, d, generator=g),
-                      v_norm=torch.rand(b, h, n, generator=g) + 0.5)
+                      v_norm=torch.rand(b, n, generator=g) + 0.5)
 
 
 def _reference_tome(x, size, metric, r):
@@ -136,8 +136,9 @@ def test_ppt_chooses_pool_or_prune_per_image_by_its_rule():
     assert pool.tolist() == [True, False, True, False]
     assert out.x.shape[1] == 21 - r
     scores = significance(st)
-    for i in (1, 3):  # pruned: the r lowest-score patches are gone, the rest kept exactly
-        keep = sorted((scores[i].topk(20 - r).indices + 1).tolist())
+    for i in (1, 3):  # pruned: the r lowest-score patches are gone, the rest kept exactly,
+        # in descending score order as PPT's reference code leaves them
+        keep = (scores[i].argsort(descending=True)[: 20 - r] + 1).tolist()
         torch.testing.assert_close(out.x[i], st.x[i, [0] + keep])
         assert torch.all(out.size[i] == 1)
     for i in (0, 2):  # pooled: ToMe merge, sizes and weighted sums conserved
@@ -228,3 +229,31 @@ def test_bad_parameters_and_budgets():
     for bad in ["abc", "-1", "0%"]:
         with pytest.raises(PranceError):
             parse_budget(bad, 2.0)
+
+
+def test_ppt_significance_is_the_reference_formula_on_a_real_forward():
+    """PPT/ATS: score = (CLS attention summed over heads) x ||v|| of the token's whole value
+    vector (heads concatenated), normalised over patches, computed here straight from the
+    q, k, v of block 0 of a random-init DeiT-S-shaped model and compared with the engine's."""
+    from prance.models import engine
+    from prance.tokens.state import CLS_ATTN, V_NORM
+
+    m = create_meta("deit_small_patch16_224", img_size=64)
+    x = torch.randn(2, 3, 64, 64, generator=_gen(5))
+    blk = m.vit.blocks[0]
+    with torch.no_grad():
+        h = blk.norm1(engine.embed(m.vit, x, m.arch.embed_dim))
+        _, facts = engine.attention(blk.attn, h, m.arch.num_heads, None, frozenset({CLS_ATTN, V_NORM}))
+        b, n, c = h.shape
+        qkv = blk.attn.qkv(h).reshape(b, n, 3, m.arch.num_heads, c // m.arch.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * blk.attn.scale).softmax(-1)
+        v_whole = v.transpose(1, 2).reshape(b, n, c).norm(dim=-1)
+        ref = (attn[:, :, 0].sum(dim=1) * v_whole)[:, 1:]
+        ref = ref / ref.sum(dim=1, keepdim=True)
+        ours = significance(TokenState(h, None, 1, **facts))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    # the per-head form sum_h a_h ||v_h|| (what prance used before) ranks tokens differently
+    per_head = (attn[:, :, 0] * v.norm(dim=-1)).sum(dim=1)[:, 1:]
+    per_head = per_head / per_head.sum(dim=1, keepdim=True)
+    assert (per_head - ref).abs().max() / ref.abs().max() > 1e-3

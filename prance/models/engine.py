@@ -82,8 +82,8 @@ def attention(attn: nn.Module, x: Tensor, heads: int, bias: Tensor | None, needs
         facts[CLS_ATTN] = logits.softmax(dim=-1).squeeze(2)
     if METRIC in needs:
         facts[METRIC] = k.mean(dim=1)
-    if V_NORM in needs:
-        facts[V_NORM] = v.norm(dim=-1)
+    if V_NORM in needs:  # the norm of each token's whole value vector, all heads concatenated
+        facts[V_NORM] = torch.linalg.vector_norm(v, dim=(1, 3))
     o = o.transpose(1, 2).reshape(b_, n, a)
     return attn.proj_drop(_linear(o, attn.proj, c)), facts
 

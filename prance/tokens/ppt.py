@@ -1,11 +1,12 @@
 """PPT: adaptive token pruning & pooling (Wu et al., arXiv 2310.01812).
 
 Per image and per layer: the significance score of a patch token (from ATS) is the class
-token's attention to it times the L2 norm of its value, summed over heads and normalised
-over the patch tokens. When the variance of the scores is below ``threshold`` the tokens
+token's attention to it summed over heads, times the L2 norm of its whole value vector
+(all heads concatenated), normalised over the patch tokens. When the variance of the scores is below ``threshold`` the tokens
 are about equally important and duplicative redundancy dominates: *pool* (ToMe's
 bipartite matching with size-weighted average). Otherwise inattentive redundancy
-dominates: *prune* the r lowest-scoring tokens. Both branches remove exactly r tokens,
+dominates: *prune* the r lowest-scoring tokens (the kept ones in descending score order,
+as PPT's code leaves them). Both branches remove exactly r tokens,
 so the token count (and FLOPs) do not depend on the image.
 
 Batched with no loop over images: the batch is split once by the boolean rule into a
@@ -27,9 +28,11 @@ DEFAULT_THRESHOLD = 7e-5  # off-the-shelf models (PPT uses 6e-5 after fine-tunin
 
 
 def significance(state: TokenState) -> Tensor:
-    """(B, patches) normalised significance scores."""
+    """(B, patches) normalised significance scores: ATS's and PPT's
+    ``(sum over heads of the class token's attention) * ||v||``, with ``||v||`` the norm of
+    the token's whole value vector (all heads concatenated, one norm per token)."""
     p = state.num_prefix
-    s = (state.cls_attn[:, :, p:] * state.v_norm[:, :, p:]).sum(dim=1)
+    s = state.cls_attn[:, :, p:].sum(dim=1) * state.v_norm[:, p:]
     return s / s.sum(dim=-1, keepdim=True)
 
 
@@ -59,7 +62,7 @@ def ppt_tokens(state: TokenState, r: int, threshold: float) -> TokenState:
     k = n - p - r
 
     def prune(s: TokenState, sc: Tensor) -> TokenState:
-        return keep_top(s, sc, k)
+        return keep_top(s, sc, k, by_score=True)
 
     if bool(pool.all()):
         return merge_tokens(state, r)

@@ -21,10 +21,14 @@ def kept_patches(n: int, keep: float, num_prefix: int) -> int:
     return min(patches, max(1, math.ceil(keep * patches))) if patches > 0 else 0
 
 
-def keep_top(state: TokenState, scores: Tensor, k: int) -> TokenState:
+def keep_top(state: TokenState, scores: Tensor, k: int, by_score: bool = False) -> TokenState:
     """Keep the prefix and the ``k`` patch tokens with the highest ``scores`` (B, patches),
-    in their original order."""
-    idx = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1)[0]
+    in their original order, or with ``by_score`` in descending score order (PPT's
+    reference code keeps them so, which changes the A/B split of a later ToMe pooling)."""
+    if by_score:
+        idx = scores.topk(k, dim=1, sorted=True).indices
+    else:
+        idx = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1)[0]
     return state.gather(keep_with_prefix(idx, state.num_prefix))
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 # Attention facts an operation may ask for.
 CLS_ATTN = "cls_attn"  # (B, heads, N) softmax row of the class token, with the size bias
 METRIC = "metric"  # (B, N, head_dim) keys averaged over heads: ToMe's similarity metric
-V_NORM = "v_norm"  # (B, heads, N) L2 norm of each token's value per head
+V_NORM = "v_norm"  # (B, N) L2 norm of each token's whole value vector (all heads concatenated)
 
 
 @dataclass
@@ -49,7 +49,7 @@ class TokenState:
             size=None if self.size is None else gather_tokens(self.size, idx),
             cls_attn=None if self.cls_attn is None else gather_tokens(self.cls_attn, idx, dim=2),
             metric=None if self.metric is None else gather_tokens(self.metric, idx),
-            v_norm=None if self.v_norm is None else gather_tokens(self.v_norm, idx, dim=2),
+            v_norm=None if self.v_norm is None else gather_tokens(self.v_norm, idx),
         )
 
     def record(self, key: str, value: Tensor) -> None:
