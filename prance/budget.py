@@ -8,6 +8,7 @@ and instant).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prance import flops
@@ -25,8 +26,8 @@ def parse_budget(text: str | float, dense_gflops: float) -> float:
         value = float(s[:-1]) / 100 * dense_gflops if s.endswith("%") else float(s)
     except ValueError:
         raise PranceError(f"budget {text!r} is neither GFLOPs (e.g. 2.3) nor a percentage of dense (e.g. 50%)") from None
-    if not value > 0:
-        raise PranceError(f"budget must be positive, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise PranceError(f"budget must be a positive finite number, got {text!r}")
     return value
 
 

@@ -348,8 +348,10 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise PranceError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if getattr(args, "warmup", 0) < 0:
-        raise PranceError("--warmup must be >= 0")
+    for name in ("warmup", "workers"):
+        v = getattr(args, name, None)
+        if v is not None and v < 0:
+            raise PranceError(f"--{name} must be >= 0, got {v}")
     device = getattr(args, "device", "cpu")
     if device != "cpu":
         import torch

@@ -291,3 +291,33 @@ def test_empty_strategy_list_is_an_error(capsys: pytest.CaptureFixture) -> None:
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("prance: error: --strategies") and captured.err.count("\n") == 1
+
+
+# Numeric options out of their domain, refused in-process (each is checked before any image
+# is read, so a subprocess per case would only add its ~3 s of imports).
+OUT_OF_DOMAIN = {
+    "threshold_negative": ("flops", *M, "--strategy", "ppt", "--threshold=-1"),
+    "threshold_nan": ("flops", *M, "--strategy", "ppt", "--threshold", "nan"),
+    "threshold_inf": ("bench", *M, "--strategies", "ppt", "--threshold", "inf", "--dataset", "random"),
+    "keep_nan": ("flops", *M, "--strategy", "prune", "--keep", "nan"),
+    "budget_nan": ("flops", *M, "--strategy", "merge", "--budget", "nan"),
+    "budget_inf_percent": ("flops", *M, "--strategy", "merge", "--budget", "inf%"),
+    "r_negative": ("flops", *M, "--strategy", "merge", "--r=-1"),
+    "locs_repeated": ("flops", *M, "--strategy", "prune", "--locs", "1,1"),
+    "locs_negative": ("flops", *M, "--strategy", "prune", "--locs=-1"),
+    "workers_negative": ("eval", *M, "--workers=-1", "--limit", 8),
+    "warmup_negative": ("bench", *M, "--warmup=-1", "--dataset", "random"),
+    "repeats_0": ("bench", *M, "--repeats", 0, "--dataset", "random"),
+    "reference_batch_0": ("flops", *M, "--reference-batch", 0),
+    "limit_0": ("eval", *M, "--limit", 0),
+}
+
+
+@pytest.mark.parametrize("case", OUT_OF_DOMAIN)
+def test_numeric_options_out_of_domain_are_refused(case: str, capsys: pytest.CaptureFixture) -> None:
+    from prance.cli import main
+
+    assert main([str(a) for a in OUT_OF_DOMAIN[case]]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("prance: error: ") and captured.err.count("\n") == 1, captured.err

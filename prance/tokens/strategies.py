@@ -103,6 +103,10 @@ def _check(cfg: StrategyConfig, arch: ArchSpec) -> tuple[tuple[int, ...], float 
     locs = cfg.locs if cfg.locs is not None else default_locs(arch.depth)
     if any(not 0 <= i < arch.depth for i in locs):
         raise PranceError(f"reduction blocks {list(locs)} outside 0..{arch.depth - 1}")
+    if len(set(locs)) != len(locs):
+        raise PranceError(f"reduction blocks {list(locs)} name a block twice")
+    if not (math.isfinite(cfg.threshold) and cfg.threshold >= 0):
+        raise PranceError(f"PPT's variance threshold must be a finite number >= 0, got {cfg.threshold}")
     if cfg.schedule not in ("constant", "decreasing"):
         raise PranceError(f"unknown ToMe schedule {cfg.schedule!r}: constant or decreasing")
     if cfg.name in ("prune", "prune_merge", "ppt") and not arch.has_class_token:
