@@ -193,6 +193,52 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_search_static(args: argparse.Namespace) -> dict:
+    """The best static configuration at a budget, chosen on the selector's validation
+    images and reported on its held-out test images (the same images ``train-selector``
+    uses, so the numbers compare)."""
+    from prance import static_search
+    from prance.config import SelectorConfig, validate
+    from prance.evaluate import evaluate
+    from prance.selector.run import budget_of, load_data
+    from prance.selector.train import batches
+    from prance.tokens.strategies import check_strategy
+
+    if args.budget is None:
+        raise PranceError("--budget is required (GFLOPs, e.g. 0.03, or a share of the full sub-network, e.g. 30%)")
+    names = [check_strategy(s.strip()) for s in args.strategies.split(",") if s.strip()]
+    if not names:
+        raise PranceError("--strategies names no strategy")
+    for name in ("first_images", "val_limit", "test_limit"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise PranceError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.eta < 2:
+        raise PranceError(f"--eta must be at least 2, got {args.eta}")
+    fields = {"val_limit": args.val_limit, "train_limit": args.train_limit, "test_limit": args.test_limit}
+    if args.checkpoint:
+        fields["checkpoint"] = args.checkpoint
+    if args.dataset:
+        fields["dataset"] = args.dataset
+    cfg = validate(SelectorConfig, fields, "search-static")
+    from prance.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(cfg.checkpoint)
+    budget = budget_of(model, args.budget)
+    data = load_data(model, cfg)
+    say = None if args.json else (lambda text: print(f"[static] {text}", file=sys.stderr))
+    found = static_search.search(model, budget, data["val"], names, args.uniform_only, args.first_images, args.eta,
+                                 base=_strategy_config(args, "none"), progress=say)
+    best = found.best
+    val = evaluate(model, batches(*data["val"], args.batch_size), best.subnet, best.plan, progress=False)
+    test = evaluate(model, batches(*data["test"], args.batch_size), best.subnet, best.plan, progress=not args.json)
+    out = {"budget_gflops": budget, "configuration": best.describe(), **{k: v for k, v in val.items() if k != "n_images"}}
+    out.update({f"test_{k}": v for k, v in test.items()})
+    out.update({"val_images": val["n_images"], "candidates": found.candidates, "forwards": found.forwards,
+                "static": best.to_dict(), "ranked": found.to_dict()["ranked"]})
+    return out
+
+
 def _eval_selector(args: argparse.Namespace) -> dict:
     from prance.config import SelectorConfig
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
@@ -324,6 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/selector", help="folder (or .safetensors path) for the selector")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_selector)
+
+    p = sub.add_parser("search-static", help="the best static sub-network x token strategy at a budget")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped checkpoints/prance_vit_fmnist.safetensors)")
+    p.add_argument("--budget", help="GFLOPs (e.g. 0.03) or share of the full sub-network (e.g. 30%%)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies to combine with the widths")
+    p.add_argument("--uniform-only", action="store_true", help="only the same width level in every stage")
+    p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
+    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
+    p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
+    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
+    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
+    p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
+    p.add_argument("--batch-size", type=int, default=256)
+    _add_strategy_args(p, single=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search_static)
 
     p = sub.add_parser("bench", help="throughput of token strategies against the dense model")
     _add_model_args(p)

@@ -321,3 +321,38 @@ def test_numeric_options_out_of_domain_are_refused(case: str, capsys: pytest.Cap
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("prance: error: ") and captured.err.count("\n") == 1, captured.err
+
+
+# ----------------------------------------------------------------------- search-static
+
+
+@needs_fmnist
+def test_search_static_json(micro_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    """The best static configuration, chosen on validation images, reported on test images."""
+    from prance.cli import main
+
+    args = ["search-static", "--checkpoint", str(micro_checkpoint), "--budget", "60%", "--strategies", "none,merge,prune",
+            "--val-limit", 120, "--train-limit", 50, "--test-limit", 200, "--json"]
+    assert main([str(a) for a in args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gflops"] <= out["budget_gflops"] and out["test_gflops"] == out["gflops"]
+    assert out["val_images"] == 120 and out["test_n_images"] == 200
+    assert out["configuration"].startswith("widths=") and out["static"]["strategy"] in ("none", "merge", "prune")
+    assert out["ranked"][0]["description"] == out["configuration"] and out["ranked"][0]["top1"] == pytest.approx(out["top1"])
+    assert out["candidates"] >= len(out["ranked"]) and out["forwards"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--budget is required"),
+    (["--budget", "60%", "--eta", 1], "--eta"),
+    (["--budget", "60%", "--strategies", "none,squeeze"], "unknown token strategy"),
+    (["--budget", "1%"], "no static configuration"),
+    (["--budget", "60%", "--val-limit", 0], "--val-limit"),
+])
+def test_search_static_bad_input(micro_checkpoint: Path, capsys: pytest.CaptureFixture, extra, message) -> None:
+    from prance.cli import main
+
+    args = ["search-static", "--checkpoint", str(micro_checkpoint), "--val-limit", 50, "--train-limit", 50, "--test-limit", 50, *extra]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prance: error: ") and err.count("\n") == 1 and message in err, err

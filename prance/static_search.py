@@ -1,0 +1,254 @@
+"""The best *static* configuration of a meta-network at a budget: the baseline a user
+would pick instead of an adaptive selector.
+
+A static configuration is one sub-network (a width level per stage, the selector's
+stages: heads, MLP width and embedding width move together, as the selector's
+``joint_widths`` does) and one training-free token strategy with its parameter
+calibrated (:func:`prance.budget.calibrate`) to the budget left by those widths. Every
+image runs the same configuration.
+
+The space is searched exhaustively as AutoFormer/OFA do over a cost table: every
+width-level combination x every strategy is enumerated and calibrated analytically
+(instant), then the candidates are ranked on validation images by *successive halving*
+(Jamieson & Talwalkar 2016): all of them on the first ``first_images`` images, the best
+``1/eta`` on ``eta`` times as many, and so on until one remains, which is then scored on
+every validation image. Images are evaluated incrementally (a survivor never re-runs an
+image), so the cost is about ``candidates x first_images x log_eta(candidates)`` forwards
+instead of ``candidates x images``. With ``first_images >= len(val)`` the search is
+exhaustive: every candidate on every validation image.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from prance import flops
+from prance.budget import calibrate
+from prance.errors import PranceError
+from prance.models.meta import MetaViT
+from prance.models.subnet import SubNet, SubnetSpace
+from prance.tokens.state import TokenPlan
+from prance.tokens.strategies import PARAM_OF, STRATEGIES, StrategyConfig, check_strategy
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    """One static configuration: width level per stage, a calibrated token strategy."""
+
+    levels: tuple[int, ...]  # width level per stage (0 = narrowest)
+    strategy: StrategyConfig
+    subnet: SubNet
+    plan: TokenPlan
+    report: flops.FlopsReport
+
+    @property
+    def gflops(self) -> float:
+        return self.report.gflops
+
+    def describe(self) -> str:
+        """``widths=0,0,1,2 merge r=3`` -- short enough for a table cell."""
+        text = f"widths={','.join(map(str, self.levels))} {self.strategy.name}"
+        param = PARAM_OF[self.strategy.name]
+        if param is not None:
+            text += f" {param}={self.strategy.param_value:.4g}"
+        return text
+
+    def to_dict(self) -> dict:
+        return {
+            "levels": list(self.levels),
+            "strategy": self.strategy.name,
+            "params": dict(self.plan.params),
+            "subnet": self.subnet.to_dict(),
+            "gflops": self.gflops,
+            "token_ratio": self.report.token_ratio,
+            "final_token_ratio": self.report.final_token_ratio,
+            "description": self.describe(),
+        }
+
+
+def num_levels(space: SubnetSpace) -> int:
+    return max(len(space.heads), len(space.mlp), len(space.embed))
+
+
+def level_subnet(space: SubnetSpace, levels: tuple[int, ...]) -> SubNet:
+    """The sub-network of one width level per stage. Level ``l`` of ``L`` picks, in each
+    choice list, the entry at the same relative position (the l-th smallest when every
+    list has ``L`` entries)."""
+    top = num_levels(space) - 1
+
+    def pick(choices: tuple[int, ...], level: int) -> int:
+        return choices[round(level * (len(choices) - 1) / top) if top else 0]
+
+    stage_of = [space.stage_of(i) for i in range(space.depth)]
+    heads = [pick(space.heads, levels[stage_of[i]]) for i in range(space.depth)]
+    mlp = [pick(space.mlp, levels[stage_of[i]]) for i in range(space.depth)]
+    embed = [pick(space.embed, lv) for lv in levels]
+    return space.make(heads, mlp, embed)
+
+
+def width_grid(space: SubnetSpace, uniform_only: bool = False) -> list[tuple[int, ...]]:
+    """Every width-level combination over the stages (only the uniform ones with
+    ``uniform_only``), widest first."""
+    levels = range(num_levels(space) - 1, -1, -1)
+    stages = len(space.stage_starts)
+    if uniform_only:
+        return [(lv,) * stages for lv in levels]
+    return list(itertools.product(levels, repeat=stages))
+
+
+def candidates(
+    meta: MetaViT,
+    budget_gflops: float,
+    strategies: Iterable[str] = STRATEGIES,
+    uniform_only: bool = False,
+    base: StrategyConfig | None = None,
+) -> list[StaticConfig]:
+    """Every static configuration within the budget: each width-level combination with
+    each strategy calibrated to it (``none`` when the widths alone fit). Configurations
+    that come out identical (same sub-network and token parameters) are listed once."""
+    base = base or StrategyConfig()
+    out: list[StaticConfig] = []
+    seen: set = set()
+    for levels in width_grid(meta.space, uniform_only):
+        sub = level_subnet(meta.space, levels)
+        for name in strategies:
+            cfg = StrategyConfig(**{**base.__dict__, "name": check_strategy(name), "r": None, "keep": None})
+            try:
+                c = calibrate(cfg, meta.arch, budget_gflops, sub)
+            except PranceError:  # this strategy cannot bring these widths into the budget
+                continue
+            key = (sub, c.config.name, tuple(sorted(c.plan.params.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(StaticConfig(levels, c.config, sub, c.plan, c.report))
+    return out
+
+
+@dataclass
+class SearchResult:
+    best: StaticConfig
+    top1: float  # on every validation image
+    ranked: list[tuple[StaticConfig, float, int]] = field(default_factory=list)  # (config, top1 %, images seen), best first
+    forwards: int = 0  # images pushed through the meta-network
+    candidates: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "best": self.best.to_dict(),
+            "val_top1": self.top1,
+            "candidates": self.candidates,
+            "forwards": self.forwards,
+            "ranked": [{**c.to_dict(), "top1": t, "images": n} for c, t, n in self.ranked[:10]],
+        }
+
+
+def successive_halving(
+    n_candidates: int,
+    n_images: int,
+    correct_on: Callable[[int, int, int], int],
+    first_images: int = 128,
+    eta: int = 3,
+    tie_break: Callable[[int], float] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Rank candidates by correct answers on a growing prefix of the images.
+
+    ``correct_on(c, start, stop)`` counts candidate ``c``'s correct answers on images
+    ``start..stop-1``. Returns (order best first, correct counts, images seen) per
+    candidate; the first of the order has seen all ``n_images``. Ties in accuracy go to
+    the lower ``tie_break(c)`` (e.g. GFLOPs), then the lower index.
+    """
+    if n_candidates < 1 or n_images < 1:
+        raise ValueError("successive halving needs candidates and images")
+    eta = max(2, int(eta))
+    correct = [0] * n_candidates
+    seen = [0] * n_candidates
+    alive = list(range(n_candidates))
+    stop = min(max(1, first_images), n_images)
+
+    def key(c: int):
+        acc = correct[c] / seen[c] if seen[c] else 0.0
+        return (-acc, tie_break(c) if tie_break else 0.0, c)
+
+    while True:
+        for c in alive:
+            if seen[c] < stop:
+                correct[c] += correct_on(c, seen[c], stop)
+                seen[c] = stop
+        if on_round is not None:
+            on_round(len(alive), stop)
+        alive.sort(key=key)
+        if stop >= n_images:
+            break
+        alive = alive[: max(1, math.ceil(len(alive) / eta))]
+        stop = n_images if len(alive) == 1 else min(n_images, stop * eta)
+    survivors = set(alive)
+    rest = sorted((c for c in range(n_candidates) if c not in survivors), key=lambda c: (-seen[c],) + key(c))
+    return alive + rest, correct, seen
+
+
+def search(
+    meta: MetaViT,
+    budget_gflops: float,
+    val: tuple[Tensor, Tensor],
+    strategies: Iterable[str] = STRATEGIES,
+    uniform_only: bool = False,
+    first_images: int = 64,
+    eta: int = 3,
+    batch_size: int = 256,
+    base: StrategyConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """The best static configuration at ``budget_gflops`` by Top-1 on ``val`` (x, y)."""
+    strategies = list(strategies)
+    cands = candidates(meta, budget_gflops, strategies, uniform_only, base)
+    if not cands:
+        raise PranceError(
+            f"no static configuration of strategies {', '.join(strategies)} fits {budget_gflops:.4g} GFLOPs on this meta-network"
+        )
+    return rank(meta, cands, val, first_images, eta, batch_size, progress)
+
+
+@torch.inference_mode()
+def rank(
+    meta: MetaViT,
+    cands: list,
+    val: tuple[Tensor, Tensor],
+    first_images: int = 64,
+    eta: int = 3,
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Successive halving over ``cands`` (anything with ``subnet``, ``plan`` and
+    ``gflops``) on the images ``val``; ties go to the cheaper candidate."""
+    meta.eval()
+    x, y = val
+    forwards = 0
+
+    def correct_on(c: int, start: int, stop: int) -> int:
+        nonlocal forwards
+        cfg = cands[c]
+        hits = 0
+        for i in range(start, stop, batch_size):
+            j = min(stop, i + batch_size)
+            hits += int((meta(x[i:j], cfg.subnet, cfg.plan).argmax(dim=-1) == y[i:j]).sum())
+        forwards += stop - start
+        return hits
+
+    def on_round(alive: int, images: int) -> None:
+        if progress is not None:
+            progress(f"static search: {alive} candidate(s) on {images} image(s)")
+
+    order, correct, seen = successive_halving(
+        len(cands), x.shape[0], correct_on, first_images, eta, tie_break=lambda c: cands[c].gflops, on_round=on_round
+    )
+    ranked = [(cands[c], 100.0 * correct[c] / seen[c], seen[c]) for c in order]
+    best, top1, _ = ranked[0]
+    return SearchResult(best, top1, ranked, forwards, len(cands))
