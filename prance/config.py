@@ -108,7 +108,9 @@ class SelectorConfig(Strict):
     gae_lambda: float = Field(default=0.95, ge=0, le=1)
     grad_clip: float = Field(default=0.5, gt=0)
     hidden: int = Field(default=128, ge=8)
-    warm_start: float = Field(default=3.0, ge=0)  # initial logit bias towards the widest static schedule in budget (0: uniform)
+    warm_start: float = Field(default=3.0, ge=0)  # initial logit bias towards the best static schedule in budget (0: uniform start)
+    static_first_images: int = Field(default=64, ge=1)  # warm-start search: rollout images every static schedule is scored on first
+    static_eta: int = Field(default=3, ge=2)  # warm-start search: successive-halving factor
 
     # reward
     reward_form: Literal["penalty", "constrained"] = "penalty"
@@ -133,7 +135,9 @@ class SelectorConfig(Strict):
 
 # Token strategies of a budget sweep: name -> (method, token strategy). The PPO selector
 # decides per input; the training-free ones run the full meta-network with the strategy
-# calibrated to the budget (prance.budget.calibrate), one deterministic trial each.
+# calibrated to the budget (prance.budget.calibrate), one deterministic trial each; the
+# static ones search the meta-network's sub-networks (a width level per stage) x the
+# strategy calibrated to the rest of the budget (prance.static_search), one trial each.
 SWEEP_STRATEGIES: dict[str, tuple[str, str]] = {
     "prune": ("selector", "prune"),
     "merge": ("selector", "merge"),
@@ -142,7 +146,21 @@ SWEEP_STRATEGIES: dict[str, tuple[str, str]] = {
     "free_merge": ("training_free", "merge"),
     "free_prune_merge": ("training_free", "prune_merge"),
     "free_ppt": ("training_free", "ppt"),
+    "static": ("static", "none"),
+    "static_prune": ("static", "prune"),
+    "static_merge": ("static", "merge"),
+    "static_prune_merge": ("static", "prune_merge"),
+    "static_ppt": ("static", "ppt"),
 }
+
+
+class StaticSearchSettings(Strict):
+    """How the static baselines search their configurations (prance.static_search):
+    successive halving on the validation images."""
+
+    first_images: int = Field(default=64, ge=1)  # images every candidate is scored on first
+    eta: int = Field(default=3, ge=2)  # keep the best 1/eta, score them on eta x as many images
+    uniform_only: bool = False  # only the same width level in every stage
 # SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
 SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget")
 
@@ -198,6 +216,7 @@ class SweepConfig(Strict):
     reduction_factor: float = Field(default=2.0, gt=1)
     overshoot_penalty: float = Field(default=200.0, ge=0)  # score points per unit of relative GFLOPs overshoot
     startup_trials: int = Field(default=4, ge=0)  # random selector trials before TPE models the space
+    static: StaticSearchSettings = Field(default_factory=StaticSearchSettings)  # the static_* baselines' search
     seed: int = 0
 
     # resources, storage, tracking

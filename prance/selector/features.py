@@ -22,6 +22,11 @@ def obs_dim(embed_dim: int, num_stages: int) -> int:
     return 2 * embed_dim + num_stages + EXTRA
 
 
+def stage_slice(embed_dim: int, num_stages: int) -> tuple[int, int]:
+    """Where the stage one-hot lies in an observation."""
+    return 2 * embed_dim, 2 * embed_dim + num_stages
+
+
 def observe(
     state: TokenState,
     stage: int,

@@ -21,19 +21,40 @@ class Decision:
     masks: list[Tensor]  # per dim (B, size) bool: the choices that were allowed
 
 
+class Actor(nn.Module):
+    """The actor MLP, plus a per-stage prior added to its logits: ``stage_prior[t]`` for
+    observations of stage ``t`` (read from the stage one-hot at ``stage_slice`` of the
+    observation). The prior starts at zero; a warm start sets it to a static schedule,
+    which may pick different widths in different stages (the MLP's own bias cannot)."""
+
+    def __init__(self, obs_dim: int, hidden: int, out: int, stage_slice: tuple[int, int]):
+        super().__init__()
+        self.mlp = _mlp(obs_dim, hidden, out)
+        self.stage_slice = stage_slice
+        self.stage_prior = nn.Parameter(torch.zeros(stage_slice[1] - stage_slice[0], out))
+        # small last layer: start near the uniform policy (PPO practice)
+        nn.init.orthogonal_(self.mlp[-1].weight, gain=0.01)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        a, b = self.stage_slice
+        return self.mlp(obs) + obs[:, a:b] @ self.stage_prior
+
+    def macs(self) -> int:
+        return sum(m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear))
+
+
 class ActorCritic(nn.Module):
-    def __init__(self, obs_dim: int, sizes: tuple[int, ...], hidden: int = 128):
+    def __init__(self, obs_dim: int, sizes: tuple[int, ...], hidden: int = 128, stage_slice: tuple[int, int] = (0, 0)):
         super().__init__()
         self.obs_dim, self.sizes, self.hidden = obs_dim, tuple(sizes), hidden
-        self.actor = _mlp(obs_dim, hidden, sum(sizes))
+        self.actor = Actor(obs_dim, hidden, sum(sizes), stage_slice)
         self.critic = _mlp(obs_dim, hidden, 1)
-        # small last layer: start near the uniform policy (PPO practice)
-        nn.init.orthogonal_(self.actor[-1].weight, gain=0.01)
-        nn.init.zeros_(self.actor[-1].bias)
 
     def actor_macs(self) -> int:
-        """Multiply-accumulates of one actor forward (the selector's inference cost)."""
-        return sum(m.in_features * m.out_features for m in self.actor if isinstance(m, nn.Linear))
+        """Multiply-accumulates of one actor forward (the selector's inference cost; the
+        stage prior is a row lookup)."""
+        return self.actor.macs()
 
     def value(self, obs: Tensor) -> Tensor:
         return self.critic(obs).squeeze(-1)

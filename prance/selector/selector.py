@@ -17,7 +17,7 @@ from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector import execute
 from prance.selector.actions import ActionSpace, CostTable
-from prance.selector.features import obs_dim
+from prance.selector.features import obs_dim, stage_slice
 from prance.selector.policy import ActorCritic
 
 
@@ -43,7 +43,8 @@ class Selector:
     ) -> "Selector":
         actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths)
         torch.manual_seed(seed)
-        policy = ActorCritic(obs_dim(meta.arch.embed_dim, actions.num_stages), actions.sizes, hidden)
+        e, n_st = meta.arch.embed_dim, actions.num_stages
+        policy = ActorCritic(obs_dim(e, n_st), actions.sizes, hidden, stage_slice(e, n_st))
         return cls(policy, actions, CostTable(actions), fingerprint or meta_fingerprint(meta))
 
     @classmethod

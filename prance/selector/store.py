@@ -15,7 +15,7 @@ from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector.selector import Selector, meta_fingerprint
 
-FORMAT = "prance-selector/1"
+FORMAT = "prance-selector/2"  # 2: the actor has a per-stage prior (warm start from a static schedule)
 
 
 def save_selector(path: str | Path, selector: Selector, config: dict | None = None, extra: dict | None = None) -> None:
@@ -50,7 +50,10 @@ def read_selector_header(path: str | Path) -> dict:
         header = json.loads(meta.get("prance", "{}"))
     except json.JSONDecodeError:
         header = {}
-    if header.get("format") != FORMAT:
+    found = str(header.get("format", ""))
+    if found.startswith("prance-selector/") and found != FORMAT:
+        raise PranceError(f"{path} is a selector checkpoint of format {found}; this prance reads {FORMAT}: train it again")
+    if found != FORMAT:
         raise PranceError(f"{path} is not a prance selector checkpoint")
     return header
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from prance.config import SelectorConfig
 from prance.models.meta import MetaViT
-from prance.selector import ppo, reward
+from prance.selector import ppo, reward, static
 from prance.selector.selector import Selector, evaluate_selector
 
 
@@ -35,37 +35,10 @@ def reward_fn(meta: MetaViT, cfg: SelectorConfig, budget_gflops: float, lam: flo
     return f
 
 
-def static_schedule(selector: Selector, budget_gflops: float) -> list[int] | None:
-    """Per-dimension indices of the widest uniform schedule without token reduction
-    that meets the budget (selector included), or None if none does."""
-    actions, table = selector.actions, selector.table
-    n0 = actions.arch.num_tokens
-    levels = len(actions.dims[0].choices)
-    for level in range(levels - 1, -1, -1):
-        idx = [level] * actions.num_width_dims + [actions.fixed_index(d) for d in range(actions.num_width_dims, len(actions.dims))]
-        combo = int(table.combo_index(torch.tensor([idx]))[0])
-        total = sum(float(table.cost[t, n0, combo]) for t in range(actions.num_stages)) + selector.overhead_macs
-        if total <= budget_gflops * 1e9:
-            return idx
-    return None
-
-
-def warm_start(selector: Selector, idx: list[int], strength: float) -> None:
-    """Bias the actor's initial choice towards the static schedule ``idx`` (each
-    dimension's logit +``strength``): PPO starts from a schedule that meets the budget
-    with no token reduction and explores deviations from it."""
-    bias = selector.policy.actor[-1].bias
-    offset = 0
-    with torch.no_grad():
-        for d, size in enumerate(selector.actions.sizes):
-            bias[offset + idx[d]] += strength
-            offset += size
-
-
 @dataclass
 class TrainResult:
     selector: Selector  # the best one by validation Top-1 (budget is guaranteed by masking)
-    best: dict  # its validation metrics
+    best: dict  # its validation metrics (iteration 0: the warm start, when PPO never beat it)
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -103,10 +76,13 @@ def train_selector(
     meta.eval()
     selector = selector or Selector.for_config(meta, cfg)
     selector.check_budget(budget_gflops)
+    start_schedule = None
     if cfg.warm_start > 0:
-        static = static_schedule(selector, budget_gflops * (1 - cfg.budget_spread / 2))
-        if static is not None:
-            warm_start(selector, static, cfg.warm_start)
+        found = static.best_schedule(meta, selector, budget_gflops, train, cfg.static_first_images, cfg.static_eta,
+                                     max(cfg.batch_size, 256))
+        if found is not None:
+            start_schedule = found.best
+            static.warm_start(selector, start_schedule, cfg.warm_start)
     policy = selector.policy
     actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
@@ -124,6 +100,8 @@ def train_selector(
     if cfg.warm_start > 0:
         # the starting (warm) policy is a candidate too: PPO must beat it on validation
         start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
+        if start_schedule is not None:
+            start["warm_start"] = start_schedule.describe()
         best, best_state = {**start, "iteration": 0}, copy.deepcopy(policy.state_dict())
 
     bar = tqdm(range(1, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False)
