@@ -103,6 +103,7 @@ TAG_KIND = "prance.kind"  # pretrain | sweep-trial | sweep-summary
 TAG_SWEEP = "prance.sweep_id"
 TAG_TRIAL = "prance.trial_id"
 TAG_STATUS = "prance.status"  # finished | stopped | error | interrupted
+TAG_CONFIGURATION = "prance.configuration"  # what a static baseline's search chose
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

@@ -78,12 +78,13 @@ def test_presets_and_config_errors():
 
 
 def test_plan_orders_trials_and_marks_unreachable_combos(micro_checkpoint):
-    cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%", "75%"], strategies=["prune", "merge", "free_prune", "free_ppt"],
+    cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%", "75%"], strategies=["prune", "merge", "free_prune", "free_ppt", "static_merge"],
                       trials_per_combo=2, selector={"decision_blocks": [1, 2, 3]})
     plan = plan_sweep(cfg)
+    assert [c.label for c in plan.schedule if c.method == "static"] == ["static_merge@55%", "static_merge@75%"]
     methods = [c.method for c in plan.schedule]
     assert methods[0] == "dense" and plan.schedule[0].budget == "100%"
-    assert methods == sorted(methods, key=["dense", "training_free", "selector"].index)  # fixed ones first
+    assert methods == sorted(methods, key=["dense", "training_free", "static", "selector"].index)  # fixed ones first
     selector = [c.label for c in plan.schedule if c.method == "selector"]
     assert selector == ["prune@55%", "merge@55%", "prune@75%", "merge@75%"] * 2  # round-robin, trials_per_combo times
     # PPT prunes at 3 blocks only: 55% of the micro model is out of its reach, 75% is not
@@ -257,7 +258,9 @@ def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped"
         assert col in df.columns, col
     trials = df[df["status"] != "unreachable"]
     assert set(trials["status"]) <= set(statuses_done), trials[["trial_number", "status"]]
-    assert set(trials["method"]) == {"dense", "training_free", "selector"}
+    assert set(trials["method"]) == {"dense", "training_free", "static", "selector"}
+    static = trials[trials["method"] == "static"]
+    assert static["param"].str.startswith("widths=").all()  # the configuration its search chose
     assert trials[METRICS].notna().all().all()
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     lines = stdout.strip().splitlines()
@@ -284,6 +287,8 @@ def test_tiny_sweep_against_a_real_mlflow_server(tmp_path, micro_checkpoint, mlf
         assert set(METRICS) <= set(metrics), (tags["strategy"], sorted(metrics))
         row = df[df["trial_number"] == int(tags["prance.trial_number"])].iloc[0]
         assert metrics["top1"] == pytest.approx(row["top1"]) and row["mlflow_run_id"] == r.info.run_id
+        if tags["method"] == "static":
+            assert tags["prance.configuration"] == row["param"] and row["param"].startswith("widths=")
         if tags["method"] == "selector":
             assert {"actor_lr", "entropy_coef", "reward_form", "clip", "gamma", "iterations"} <= set(r.data.params)
             assert "reward" in metrics
@@ -314,7 +319,7 @@ def test_interrupted_sweep_resumes_without_duplicate_or_running_runs(tmp_path, m
     assert "--resume --name cut" in out
     first = pd.read_csv(tmp_path / "cut" / "results.csv")
     done_before = first[first["status"].isin(["finished", "stopped"])]
-    assert len(done_before) >= 5 and first["status"].isin(["interrupted", "pending"]).any()
+    assert len(done_before) >= 7 and first["status"].isin(["interrupted", "pending"]).any()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, runs = sweep_runs(uri, "cut")
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -322,7 +327,7 @@ def test_interrupted_sweep_resumes_without_duplicate_or_running_runs(tmp_path, m
     again = run_sweep("--resume", "--name", "cut", "--storage", str(tmp_path))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     df = check_report(tmp_path / "cut", again.stdout)
-    assert len(df[df["status"] != "unreachable"]) == 1 + 4 + 6  # dense + training-free + 3 x 2 selector trials
+    assert len(df[df["status"] != "unreachable"]) == 1 + 4 + 2 + 6  # dense + training-free + static + 3 x 2 selector trials
     # no finished trial was lost or run again: same trial ids, same results
     merged = done_before.merge(df, on="trial_number", suffixes=("_before", "_after"))
     assert len(merged) == len(done_before)
@@ -331,5 +336,5 @@ def test_interrupted_sweep_resumes_without_duplicate_or_running_runs(tmp_path, m
     client, runs = sweep_runs(uri, "cut")
     assert not [r for r in runs if r.info.status != "FINISHED"]
     numbers = Counter(r.data.tags["prance.trial_number"] for r in runs if r.data.tags.get("prance.kind") == "sweep-trial")
-    assert len(numbers) == 11 and set(numbers.values()) == {1}  # one run per trial: no duplicates
+    assert len(numbers) == 13 and set(numbers.values()) == {1}  # one run per trial: no duplicates
     assert sum(r.data.tags.get("prance.kind") == "sweep-summary" for r in runs) == 1

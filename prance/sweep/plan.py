@@ -3,8 +3,9 @@
 A budget is GFLOPs (``"0.04"``) or a share of the dense model (``"50%"``, of the full
 meta-network). Reachability is decided with the analytic FLOPs counter, without running
 anything: a training-free strategy reaches a budget when some value of its parameter
-(r or keep) on the full network fits; a selector strategy when its cheapest schedule
-(smallest sub-network, strongest token reduction) fits. A budget above the dense model,
+(r or keep) on the full network fits; a static one when some value fits on the smallest
+sub-network; a selector strategy when its cheapest schedule (smallest sub-network,
+strongest token reduction) fits. A budget above the dense model,
 or below what every strategy of the sweep can reach, is an input error; a budget that only
 some strategies reach leaves the others' rows marked unreachable.
 """
@@ -29,7 +30,7 @@ DENSE = "dense"
 
 @dataclass(frozen=True)
 class Combo:
-    method: str  # dense | training_free | selector
+    method: str  # dense | training_free | static | selector
     strategy: str  # the sweep's name: dense, free_prune, prune, ...
     token_strategy: str  # none, prune, merge, prune_merge, ppt
     budget: str  # as the user wrote it ("50%", "0.04"); "100%" for dense
@@ -62,7 +63,7 @@ class SweepPlan:
         return [c for c in self.combos if not c.reachable]
 
     def counts(self) -> dict[str, int]:
-        out = {"dense": 0, "training_free": 0, "selector": 0}
+        out = {"dense": 0, "training_free": 0, "static": 0, "selector": 0}
         for c in self.schedule:
             out[c.method] += 1
         return out
@@ -102,8 +103,8 @@ def _selector_lowest(model, token_strategy: str, cfg: SweepConfig) -> float:
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Check the inputs (PranceError with one line on the first problem) and lay out the
-    trials: the dense reference, every reachable training-free combo once, then the
-    selector combos round-robin, ``trials_per_combo`` times."""
+    trials: the dense reference, every reachable training-free and static combo once, then
+    the selector combos round-robin, ``trials_per_combo`` times."""
     from prance.checkpoint import load_checkpoint
     from prance.data import build_dataset, input_spec_for_model
 
@@ -131,7 +132,12 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     lowest: dict[str, float] = {}
     for name in cfg.strategies:
         method, token = SWEEP_STRATEGIES[name]
-        lowest[name] = _selector_lowest(model, token, cfg) if method == "selector" else lowest_gflops(model.arch, token)
+        if method == "selector":
+            lowest[name] = _selector_lowest(model, token, cfg)
+        elif method == "static":  # the narrowest sub-network with the strategy's strongest setting
+            lowest[name] = lowest_gflops(model.arch, token, model.space.smallest())
+        else:
+            lowest[name] = lowest_gflops(model.arch, token)
     floor = min(lowest.values())
     for text, g in budgets.items():
         if g < floor:
@@ -156,6 +162,7 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
     plan.schedule = [Combo("dense", DENSE, "none", "100%", dense)]
     plan.schedule += [c for c in combos if c.reachable and c.method == "training_free"]
+    plan.schedule += [c for c in combos if c.reachable and c.method == "static"]
     selector = [c for c in combos if c.reachable and c.method == "selector"]
     plan.schedule += selector * cfg.trials_per_combo
     return plan

@@ -54,7 +54,7 @@ def results_frame(rows: list[dict], param_names: list[str]) -> pd.DataFrame:
     params = [p for p in param_names if p in df.columns]
     rest = [c for c in df.columns if c not in LEAD_COLUMNS and c not in params]
     df = df[LEAD_COLUMNS + params + rest]
-    order = {"dense": 0, "training_free": 1, "selector": 2}
+    order = {"dense": 0, "training_free": 1, "static": 2, "selector": 3}
     df = df.assign(_m=df["method"].map(order).fillna(3), _n=df["trial_number"].fillna(1e9))
     return df.sort_values(["_m", "_n", "budget_gflops", "strategy"]).drop(columns=["_m", "_n"]).reset_index(drop=True)
 
@@ -128,7 +128,7 @@ def plot_pareto(df: pd.DataFrame, path: Path, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     done = df[df["status"].isin(DONE) & df[tracking.TOP1].notna()]
-    markers = {"selector": "o", "training_free": "s"}
+    markers = {"selector": "o", "training_free": "s", "static": "D"}
     for strategy, g in done[done["method"] != "dense"].groupby("strategy", sort=True):
         method = g["method"].iloc[0]
         ax.scatter(g[tracking.GFLOPS], g[tracking.TOP1], label=strategy, marker=markers.get(method, "o"),

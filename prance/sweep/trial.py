@@ -4,6 +4,9 @@ passes ``report`` in.
 - ``dense``: the full meta-network, no token reduction (the reference point of the plot).
 - ``training_free``: the full meta-network with the token strategy calibrated to the
   budget, evaluated once on the validation images.
+- ``static``: the best static configuration of the meta-network (a width level per stage
+  x the token strategy calibrated to the rest of the budget, ``prance.static_search``),
+  chosen and reported on the validation images.
 - ``selector``: ``prance.selector.run.run_selector`` trains the PPO selector and reports
   validation metrics every ``eval_every`` iterations.
 
@@ -44,7 +47,7 @@ class TrialContext:
     threads: int = 1
     device: str = "cpu"
     progress: bool = False
-    extra: dict = field(default_factory=dict)
+    static: dict = field(default_factory=dict)  # StaticSearchSettings fields
 
 
 def score(top1: float, gflops: float, budget_gflops: float, baseline_top1: float, overshoot_penalty: float) -> float:
@@ -102,6 +105,24 @@ def evaluate_fixed(ctx: TrialContext, token_strategy: str, budget_gflops: float 
     return {**out, "param": param}
 
 
+def evaluate_static(ctx: TrialContext, token_strategy: str, budget_gflops: float) -> dict:
+    """The best static configuration with ``token_strategy`` at the budget, searched and
+    evaluated on the validation images: Top-1, GFLOPs, token ratios, throughput, and the
+    configuration found (``param``)."""
+    from prance import static_search
+    from prance.evaluate import evaluate
+
+    model = _model(ctx.checkpoint)
+    x, y = validation_images(ctx, model)
+    size = ctx.selector.get("batch_size", 64)
+    settings = {"first_images": 64, "eta": 3, "uniform_only": False, **ctx.static}
+    found = static_search.search(model, budget_gflops, (x, y), [token_strategy], batch_size=max(size, 256), **settings)
+    batches = [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+    out = evaluate(model, batches, found.best.subnet, found.best.plan, device=ctx.device, progress=ctx.progress)
+    out.pop("n_images", None)
+    return {**out, "param": found.best.describe(), "static_candidates": found.candidates, "static_forwards": found.forwards}
+
+
 def _top1(ctx: TrialContext, token_strategy: str, budget_gflops: float | None) -> float:
     key = (ctx.checkpoint, ctx.dataset, token_strategy, budget_gflops)
     if key not in _TOP1:
@@ -147,12 +168,17 @@ def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path) ->
     budget = float(config["budget_gflops"])
     penalty = ctx.overshoot_penalty
 
-    if method in ("dense", "training_free"):
-        m = evaluate_fixed(ctx, config["token_strategy"], budget if method == "training_free" else None)
-        base = baseline_top1(ctx, budget) if method == "training_free" else m[tracking.TOP1]
-        m.pop("param")
+    if method in ("dense", "training_free", "static"):
+        if method == "static":
+            m = evaluate_static(ctx, config["token_strategy"], budget)
+        else:
+            m = evaluate_fixed(ctx, config["token_strategy"], budget if method == "training_free" else None)
+        base = m[tracking.TOP1] if method == "dense" else baseline_top1(ctx, budget)
+        found = m.pop("param")
         final = {**m, "budget_gflops": budget, "baseline_top1": base,
                  "score": score(m[tracking.TOP1], m[tracking.GFLOPS], budget, base, penalty), FINAL: 1}
+        if method == "static":
+            final["configuration"] = found  # the sub-network and strategy the search chose
         final["body_s"] = time.perf_counter() - start
         report(final, None)
         return final

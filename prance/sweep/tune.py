@@ -137,7 +137,8 @@ class Progress:
         try:
             with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as folder:
                 art = Path(folder) if folder and (Path(folder) / SELECTOR_FILE).is_file() else None
-                self.runs.close(n, "FAILED" if error else "FINISHED", outcome, metrics, step=step, artifacts=art)
+                found = {tracking.TAG_CONFIGURATION: last["configuration"]} if last.get("configuration") else None
+                self.runs.close(n, "FAILED" if error else "FINISHED", outcome, metrics, tags=found, step=step, artifacts=art)
         except Exception as e:  # never let tracking take the sweep down
             print(f"warning: MLflow logging of trial {n} failed: {e}", file=sys.stderr)
         what = {"finished": "", "stopped": f" (stopped by ASHA at it {last.get('iteration')})", "error": " FAILED"}[outcome]
@@ -350,14 +351,14 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         checkpoint=plan.checkpoint, dataset=plan.dataset,
         selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
         threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
-        device="cuda" if cfg.use_gpu else "cpu",
+        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(),
     )
     counts = plan.counts()
     progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
     progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
     _ACTIVE = progress
     print(
-        f"[sweep] {name}: {len(plan.schedule)} trials ({counts['dense']} dense, {counts['training_free']} training-free, "
+        f"[sweep] {name}: {len(plan.schedule)} trials ({counts['dense']} dense, {counts['training_free']} training-free, {counts['static']} static, "
         f"{counts['selector']} selector) on {budget_list(plan)}, {slots} at a time"
         + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
         + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
@@ -454,6 +455,8 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
         for k, v in m.items():
             if k.startswith("test_"):
                 row[k] = v
+        if m.get("configuration"):  # a static trial: what its search chose
+            row["param"] = m["configuration"]
         if n in progress.wall:
             row["wall_s"] = progress.wall[n]
         if result.error is not None:
