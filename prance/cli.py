@@ -188,7 +188,8 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
         (out_dir / SELECTOR_FILE).replace(out_dir / name)
     keys = ("top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward")
     summary = {k: result[k] for k in keys}
-    summary.update({k: v for k, v in result.items() if k.startswith("test_") or k in ("budget_gflops", "train_seconds", "schedules_per_batch")})
+    summary.update({k: v for k, v in result.items() if k.startswith("test_") or k in ("budget_gflops", "train_seconds", "schedules_per_batch", "warm_start", "warm_start_top1")})
+    summary["best_iteration"] = result.get("iteration", 0)  # 0: PPO never beat its warm start on validation
     summary["selector"] = str(out_dir / name)
     return summary
 

@@ -111,6 +111,7 @@ class SelectorConfig(Strict):
     warm_start: float = Field(default=3.0, ge=0)  # initial logit bias towards the best static schedule in budget (0: uniform start)
     static_first_images: int = Field(default=64, ge=1)  # warm-start search: rollout images every static schedule is scored on first
     static_eta: int = Field(default=3, ge=2)  # warm-start search: successive-halving factor
+    static_images: int = Field(default=2048, ge=1)  # warm-start search: rollout images it ranks on, at most
 
     # reward
     reward_form: Literal["penalty", "constrained"] = "penalty"

@@ -177,6 +177,7 @@ def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tm
         assert m["gflops"] <= m["budget_gflops"] * (1 + 1e-9)
         assert set(m) >= {"top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward"}
     assert final["top1"] > 60 and final["test_top1"] > 60  # chance is 10%
+    assert final["top1"] >= final["warm_start_top1"] and final["warm_start"]  # never worse than its static start
     assert final["test_gflops"] <= final["budget_gflops"] * (1 + 1e-9)
     assert (tmp_path / SELECTOR_FILE).is_file()
 

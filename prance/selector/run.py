@@ -98,6 +98,9 @@ def run_selector(
 
     result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress, selector)
     final = {**result.best, "budget_gflops": budget, "train_seconds": result.seconds}
+    if result.start:  # what PPO had to beat: the warm start on the same validation images
+        final["warm_start_top1"] = result.start["top1"]
+        final["warm_start"] = result.start.get("warm_start", "")
     if out is not None:
         save_selector(out / SELECTOR_FILE, result.selector, config, {"budget_gflops": budget, "val": result.best})
     if "test" in data:

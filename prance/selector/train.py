@@ -41,6 +41,7 @@ class TrainResult:
     best: dict  # its validation metrics (iteration 0: the warm start, when PPO never beat it)
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    start: dict = field(default_factory=dict)  # the warm start's validation metrics and schedule (empty without one)
 
 
 def batches(x: Tensor, y: Tensor, size: int):
@@ -78,7 +79,8 @@ def train_selector(
     selector.check_budget(budget_gflops)
     start_schedule = None
     if cfg.warm_start > 0:
-        found = static.best_schedule(meta, selector, budget_gflops, train, cfg.static_first_images, cfg.static_eta,
+        images = (train[0][: cfg.static_images], train[1][: cfg.static_images])
+        found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta,
                                      max(cfg.batch_size, 256))
         if found is not None:
             start_schedule = found.best
@@ -103,6 +105,8 @@ def train_selector(
         if start_schedule is not None:
             start["warm_start"] = start_schedule.describe()
         best, best_state = {**start, "iteration": 0}, copy.deepcopy(policy.state_dict())
+    else:
+        start = {}
 
     bar = tqdm(range(1, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False)
     for it in bar:
@@ -164,4 +168,4 @@ def train_selector(
             if callback is not None:
                 callback(metrics, selector)
     policy.load_state_dict(best_state)
-    return TrainResult(selector, best, history, time.perf_counter() - t_start)
+    return TrainResult(selector, best, history, time.perf_counter() - t_start, start)
