@@ -86,17 +86,17 @@ def _fmt(v, spec: str) -> str:
 def summary_table(df: pd.DataFrame, param_names: list[str]) -> str:
     """The printed table: the best configuration per budget x strategy."""
     best = best_per_combo(df)
-    header = f"{'budget':>7} {'strategy':<17} {'top1%':>6} {'GFLOPs':>8} {'fits':>4} {'tokens':>6} {'img/s':>6}  {'trial':>5}  configuration"
+    header = f"{'budget':>7} {'strategy':<18} {'top1%':>6} {'GFLOPs':>8} {'fits':>4} {'tokens':>6} {'img/s':>6}  {'trial':>5}  configuration"
     lines = [header, "-" * len(header)]
     dense = df[df["method"] == "dense"]
     if len(dense) and dense.iloc[0]["status"] in DONE:
         d = dense.iloc[0]
-        lines.append(f"{'100%':>7} {'dense':<17} {_fmt(d[tracking.TOP1], '6.2f')} {_fmt(d[tracking.GFLOPS], '8.4g')} {'':>4} "
+        lines.append(f"{'100%':>7} {'dense':<18} {_fmt(d[tracking.TOP1], '6.2f')} {_fmt(d[tracking.GFLOPS], '8.4g')} {'':>4} "
                      f"{_fmt(d[tracking.FINAL_TOKEN_RATIO], '6.2f')} {_fmt(d[tracking.THROUGHPUT], '6.0f')}  {int(d['trial_number']):>5}")
     for _, r in best.iterrows():
         if r["status"] not in DONE:
             why = {"unreachable": f"unreachable ({r.get('note') or 'below the lowest GFLOPs'})"}.get(r["status"], r["status"])
-            lines.append(f"{r['budget']:>7} {r['strategy']:<17} {'':>6} {'':>8} {'':>4} {'':>6} {'':>6}  {'':>5}  {why}")
+            lines.append(f"{r['budget']:>7} {r['strategy']:<18} {'':>6} {'':>8} {'':>4} {'':>6} {'':>6}  {'':>5}  {why}")
             continue
         if r["method"] == "selector":
             conf = ", ".join(f"{p}={_short(r.get(p))}" for p in param_names if p in r and r.get(p) is not None and not _isnan(r.get(p)))
@@ -104,7 +104,7 @@ def summary_table(df: pd.DataFrame, param_names: list[str]) -> str:
             conf = r.get("param") or ""
         fits = "yes" if r["within_budget"] else "NO"
         trial = "-" if _isnan(r["trial_number"]) else str(int(r["trial_number"]))
-        lines.append(f"{r['budget']:>7} {r['strategy']:<17} {_fmt(r[tracking.TOP1], '6.2f')} {_fmt(r[tracking.GFLOPS], '8.4g')} {fits:>4} "
+        lines.append(f"{r['budget']:>7} {r['strategy']:<18} {_fmt(r[tracking.TOP1], '6.2f')} {_fmt(r[tracking.GFLOPS], '8.4g')} {fits:>4} "
                      f"{_fmt(r[tracking.FINAL_TOKEN_RATIO], '6.2f')} {_fmt(r[tracking.THROUGHPUT], '6.0f')}  {trial:>5}  {conf}")
     return "\n".join(lines)
 
