@@ -87,6 +87,7 @@ class SelectorConfig(Strict):
     budget_spread: float = Field(default=0.25, ge=0, lt=1)  # train on budgets in budget*(1 +- spread)
     decision_blocks: list[int] = Field(default_factory=lambda: [3, 6, 9])
     joint_widths: bool = True  # heads, MLP and embedding widths move together (one level per stage)
+    merge_spread: bool = False  # merge / prune_merge: a stage's merge keep is spread over its blocks (ToMe-like), stage 0 included
 
     # data: rollouts on images the meta-network never trained on (a part of the test split,
     # disjoint from validation and test images) or on the train split; see docs/selector.md

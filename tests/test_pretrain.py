@@ -98,6 +98,7 @@ def smoke_run(tmp_path_factory):
     return storage, first
 
 
+@pytest.mark.slow
 def test_two_worker_smoke_run_gives_a_checkpoint_that_loads_and_evaluates(smoke_run):
     storage, proc = smoke_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,6 +120,7 @@ def test_two_worker_smoke_run_gives_a_checkpoint_that_loads_and_evaluates(smoke_
     assert len(client.get_metric_history(run_id, "top1_largest")) == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(smoke_run):
     storage, first = smoke_run
     assert first.returncode == 0
@@ -138,6 +140,7 @@ def test_resume_continues_from_the_saved_epoch(smoke_run):
     assert len(client.get_metric_history(run_id, "top1_largest")) == 3
 
 
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_refused(smoke_run):
     storage, first = smoke_run
     proc = _run("--preset", "smoke", "--storage", str(storage), "--resume", "--set", "model=prance_vit_fmnist")

@@ -5,10 +5,12 @@ pretraining smoke preset both run to SUCCEEDED and leave their results in --stor
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from test_sweep import sweep_runs, tiny_args
 
 
+@pytest.mark.slow
 def test_budget_sweep_as_a_ray_job(ray_cluster, micro_checkpoint, tmp_path):
     status, out = ray_cluster.submit("python", "sweeps/budget_sweep.py", *tiny_args(micro_checkpoint),
                                      "--storage", str(tmp_path), "--name", "job", submission_id="prance-sweep-test")
@@ -22,6 +24,7 @@ def test_budget_sweep_as_a_ray_job(ray_cluster, micro_checkpoint, tmp_path):
     assert runs and all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow
 def test_pretrain_smoke_as_a_ray_job(ray_cluster, tmp_path):
     status, out = ray_cluster.submit("python", "sweeps/pretrain.py", "--preset", "smoke", "--storage", str(tmp_path),
                                      submission_id="prance-pretrain-test")

@@ -98,11 +98,13 @@ def micro():
     return create_meta("prance_vit_micro").eval()
 
 
-@pytest.mark.parametrize("strategy", ["prune", "merge", "prune_merge"])
+@pytest.mark.parametrize("strategy,spread", [("prune", False), ("merge", False), ("prune_merge", False), ("merge", True), ("prune_merge", True)])
 @pytest.mark.parametrize("joint", [True, False])
-def test_grouped_execution_equals_each_image_alone(micro, strategy, joint):
+def test_grouped_execution_equals_each_image_alone(micro, strategy, spread, joint):
     torch.manual_seed(1)
-    actions = ActionSpace(micro.arch, micro.space, strategy, [1, 2, 3], joint_widths=joint)
+    actions = ActionSpace(micro.arch, micro.space, strategy, [1, 2, 3], joint_widths=joint, merge_spread=spread)
+    if spread:  # merging starts in stage 0 and runs in every block
+        assert actions.active(0)[-1] and not (strategy == "prune_merge" and actions.active(0)[-2])
     table = CostTable(actions)
     from prance.selector.features import obs_dim
 

@@ -238,7 +238,7 @@ def test_ppt_significance_is_the_reference_formula_on_a_real_forward():
     from prance.models import engine
     from prance.tokens.state import CLS_ATTN, V_NORM
 
-    m = create_meta("deit_small_patch16_224", img_size=64)
+    m = create_meta("deit_small_patch16_224", img_size=64, depth=1)  # DeiT-S's block 0 is all it needs
     x = torch.randn(2, 3, 64, 64, generator=_gen(5))
     blk = m.vit.blocks[0]
     with torch.no_grad():

@@ -89,6 +89,7 @@ class ActionSpace:
         strategy: str,
         decision_blocks: list[int] | tuple[int, ...],
         joint_widths: bool = True,
+        merge_spread: bool = False,
     ):
         if strategy not in SELECTOR_STRATEGIES:
             raise PranceError(f"the selector supports strategies {', '.join(SELECTOR_STRATEGIES)}; got {strategy!r}")
@@ -98,6 +99,7 @@ class ActionSpace:
         if strategy in ("prune", "prune_merge") and not arch.has_class_token:
             raise PranceError(f"strategy {strategy!r} ranks tokens by class-token attention; this model has no class token")
         self.arch, self.space, self.strategy = arch, space, strategy
+        self.merge_spread = merge_spread and strategy in ("merge", "prune_merge")
         starts = [0] + blocks
         self.stages: list[tuple[int, int]] = list(zip(starts, starts[1:] + [arch.depth]))
         grids = KEEP_GRIDS[strategy]
@@ -120,8 +122,16 @@ class ActionSpace:
         return len(self.stages)
 
     def active(self, stage: int) -> tuple[bool, ...]:
-        """Which dimensions stage ``stage`` decides (stage 0 runs before any token op)."""
-        return tuple(stage > 0 or not d.name.startswith("keep") for d in self.dims)
+        """Which dimensions stage ``stage`` decides: stage 0 has no keep choice (PRANCE
+        reduces tokens at the later stages' first blocks), except the merge keep with
+        ``merge_spread``, whose merging may start in block 0 as ToMe's does."""
+
+        def decided(d: Dim) -> bool:
+            if stage > 0 or not d.name.startswith("keep"):
+                return True
+            return self.merge_spread and d.name in ("keep", "keep_merge")
+
+        return tuple(decided(d) for d in self.dims)
 
     def fixed_index(self, dim: int) -> int:
         """The index an inactive dimension takes: keep 1.0 (the last choice)."""
@@ -136,8 +146,21 @@ class ActionSpace:
     def stage_ops(self, stage: int, dec: StageDecision) -> list[TokenOp | None]:
         start, stop = self.stages[stage]
         ops: list[TokenOp | None] = [None] * (stop - start)
+        p = self.arch.num_prefix_tokens
+        if self.merge_spread:
+            # the stage's merge keep is spread over its blocks: each merges to keep**(1/L)
+            # of the patches entering it, so the stage leaves about `keep` of them (ToMe-like)
+            merge_keep = dec.keeps[-1]
+            if self.strategy == "prune_merge" and dec.keeps[0] < 1.0:
+                ops[0] = prune_op(dec.keeps[0], p)
+            if merge_keep < 1.0:
+                per_block = merge_keep ** (1.0 / (stop - start))
+                for i in range(stop - start):
+                    merge = merge_keep_op(per_block, p)
+                    ops[i] = merge if ops[i] is None else chain("prune_merge", ops[i], merge)
+            return ops
         if stage > 0:
-            ops[0] = token_op(self.strategy, dec.keeps, self.arch.num_prefix_tokens)
+            ops[0] = token_op(self.strategy, dec.keeps, p)
         return ops
 
     def compose(self, decisions: list[StageDecision]) -> tuple[SubNet, TokenPlan]:
@@ -158,6 +181,7 @@ class ActionSpace:
         return {
             "strategy": self.strategy,
             "joint_widths": self.joint,
+            "merge_spread": self.merge_spread,
             "stages": [list(s) for s in self.stages],
             "dims": {d.name: [list(c) if isinstance(c, tuple) else c for c in d.choices] for d in self.dims},
         }

@@ -39,9 +39,10 @@ class Selector:
 
     @classmethod
     def create(
-        cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None
+        cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None,
+        merge_spread: bool = False,
     ) -> "Selector":
-        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths)
+        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths, merge_spread)
         torch.manual_seed(seed)
         e, n_st = meta.arch.embed_dim, actions.num_stages
         policy = ActorCritic(obs_dim(e, n_st), actions.sizes, hidden, stage_slice(e, n_st))
@@ -50,7 +51,7 @@ class Selector:
     @classmethod
     def for_config(cls, meta: MetaViT, cfg) -> "Selector":
         """A fresh selector as a :class:`prance.config.SelectorConfig` describes it."""
-        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths)
+        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, merge_spread=cfg.merge_spread)
 
     @property
     def overhead_macs(self) -> int:

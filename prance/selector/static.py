@@ -74,8 +74,11 @@ def schedules(selector: Selector, budget_gflops: float) -> list[Schedule]:
     per_stage_widths = list(itertools.product(*(range(n) for n in width_sizes)))
 
     def indices_of(widths: tuple[tuple[int, ...], ...], keep: tuple[int, ...]) -> list[tuple[int, ...]]:
-        fixed = tuple(actions.fixed_index(w_dims + d) for d in range(len(keep_sizes)))
-        return [tuple(widths[t]) + (keep if actions.active(t)[w_dims] else fixed) for t in range(S)]
+        out = []
+        for t in range(S):
+            on = actions.active(t)
+            out.append(tuple(widths[t]) + tuple(k if on[w_dims + d] else actions.fixed_index(w_dims + d) for d, k in enumerate(keep)))
+        return out
 
     def fits(widths, keep) -> bool:
         return _cost(selector, indices_of(widths, keep)) <= limit

@@ -72,7 +72,8 @@ def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
         )
     strategy = header["actions"]["strategy"]
     selector = Selector.create(
-        meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found
+        meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found,
+        merge_spread=header["actions"].get("merge_spread", False),
     )
     if selector.actions.signature() != header["actions"]:
         raise PranceError(f"selector {path}: its action space does not match this meta-network's sub-network space")
