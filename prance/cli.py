@@ -178,8 +178,8 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
 
     def report(m: dict) -> None:
         print(
-            f"[selector] it {m['iteration']:3d}: val top1 {m['top1']:.2f}%  gflops {m['gflops']:.4f} "
-            f"(budget {m['budget_gflops']:.4f})  reward {m['reward']:.3f}  {m['elapsed_s']:.0f}s",
+            f"[selector] it {m['iteration']:3d}: kept (it {m['best_iteration']}) val top1 {m['top1']:.2f}%  gflops {m['gflops']:.4f} "
+            f"(budget {m['budget_gflops']:.4f})  latest policy {m['current_top1']:.2f}%  {m['elapsed_s']:.0f}s",
             file=sys.stderr,
         )
 

@@ -180,6 +180,8 @@ def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tm
         assert set(m) >= {"top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward"}
     assert final["top1"] > 60 and final["test_top1"] > 60  # chance is 10%
     assert final["top1"] >= final["warm_start_top1"] and final["warm_start"]  # never worse than its static start
+    kept = [m["top1"] for m in seen]  # each report is the selector that would be kept: never below the start, never falling
+    assert kept == sorted(kept) and kept[0] >= final["warm_start_top1"] and kept[-1] == final["top1"]
     assert final["test_gflops"] <= final["budget_gflops"] * (1 + 1e-9)
     assert (tmp_path / SELECTOR_FILE).is_file()
 

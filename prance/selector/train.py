@@ -69,7 +69,8 @@ def train_selector(
 ) -> TrainResult:
     """PPO for ``cfg.iterations`` updates; every ``cfg.eval_every`` (and at the end) the
     greedy selector is evaluated on ``val`` at ``budget_gflops`` and ``callback(metrics,
-    selector)`` is called. ``selector``: a fresh one made from ``cfg`` by the caller
+    selector)`` is called with the best selector so far (its validation metrics, this
+    iteration's training statistics, ``current_top1`` of the latest policy). ``selector``: a fresh one made from ``cfg`` by the caller
     (default: made here)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -166,6 +167,14 @@ def train_selector(
             if best is None or metrics["top1"] > best["top1"]:
                 best, best_state = dict(metrics), copy.deepcopy(policy.state_dict())
             if callback is not None:
-                callback(metrics, selector)
+                # report the selector that would be kept (best so far, the warm start
+                # included) with this iteration's training statistics: a trial stopped
+                # early by a scheduler ends with the policy it would keep, not its latest
+                kept = {**best, **train_row, "iteration": it, "best_iteration": best["iteration"],
+                        "current_top1": metrics["top1"], "elapsed_s": metrics["elapsed_s"], "lagrange": lam}
+                current = copy.deepcopy(policy.state_dict())
+                policy.load_state_dict(best_state)
+                callback(kept, selector)
+                policy.load_state_dict(current)
     policy.load_state_dict(best_state)
     return TrainResult(selector, best, history, time.perf_counter() - t_start, start)
