@@ -135,3 +135,44 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
     except (AttributeError, TypeError) as e:
         raise PranceError(f"checkpoint {path} has a malformed sub-network space in its header ({e})") from None
     return MetaViT(vit, space).eval(), header
+
+
+def save_state(path: str | Path, state: dict) -> Path:
+    """Training state (optimiser states, counters, RNG states: tensors and plain
+    containers only) written atomically, for :func:`load_state`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_state(path: str | Path) -> dict:
+    """A training state saved by :func:`save_state`, through ``torch.load(weights_only=True)``;
+    PranceError naming the file when it is missing, truncated or not plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise PranceError(f"training state {path} not found")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PranceError(f"{path} is a corrupt or truncated training state ({type(e).__name__}: {first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise PranceError(f"{path} is not a prance training state (a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def verify_safetensors(path: str | Path) -> None:
+    """Read every tensor of a safetensors file; PranceError when it is truncated or corrupt."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PranceError(f"{path} not found")
+    read_header(path)
+    try:
+        load_file(str(path))
+    except Exception as e:
+        raise PranceError(f"{path} is a corrupt safetensors file ({type(e).__name__}: {e})") from None

@@ -165,7 +165,8 @@ def _selector_config(args: argparse.Namespace):
 def cmd_train_selector(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
-    from prance.selector.run import SELECTOR_FILE, run_selector
+    from prance.selector.run import run_selector
+    from prance.selector.store import SELECTOR_FILE
 
     cfg = _selector_config(args)
     if cfg.test_limit is None and not any(item.strip().startswith("test_limit=") for item in args.set):

@@ -230,6 +230,7 @@ class SweepConfig(Strict):
     storage: str = "runs/sweeps"  # local folder or s3://, gs://, an NFS path
     name: str | None = None  # default <preset>-<date>-<time>
     mlflow_uri: str | None = None  # default sqlite:///<storage>/mlflow.db
+    mlflow_wait_s: float = Field(default=600.0, ge=0, allow_inf_nan=False)  # at the end, how long to wait for an MLflow server that stopped answering
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":

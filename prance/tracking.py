@@ -41,6 +41,15 @@ def resolve_uri(uri: str | None, folder: str | os.PathLike) -> str:
     return uri
 
 
+def is_reachable(uri: str, timeout_s: float = 2.0) -> bool:
+    """Whether the tracking store answers now (a server's /health; local stores always)."""
+    try:
+        check_reachable(uri, timeout_s)
+    except PranceError:
+        return False
+    return True
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any run is created, when an MLflow server does not answer."""
     if not uri.startswith(("http://", "https://")):

@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if out.interrupted:
         print(f"interrupted: {out.interrupted} trial(s) unfinished; continue with: python sweeps/budget_sweep.py --resume --name {out.name}"
               + (f" --storage {args.storage}" if args.storage else ""))
+    if out.tracking_error:
+        print(f"budget_sweep: MLflow is behind: {out.tracking_error}. results.csv has every trial; once MLflow answers, "
+              f"python sweeps/budget_sweep.py --resume --name {out.name}" + (f" --storage {args.storage}" if args.storage else "")
+              + " writes the missing runs", file=sys.stderr)
     print(f"done in {out.wall_s / 60:.1f} min. Pareto plot: {out.plot}")
     print(f"MLflow UI: {mlflow_ui_command(out.mlflow_uri, out.experiment_id)}")
-    return 130 if out.interrupted else (1 if out.failed else 0)
+    return 130 if out.interrupted else (1 if out.failed else (3 if out.tracking_error else 0))
 
 
 if __name__ == "__main__":

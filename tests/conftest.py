@@ -124,3 +124,49 @@ def ray_cluster():
             pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- chaos helpers
+
+
+def ray_workers(root_pid: int, title: str) -> list:
+    """The live processes under ``root_pid`` (a driver this test started) whose process
+    title starts with ``title`` (Ray sets it: ``ray::ImplicitFunc.train`` is a Tune trial,
+    ``ray::RayTrainWorker`` a Ray Train worker)."""
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in children:
+        try:
+            if " ".join(p.cmdline()).startswith(title):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def descendants(root_pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def reap(processes: list, grace_s: float = 15.0) -> None:
+    """Wait for processes a killed driver leaves behind (Ray's reaper ends them), then
+    SIGKILL what is still there: only processes this test started."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)

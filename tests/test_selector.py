@@ -166,7 +166,8 @@ def test_budget_below_reach_is_refused(micro):
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped checkpoint missing")
 def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tmp_path):
-    from prance.selector.run import SELECTOR_FILE, run_selector
+    from prance.selector.run import run_selector
+    from prance.selector.store import SELECTOR_FILE
 
     cfg = SelectorConfig(
         checkpoint=str(SHIPPED), strategy="prune", budget="45%", iterations=4, rollout_images=96,
@@ -225,3 +226,51 @@ def test_cli_refuses_a_selector_of_another_meta_network(micro, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) >= {"top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward"}
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_where_it_stopped(micro_checkpoint, tmp_path):
+    """A run cut off after its iteration-2 checkpoint, resumed from the folder, ends exactly
+    where the uninterrupted run ends: same reports after the cut, same kept selector."""
+    from safetensors.torch import load_file
+
+    from prance.selector.run import run_selector
+    from prance.selector.store import SELECTOR_FILE, STATE_FILE
+
+    cfg = SelectorConfig(checkpoint=str(micro_checkpoint), strategy="merge", budget="60%", decision_blocks=[1, 2, 3],
+                         hidden=16, iterations=4, eval_every=1, rollout_images=32, minibatch=16, ppo_epochs=2,
+                         train_limit=128, val_limit=64, static_images=64, static_first_images=32)
+    keys = ("iteration", "top1", "gflops", "reward", "train_reward", "train_top1", "best_iteration", "current_top1", "lagrange")
+    whole = []
+    final = run_selector(cfg, lambda m: whole.append({k: m[k] for k in keys}), tmp_path / "whole", progress=False)
+
+    cut = []
+
+    def report(m):
+        cut.append({k: m[k] for k in keys})
+        if m["iteration"] == 2:
+            raise _Killed  # the process dies right after its iteration-2 checkpoint
+
+    with pytest.raises(_Killed):
+        run_selector(cfg, report, tmp_path / "cut", progress=False)
+    rest = []
+    resumed = run_selector(cfg, lambda m: rest.append({k: m[k] for k in keys}), tmp_path / "cut", progress=False,
+                           resume_from=tmp_path / "cut")
+    assert [m["iteration"] for m in rest] == [3, 4]  # no iteration repeated or skipped
+    assert cut + rest == whole
+    final_keys = ("iteration", "top1", "gflops", "reward", "token_ratio", "test_top1")
+    assert {k: resumed.get(k) for k in final_keys} == {k: final.get(k) for k in final_keys}
+    a, b = load_file(str(tmp_path / "whole" / SELECTOR_FILE)), load_file(str(tmp_path / "cut" / SELECTOR_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a truncated training state is refused in one line, never unpickled into garbage
+    state = tmp_path / "cut" / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(PranceError, match="corrupt or truncated"):
+        run_selector(cfg, None, tmp_path / "cut", progress=False, resume_from=tmp_path / "cut")
+    # a state of another configuration is refused too
+    with pytest.raises(PranceError, match="another configuration"):
+        run_selector(cfg.model_copy(update={"actor_lr": 0.5}), None, tmp_path / "x", progress=False, resume_from=tmp_path / "whole")

@@ -6,6 +6,7 @@ one with `ray job submit`)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from prance.sweep.plan import plan_sweep
 from prance.sweep.space import DefineByRun
 from prance.sweep.trial import TrialContext, score, validation_images
 
-from conftest import free_port
+from conftest import descendants, free_port, ray_workers, reap
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "sweeps" / "budget_sweep.py"
@@ -221,35 +222,50 @@ def test_bad_input_from_the_command_line(tmp_path, micro_checkpoint):
 # ------------------------------------------------------------------- real sweeps on Ray
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifacts)."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-           "--workers", "1"]
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
-    uri = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifacts)
+    that a test can stop and start again on the same port and database."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",
+               str(self.folder / "artifacts"), "--workers", "1"]
+        log = open(self.folder / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder)
         deadline = time.monotonic() + 90
         while True:
             try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
+                return
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped")) -> pd.DataFrame:
@@ -268,9 +284,51 @@ def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped"
     return df
 
 
+DONE_LINE = re.compile(r"^\[\s*\d+:\d+\]\s+\d+/\d+ ")  # the driver's line for an ended trial
+
+
 @pytest.mark.slow
-def test_tiny_sweep_against_a_real_mlflow_server(tmp_path, micro_checkpoint, mlflow_server):
-    proc = run_sweep(*tiny_args(micro_checkpoint), "--storage", str(tmp_path), "--name", "srv", "--mlflow-uri", mlflow_server)
+def test_tiny_sweep_against_a_real_mlflow_server_that_restarts(tmp_path, micro_checkpoint, mlflow_server):
+    """The server is stopped after three trials and started again two trials later: the
+    sweep goes on, queues its MLflow writes, and ends with every run complete."""
+    args = tiny_args(micro_checkpoint, "--set", "max_concurrent_trials=1", "--storage", str(tmp_path), "--name", "srv",
+                     "--mlflow-uri", mlflow_server.uri)
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    import threading
+
+    errors: list[str] = []
+    state = {"ended": 0, "stopped_at": None, "restarted": False}
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def restart_when_due() -> None:  # two trials later, or as soon as the driver waits for the server
+        while proc.poll() is None:
+            at = state["stopped_at"]
+            if at is not None and (state["ended"] >= at + 2 or any("waiting up to" in e for e in errors)):
+                mlflow_server.start()
+                state["restarted"] = True
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=restart_when_due, daemon=True)
+    watcher.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if DONE_LINE.match(line):
+            state["ended"] += 1
+            if state["ended"] == 3:
+                mlflow_server.stop()
+                state["stopped_at"] = 3
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    watcher.join(timeout=60)
+    stopped_at = state["stopped_at"]
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), "".join(errors))
+    assert stopped_at is not None and "stopped answering" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert state["restarted"] and "answers again" in proc.stdout
+    mlflow_server = mlflow_server.uri
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Best configuration per budget x strategy" in proc.stdout
     df = check_report(tmp_path / "srv", proc.stdout)
@@ -304,39 +362,78 @@ def test_tiny_sweep_against_a_real_mlflow_server(tmp_path, micro_checkpoint, mlf
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicate_or_running_runs(tmp_path, micro_checkpoint):
-    # one trial at a time, selector trials long enough to interrupt the sweep in the middle
+def test_sweep_survives_a_killed_trial_a_killed_driver_and_ctrl_c(tmp_path, micro_checkpoint):
+    """Faults as users on spot machines meet them, one sweep: a selector trial's worker
+    process SIGKILLed mid-trial (Tune retries it from its checkpoint: it continues, not
+    restarts), the driver SIGKILLed, the resumed driver stopped with Ctrl-C, a second
+    resume. In the end: every trial once in results.csv, one FINISHED MLflow run per trial,
+    each iteration's metrics logged once; a corrupted Tune state refuses to resume in one line."""
     args = tiny_args(micro_checkpoint, "--set", "max_concurrent_trials=1", "--set", "trials_per_combo=2",
-                     "--set", "selector.iterations=8", "--storage", str(tmp_path), "--name", "cut")
-    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                     "--set", "selector.iterations=8", "--set", "max_failures=1", "--storage", str(tmp_path), "--name", "cut")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, start_new_session=True)
+    seen, killed_trial, children = [], None, []
+    for line in proc.stdout:
+        seen.append(line)
+        if killed_trial is None and " it   2/8" in line and "prune@" in line:
+            trials = ray_workers(proc.pid, "ray::ImplicitFunc")
+            assert len(trials) == 1, "".join(seen)
+            trials[0].kill()  # SIGKILL the trial's worker process
+            killed_trial = line.split("#")[1].split()[0]
+        elif killed_trial is not None and re.search(r" it +\d+/8", line) and f"#{killed_trial} " not in line:
+            children = descendants(proc.pid)
+            proc.kill()  # SIGKILL the driver while the next selector trial runs
+            break
+    proc.wait(timeout=60)
+    reap(children)
+    out = "".join(seen)
+    assert killed_trial is not None and children, out[-3000:]
+    assert "Tune retries it from its last checkpoint" in out
+    its = [int(m.group(1)) for ln in seen if f"#{killed_trial} " in ln for m in [re.search(r" it +(\d+)/8", ln)] if m]
+    assert its[:2] == [2, 4], out[-3000:]  # continued from its checkpoint at 2, no restart
+
+    # resume, and Ctrl-C the resumed driver during a selector trial
+    proc = subprocess.Popen([sys.executable, str(SWEEP), "--resume", "--name", "cut", "--storage", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if " it " in line and "prune@" in line:  # a selector trial is under way
-            proc.send_signal(signal.SIGINT)  # Ctrl-C to the driver
+        if re.search(r" it +\d+/8", line):
+            proc.send_signal(signal.SIGINT)
             break
     rest, _ = proc.communicate(timeout=120)
     out = "".join(seen) + rest
-    assert proc.returncode == 130, out[-3000:]
-    assert "--resume --name cut" in out
-    first = pd.read_csv(tmp_path / "cut" / "results.csv")
-    done_before = first[first["status"].isin(["finished", "stopped"])]
-    assert len(done_before) >= 7 and first["status"].isin(["interrupted", "pending"]).any()
+    if proc.returncode != 0:  # the Ctrl-C came before the sweep's last trial ended
+        assert proc.returncode == 130 and "--resume --name cut" in out, out[-3000:]
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        _, runs = sweep_runs(uri, "cut")
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        again = run_sweep("--resume", "--name", "cut", "--storage", str(tmp_path))
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        out = again.stdout
+    df = check_report(tmp_path / "cut", out)
+    trials = df[df["status"] != "unreachable"]
+    assert len(trials) == 1 + 4 + 2 + 4 and trials["trial_number"].is_unique  # dense + training-free + static + 2 x 2 selector
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _, runs = sweep_runs(uri, "cut")
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-
-    again = run_sweep("--resume", "--name", "cut", "--storage", str(tmp_path))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    df = check_report(tmp_path / "cut", again.stdout)
-    assert len(df[df["status"] != "unreachable"]) == 1 + 4 + 2 + 4  # dense + training-free + static + 2 x 2 selector trials
-    # no finished trial was lost or run again: same trial ids, same results
-    merged = done_before.merge(df, on="trial_number", suffixes=("_before", "_after"))
-    assert len(merged) == len(done_before)
-    assert (merged["trial_id_before"] == merged["trial_id_after"]).all()
-    assert (merged["top1_before"] == merged["top1_after"]).all()
     client, runs = sweep_runs(uri, "cut")
     assert not [r for r in runs if r.info.status != "FINISHED"]
-    numbers = Counter(r.data.tags["prance.trial_number"] for r in runs if r.data.tags.get("prance.kind") == "sweep-trial")
+    trial_runs = [r for r in runs if r.data.tags.get("prance.kind") == "sweep-trial"]
+    numbers = Counter(r.data.tags["prance.trial_number"] for r in trial_runs)
     assert len(numbers) == 11 and set(numbers.values()) == {1}  # one run per trial: no duplicates
     assert sum(r.data.tags.get("prance.kind") == "sweep-summary" for r in runs) == 1
+    for r in trial_runs:
+        if r.data.tags["method"] == "selector":
+            steps = [h.step for h in client.get_metric_history(r.info.run_id, "score")]
+            assert len(steps) == len(set(steps)), (r.data.tags["prance.trial_number"], steps)  # each iteration once
+    killed = next(r for r in trial_runs if r.data.tags["prance.trial_number"] == killed_trial)
+    steps = sorted(h.step for h in client.get_metric_history(killed.info.run_id, "score"))
+    assert steps[:2] == [2, 4] and len(steps) == len(set(steps))
+
+    # a corrupted Tune state: one line, exit 2, results.csv untouched
+    for state in (tmp_path / "cut").glob("experiment_state-*.json"):
+        state.write_text(state.read_text()[:40])
+    before = (tmp_path / "cut" / "results.csv").read_bytes()
+    bad = run_sweep("--resume", "--name", "cut", "--storage", str(tmp_path))
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("budget_sweep: error: cannot resume")
+    assert (tmp_path / "cut" / "results.csv").read_bytes() == before

@@ -25,10 +25,9 @@ from prance.data import build_dataset, input_spec_for_model, make_loader
 from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector.selector import Selector, evaluate_selector
-from prance.selector.store import save_selector
+from prance.checkpoint import load_state, save_state
+from prance.selector.store import SELECTOR_FILE, STATE_FILE, save_selector
 from prance.selector.train import batches, train_selector
-
-SELECTOR_FILE = "selector.safetensors"
 
 
 def _tensors(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
@@ -77,26 +76,31 @@ def run_selector(
     report: Callable[[dict], None] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    resume_from: str | Path | None = None,
 ) -> dict:
     """Train a selector per ``cfg``; ``report(metrics)`` every ``cfg.eval_every``
-    iterations (after saving ``out_dir/selector.safetensors`` when ``out_dir`` is given).
-    Returns the best validation metrics, plus ``test_*`` ones when ``cfg.test_limit``."""
+    iterations, after saving ``out_dir/selector.safetensors`` (the selector kept so far)
+    and ``out_dir/selector_state.pt`` (the training state) when ``out_dir`` is given.
+    ``resume_from``: a folder holding such a training state, to continue from. Returns
+    the best validation metrics, plus ``test_*`` ones when ``cfg.test_limit``."""
     meta, _ = load_checkpoint(cfg.checkpoint)
     budget = budget_of(meta, cfg.budget)
     # input checks before any data is loaded
     selector = Selector.for_config(meta, cfg)
     selector.check_budget(budget)
+    resume = load_state(Path(resume_from) / STATE_FILE) if resume_from is not None else None
     data = load_data(meta, cfg)
     out = Path(out_dir) if out_dir is not None else None
     config = cfg.model_dump()
 
-    def callback(metrics: dict, selector: Selector) -> None:
+    def callback(metrics: dict, selector: Selector, state: dict) -> None:
         if out is not None:
             save_selector(out / SELECTOR_FILE, selector, config, {"budget_gflops": budget})
+            save_state(out / STATE_FILE, state)
         if report is not None:
             report({**metrics, "budget_gflops": budget})
 
-    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress, selector)
+    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress, selector, resume)
     final = {**result.best, "budget_gflops": budget, "train_seconds": result.seconds}
     if result.start:  # what PPO had to beat: the warm start on the same validation images
         final["warm_start_top1"] = result.start["top1"]

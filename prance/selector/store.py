@@ -15,6 +15,8 @@ from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector.selector import Selector, meta_fingerprint
 
+SELECTOR_FILE = "selector.safetensors"  # the file name in run and trial folders
+STATE_FILE = "selector_state.pt"  # the training state beside it (resume), prance.checkpoint.save_state
 FORMAT = "prance-selector/2"  # 2: the actor has a per-stage prior (warm start from a static schedule)
 
 

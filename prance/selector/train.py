@@ -44,6 +44,41 @@ class TrainResult:
     start: dict = field(default_factory=dict)  # the warm start's validation metrics and schedule (empty without one)
 
 
+STATE_FORMAT = "prance-selector-train/1"
+
+
+def _config_key(cfg: SelectorConfig) -> str:
+    """What must not change between a training state and the run resuming it."""
+    import json
+
+    return json.dumps(cfg.model_dump(exclude={"checkpoint"}), sort_keys=True, default=str)
+
+
+def training_state(cfg: SelectorConfig, budget_gflops: float, iteration: int, policy: dict, best_policy: dict | None,
+                   best: dict | None, actor_opt, critic_opt, gen: torch.Generator, lam: float, history: list, start: dict,
+                   elapsed_s: float) -> dict:
+    """Everything PPO carries past ``iteration``: plain data and tensors (``weights_only``)."""
+    return {
+        "format": STATE_FORMAT, "config": _config_key(cfg), "budget_gflops": float(budget_gflops),
+        "iteration": int(iteration), "policy": policy, "best_policy": best_policy, "best": best,
+        "actor_opt": copy.deepcopy(actor_opt.state_dict()), "critic_opt": copy.deepcopy(critic_opt.state_dict()),
+        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "lagrange": float(lam),
+        "history": list(history), "start": dict(start), "elapsed_s": float(elapsed_s),
+    }
+
+
+def check_resumable(state: dict, cfg: SelectorConfig, budget_gflops: float) -> None:
+    """PranceError unless ``state`` is a training state of this very run."""
+    from prance.errors import PranceError
+
+    if state.get("format") != STATE_FORMAT:
+        raise PranceError(f"not a selector training state of format {STATE_FORMAT} (found {state.get('format')!r})")
+    if state.get("config") != _config_key(cfg) or abs(float(state.get("budget_gflops", -1)) - budget_gflops) > 1e-12:
+        raise PranceError("the selector training state belongs to another configuration or budget: start the run afresh")
+    if not 1 <= int(state.get("iteration", 0)) <= cfg.iterations:
+        raise PranceError(f"the selector training state is at iteration {state.get('iteration')}, outside 1..{cfg.iterations}")
+
+
 def batches(x: Tensor, y: Tensor, size: int):
     """Consecutive ``(x, y)`` batches of ``size`` from in-memory tensors."""
     for i in range(0, x.shape[0], size):
@@ -63,23 +98,28 @@ def train_selector(
     budget_gflops: float,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
-    callback: Callable[[dict, Selector], None] | None = None,
+    callback: Callable[[dict, Selector, dict], None] | None = None,
     progress: bool = True,
     selector: Selector | None = None,
+    resume: dict | None = None,
 ) -> TrainResult:
     """PPO for ``cfg.iterations`` updates; every ``cfg.eval_every`` (and at the end) the
     greedy selector is evaluated on ``val`` at ``budget_gflops`` and ``callback(metrics,
-    selector)`` is called with the best selector so far (its validation metrics, this
-    iteration's training statistics, ``current_top1`` of the latest policy). ``selector``: a fresh one made from ``cfg`` by the caller
-    (default: made here)."""
+    selector, state)`` is called with the best selector so far (its validation metrics,
+    this iteration's training statistics, ``current_top1`` of the latest policy) and the
+    training state to resume from (:func:`training_state`). ``selector``: a fresh one made
+    from ``cfg`` by the caller (default: made here). ``resume``: such a state; training
+    continues after its iteration exactly as it would have without the interruption."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     meta.eval()
     selector = selector or Selector.for_config(meta, cfg)
     selector.check_budget(budget_gflops)
+    if resume is not None:
+        check_resumable(resume, cfg, budget_gflops)
     start_schedule = None
-    if cfg.warm_start > 0:
+    if cfg.warm_start > 0 and resume is None:
         images = (train[0][: cfg.static_images], train[1][: cfg.static_images])
         found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta,
                                      max(cfg.batch_size, 256))
@@ -100,7 +140,18 @@ def train_selector(
     best: dict | None = None
     best_state = None
 
-    if cfg.warm_start > 0:
+    first = 1
+    if resume is not None:  # everything the loop carries from one iteration to the next
+        policy.load_state_dict(resume["policy"])
+        actor_opt.load_state_dict(resume["actor_opt"])
+        critic_opt.load_state_dict(resume["critic_opt"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        lam, history, start = float(resume["lagrange"]), list(resume["history"]), dict(resume["start"])
+        best, best_state = (dict(resume["best"]), resume["best_policy"]) if resume["best"] is not None else (None, None)
+        first = int(resume["iteration"]) + 1
+        t_start -= float(resume["elapsed_s"])
+    elif cfg.warm_start > 0:
         # the starting (warm) policy is a candidate too: PPO must beat it on validation
         start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
         if start_schedule is not None:
@@ -109,7 +160,8 @@ def train_selector(
     else:
         start = {}
 
-    bar = tqdm(range(1, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False)
+    bar = tqdm(range(first, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False,
+               initial=first - 1, total=cfg.iterations)
     for it in bar:
         idx = torch.randperm(xs.shape[0], generator=gen)[: cfg.rollout_images]
         x, y = xs[idx], ys[idx]
@@ -173,8 +225,10 @@ def train_selector(
                 kept = {**best, **train_row, "iteration": it, "best_iteration": best["iteration"],
                         "current_top1": metrics["top1"], "elapsed_s": metrics["elapsed_s"], "lagrange": lam}
                 current = copy.deepcopy(policy.state_dict())
+                state = training_state(cfg, budget_gflops, it, current, best_state, best, actor_opt, critic_opt, gen, lam,
+                                       history, start, time.perf_counter() - t_start)
                 policy.load_state_dict(best_state)
-                callback(kept, selector)
+                callback(kept, selector, state)
                 policy.load_state_dict(current)
     policy.load_state_dict(best_state)
     return TrainResult(selector, best, history, time.perf_counter() - t_start, start)

@@ -118,3 +118,19 @@ def append_timing(folder: Path, session: dict) -> Path:
     sessions.append({**session, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
     path.write_text(json.dumps(sessions, indent=2) + "\n")
     return path
+
+
+def check_tune_state(storage: str, name: str) -> None:
+    """Before Ray starts: PranceError when the newest Tune experiment state of a local
+    sweep folder does not parse (a truncated copy, a disk that filled up)."""
+    if is_remote(storage):
+        return  # Tune reads it itself; its error is reported when the restore fails
+    folder = Path(experiment_path(storage, name))
+    states = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PranceError(f"cannot resume sweep {name}: Tune's saved state {states[-1]} is unreadable ({type(e).__name__}: "
+                          f"{str(e)[:120]}); results.csv in {folder} keeps the trials that finished") from None

@@ -30,7 +30,6 @@ from typing import Callable
 from prance import tracking
 
 TRAINING_FREE_TOKENS = ("prune", "merge", "prune_merge", "ppt")
-SELECTOR_FILE = "selector.safetensors"
 FINAL = "final"  # set in a trial's last report when it ran to its end
 
 Report = Callable[[dict, "Path | None"], None]  # (metrics, folder holding the selector checkpoint or None)
@@ -157,9 +156,11 @@ def selector_config(config: dict, ctx: TrialContext):
     return SelectorConfig.model_validate(data)
 
 
-def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path) -> dict:
+def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
     """Run the trial described by ``config`` (a combo plus suggested parameters), calling
-    ``report`` with its metrics; returns the final metrics."""
+    ``report`` with its metrics; returns the final metrics. A selector trial keeps its
+    checkpoint (the selector so far and its training state) in ``workdir``; ``restored``:
+    ``workdir`` already holds one (a retried or resumed trial), training continues from it."""
     import torch
 
     start = time.perf_counter()
@@ -184,6 +185,7 @@ def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path) ->
         return final
 
     from prance.selector.run import run_selector
+    from prance.selector.store import SELECTOR_FILE
 
     cfg = selector_config(config, ctx)
     base = baseline_top1(ctx, budget)
@@ -206,7 +208,7 @@ def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path) ->
         if int(m.get("iteration", 0)) < cfg.iterations:
             report(with_score(m), checkpoint_dir())
 
-    final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress))
+    final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress, resume_from=workdir if restored else None))
     # The final metrics are those of the best validation iteration (the selector that is
     # kept), reported at the last iteration so that MLflow and Tune show them last.
     final["best_iteration"] = final.get("iteration", cfg.iterations)

@@ -38,7 +38,8 @@ from prance.sweep import store
 from prance.sweep.plan import SweepPlan, plan_sweep, trial_threads
 from prance.sweep.runs import SweepRuns
 from prance.sweep.space import DefineByRun
-from prance.sweep.trial import FINAL, SELECTOR_FILE, TrialContext, run_trial, selector_config
+from prance.selector.store import SELECTOR_FILE
+from prance.sweep.trial import FINAL, TrialContext, run_trial, selector_config
 
 # Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
 NOT_LOGGED = frozenset({"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname",
@@ -58,13 +59,19 @@ def trainable(config: dict, ctx: TrialContext) -> None:
     for name in ("ray.tune", "ray.train"):  # no "Checkpoint successfully created" line per report
         logging.getLogger(name).setLevel(logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="prance-selector-"))
+    restored = False
+    checkpoint = tune.get_checkpoint()  # a retried trial, or an unfinished one of a resumed sweep
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, workdir, dirs_exist_ok=True)
+        restored = True
 
     def report(metrics: dict, folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 
     try:
-        run_trial(config, ctx, report, workdir)
+        run_trial(config, ctx, report, workdir, restored)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -75,6 +82,14 @@ def trainable(config: dict, ctx: TrialContext) -> None:
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m:d}:{s:02d}"
+
+
+def run_name(config: dict) -> str:
+    return f"{config['strategy']}@{config['budget']}#{config['trial_number']}"
+
+
+def run_tags(config: dict) -> dict:
+    return {k: config.get(k) for k in ("method", "strategy", "token_strategy", "budget", "budget_gflops")}
 
 
 def _label(config: dict) -> str:
@@ -106,19 +121,25 @@ class Progress:
             base.update({k: self.ctx.selector.get(k) for k in ("val_limit", "batch_size", "seed")})
         return base
 
+    def tracked(self, what: str, write) -> None:
+        """MLflow writes never take the sweep down (an outage is queued by SweepRuns)."""
+        try:
+            write()
+        except Exception as e:
+            print(f"warning: MLflow {what} failed: {e}", file=sys.stderr, flush=True)
+
     def on_start(self, trial) -> None:
         c = trial.config
         n = int(c["trial_number"])
-        self.started[n] = time.monotonic()
-        tags = {k: c.get(k) for k in ("method", "strategy", "token_strategy", "budget", "budget_gflops")}
-        self.runs.open(n, trial.trial_id, f"{c['strategy']}@{c['budget']}#{n}", self.params(c), tags)
+        self.started.setdefault(n, time.monotonic())
+        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, run_name(c), self.params(c), run_tags(c)))
 
     def on_result(self, trial, result: dict) -> None:
         c = trial.config
         n = int(c["trial_number"])
         step = int(result.get("iteration", 0) or 0)
         metrics = {k: v for k, v in result.items() if k not in NOT_LOGGED}
-        self.runs.log(n, metrics, step)
+        self.tracked(f"metrics of trial {n}", lambda: self.runs.log(n, metrics, step))
         if c.get("method") == "selector" and not result.get(FINAL):
             self.line(f"      {_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
                       f"{result.get('gflops', float('nan')):.4g} GFLOPs  score {result.get('score', float('nan')):+7.2f}")
@@ -134,13 +155,13 @@ class Progress:
         metrics = {"trial_wall_s": wall, "trial_body_s": last.get("body_s")}
         step = int(last.get("iteration", 0) or 0)
         checkpoint = None if error else trial.checkpoint
-        try:
+        def close() -> None:
             with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as folder:
                 art = Path(folder) if folder and (Path(folder) / SELECTOR_FILE).is_file() else None
                 found = {tracking.TAG_CONFIGURATION: last["configuration"]} if last.get("configuration") else None
                 self.runs.close(n, "FAILED" if error else "FINISHED", outcome, metrics, tags=found, step=step, artifacts=art)
-        except Exception as e:  # never let tracking take the sweep down
-            print(f"warning: MLflow logging of trial {n} failed: {e}", file=sys.stderr)
+
+        self.tracked(f"logging of trial {n}", close)
         what = {"finished": "", "stopped": f" (stopped by ASHA at it {last.get('iteration')})", "error": " FAILED"}[outcome]
         if error:
             self.line(f"{self.done:>3}/{self.total} {_label(c):<28} failed after {wall:.1f}s: see {trial.path}")
@@ -172,6 +193,10 @@ def _callback_class():
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if self.progress:
                 self.progress.on_result(trial, result)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            if self.progress:
+                self.progress.line(f"      {_label(trial.config):<28} failed; Tune retries it from its last checkpoint")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.progress:
@@ -269,6 +294,7 @@ class SweepOutcome:
     interrupted: int  # trials left unfinished (resume to finish them)
     failed: int
     wall_s: float
+    tracking_error: str | None = None  # MLflow could not be brought up to date (results.csv is)
 
 
 def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
@@ -308,8 +334,15 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         if store.exists(storage, name):
             raise PranceError(f"sweep {name!r} already exists in {storage}: pass --resume to continue it, or choose another --name")
     tracking.check_reachable(uri)
+    if resume:
+        store.check_tune_state(storage, name)
 
     # 2. Ray, and what needs it
+    # an MLflow server that went away: fail a request in seconds (SweepRuns queues it), not
+    # after MLflow's default of minutes of retries, which would hold up Tune's event loop
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: Progress prints one line per event
     # a checkpoint per report forces an experiment snapshot (cheap, and fresher state to resume from): no warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -369,7 +402,13 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if cfg.use_gpu else 0}
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources)
     if resume:
-        tuner = tune.Tuner.restore(exp_path, fn, resume_unfinished=True, resume_errored=False)
+        try:
+            tuner = tune.Tuner.restore(exp_path, fn, resume_unfinished=True, resume_errored=False)
+        except Exception as e:  # a truncated or corrupted experiment state (tuner.pkl, experiment_state-*.json)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise PranceError(f"cannot resume sweep {name}: Tune's saved state in {exp_path} is unreadable "
+                              f"({type(e).__name__}: {first}); results.csv in {store.report_folder(storage, name)} "
+                              "keeps the trials that finished") from None
     else:
         tuner = tune.Tuner(
             fn,
@@ -391,10 +430,12 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         _ACTIVE = None
     fit_s = time.monotonic() - t_fit
 
-    # 4. the report, from Tune's results
-    runs.close_running()  # trials interrupted in this session
-    runs.refresh()
+    # 4. MLflow catches up (writes queued while a server was away), then the report from
+    # Tune's results -- written whatever MLflow does -- then the summary run
+    tracking_error = settle_runs(runs, cfg.mlflow_wait_s)
     rows = result_rows(grid, plan, runs, progress)
+    if tracking_error is None:
+        tracking_error = reconcile_runs(runs, grid, rows, progress)
     params = list(cfg.space)
     df = rep.results_frame(rows, params)
     folder = store.report_folder(storage, name)
@@ -415,15 +456,67 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     dense = df[(df["method"] == "dense") & df["status"].isin(rep.DONE)]
     if len(dense):
         summary_metrics["dense_top1"] = float(dense.iloc[0][tracking.TOP1])
-    runs.summary(name, {k: v for k, v in cfg.model_dump(exclude={"space", "selector"}).items()},
-                 [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
+    if tracking_error is None:
+        try:
+            runs.summary(name, {k: v for k, v in cfg.model_dump(exclude={"space", "selector"}).items()},
+                         [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
+        except Exception as e:
+            tracking_error = f"the summary run could not be written ({e})"
     table = rep.summary_table(df, params)
     if multi:
         front = df[df["pareto"] == True]  # noqa: E712
         table += "\n\nPareto front (Top-1 up, GFLOPs down):\n" + "\n".join(
             f"  {r['strategy']}@{r['budget']} #{int(r['trial_number'])}: top1 {r[tracking.TOP1]:.2f}%  {r[tracking.GFLOPS]:.4g} GFLOPs"
             for _, r in front.sort_values(tracking.GFLOPS).iterrows())
-    return SweepOutcome(name, folder, results, plot, table, uri, experiment_id, interrupted, failed, wall)
+    return SweepOutcome(name, folder, results, plot, table, uri, experiment_id, interrupted, failed, wall, tracking_error)
+
+
+def settle_runs(runs: SweepRuns, wait_s: float) -> str | None:
+    """Queued MLflow writes done (waiting up to ``wait_s`` for a server that went away),
+    runs left RUNNING by interrupted trials closed; the reason when MLflow stays behind."""
+    if runs.pending:
+        print(f"[sweep] waiting up to {wait_s:.0f}s for MLflow at {runs.uri} ({len(runs.pending)} queued write(s))",
+              file=sys.stderr, flush=True)
+    try:
+        runs.drain(wait_s)
+        runs.close_running()  # trials interrupted in this session
+        runs.refresh()
+    except PranceError as e:
+        return str(e)
+    except Exception as e:
+        return f"MLflow at {runs.uri} failed ({type(e).__name__}: {str(e).strip()[:200]})"
+    return None
+
+
+def reconcile_runs(runs: SweepRuns, grid, rows: list[dict], progress: "Progress") -> str | None:
+    """Every trial Tune knows as ended has its run, closed, with its final metrics -- also
+    when the driver died between the trial's end and its callback, or its run was never
+    written (MLflow away for good in an earlier session). Sets the rows' run ids."""
+    status = {int(r["trial_number"]): r["status"] for r in rows if "trial_number" in r and r["status"] != "unreachable"}
+    made = []
+    try:
+        for result in grid:
+            config = dict(result.config or {})
+            if "trial_number" not in config or status.get(int(config["trial_number"])) not in ("finished", "stopped", "error"):
+                continue
+            n = int(config["trial_number"])
+            m = dict(result.metrics or {})
+            metrics = {k: v for k, v in m.items() if k not in NOT_LOGGED}
+            tags = {**run_tags(config), tracking.TAG_TRIAL: m.get("trial_id") or ""}
+            if runs.reconcile(n, run_name(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0)):
+                made.append(n)
+        runs.drain(0)
+    except PranceError as e:
+        return str(e)
+    except Exception as e:
+        return f"MLflow at {runs.uri} failed ({type(e).__name__}: {str(e).strip()[:200]})"
+    for row in rows:
+        if "trial_number" in row and row["status"] != "unreachable":
+            row["mlflow_run_id"] = runs.run_ids.get(int(row["trial_number"]))
+    if made:
+        print(f"[sweep] wrote the MLflow runs of {len(made)} ended trial(s) that had none or were left open (trials {made})",
+              flush=True)
+    return None
 
 
 def budget_list(plan: SweepPlan) -> str:

@@ -44,6 +44,29 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def latest_good(checkpoints: list[Path]) -> Path:
+    """The newest checkpoint folder whose files read back whole (a node lost while writing
+    one, a truncated copy): older ones are fallen back to with a warning naming what was
+    skipped and why; PranceError when none reads."""
+    import sys
+
+    from prance.checkpoint import load_state, verify_safetensors
+
+    skipped = []
+    for folder in reversed(checkpoints):
+        try:
+            verify_safetensors(folder / MODEL_FILE)
+            load_state(folder / STATE_FILE)
+        except PranceError as e:
+            skipped.append(f"{folder.name}: {e}")
+            continue
+        for why in skipped:
+            print(f"warning: skipping unreadable checkpoint {why}; resuming from {folder.name}", file=sys.stderr, flush=True)
+        return folder
+    raise PranceError(f"nothing to resume: every checkpoint in {checkpoints[0].parent} is unreadable "
+                      f"(newest: {skipped[0]})")
+
+
 def run_dir_of(cfg: PretrainConfig) -> Path:
     """The local folder of a run; PranceError when it holds no finished run."""
     if _is_remote(cfg.storage):
@@ -71,7 +94,7 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
         return None
     if not existing:
         raise PranceError(f"nothing to resume: no checkpoint in {run_dir}")
-    latest = existing[-1]
+    latest = latest_good(existing)
     header = read_header(latest / MODEL_FILE)
     if header.get("model") != cfg.model or header.get("model_kwargs", {}) != cfg.model_kwargs:
         def arch(name, kwargs):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from prance.checkpoint import load_checkpoint, save_checkpoint
+from prance.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from prance.config import PretrainConfig
 from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, seeded_subset
 from prance.evaluate import autocast_for
@@ -40,13 +40,13 @@ def _is_tensor_dataset(ds) -> bool:
 def save_train_checkpoint(folder: Path, model: MetaViT, cfg: PretrainConfig, optimizer, epoch: int, step: int, metrics: dict) -> None:
     info = {"epoch": epoch, "step": step, "metrics": metrics, "config": cfg.model_dump()}
     save_checkpoint(folder / MODEL_FILE, model, cfg.model, cfg.model_kwargs, info=info)
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, folder / STATE_FILE)
+    save_state(folder / STATE_FILE, {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step})
     (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}))
 
 
 def load_train_state(folder: Path) -> dict:
     """Optimizer state and counters; ``weights_only=True``: tensors and plain containers only."""
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    return load_state(folder / STATE_FILE)
 
 
 @torch.inference_mode()
