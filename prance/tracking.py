@@ -90,6 +90,13 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | No
             c.log_metric(run_id, k, float(v), step=step)
 
 
+def last_step(uri: str, run_id: str, key: str) -> int:
+    """The highest step logged for metric ``key`` of the run (-1 when none): a restarted
+    worker or trial logs only the steps after it, so that no step appears twice."""
+    history = client(uri).get_metric_history(run_id, key)
+    return max((h.step for h in history), default=-1)
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():

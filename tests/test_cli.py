@@ -1,9 +1,8 @@
-"""End-to-end tests of ``python -m prance`` (flops, eval, bench), each run as a real
-subprocess on real files and real Fashion-MNIST images.
-
-Every subprocess pays ~3 s of torch/timm imports, so the cases are few and small: the
-4-block ``prance_vit_micro`` (and ``prance_vit_fmnist`` for FLOPs), 200-image subsets,
-batch 8 and two timed rounds for bench.
+"""End-to-end tests of the ``python -m prance`` commands (flops, eval, bench,
+search-static) on real files and real Fashion-MNIST images: through ``prance.cli.main``
+in this process, and a few as a real ``python -m prance`` subprocess (each pays ~5 s of
+torch/timm imports). Small cases: the 4-block ``prance_vit_micro`` (and
+``prance_vit_fmnist`` for FLOPs), 200-image subsets, batch 8 and two timed rounds for bench.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ EVAL_KEYS = {"top1", "gflops", "token_ratio", "final_token_ratio", "throughput_i
 BENCH_KEYS = {"strategy", "gflops", "throughput_img_s", "speedup", "flops_speedup"}
 
 
-def prance(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run ``python -m prance ARGS`` and capture its output.
+def prance_subprocess(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``python -m prance ARGS`` as a real process and capture its output.
 
     One torch thread: on small CPU machines torch's default of one thread per core makes
     every op of these tiny models wait on thread hand-offs (about 100x slower here), which
@@ -48,6 +47,30 @@ def prance(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=env,
     )
+
+
+def prance(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``prance.cli.main(ARGS)`` in this process, its exit code and output captured as a
+    subprocess would give them: the same entry point without ~5 s of imports per call
+    (a few tests below still run the real ``python -m prance``). An uncaught exception
+    propagates and fails the test, as a traceback would."""
+    import contextlib
+    import io
+
+    from prance.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["prance", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def json_out(proc: subprocess.CompletedProcess):
@@ -109,7 +132,7 @@ def test_flops_budget_share_of_dense() -> None:
 @needs_fmnist
 @pytest.mark.slow
 def test_eval_fashion_mnist_json() -> None:
-    out = json_out(prance("eval", "--model", MICRO, "--dataset", "fashion-mnist", "--limit", 200, "--strategy", "merge", "--json"))
+    out = json_out(prance_subprocess("eval", "--model", MICRO, "--dataset", "fashion-mnist", "--limit", 200, "--strategy", "merge", "--json"))
     assert EVAL_KEYS <= set(out)
     assert out["n_images"] == 200
     assert 0 <= out["top1"] <= 100
@@ -268,7 +291,7 @@ NO_CUDA_7 = pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machi
 )
 def test_bad_input_is_one_line_exit_2(case: str, bad_files: Path) -> None:
     args = [str(a).replace("{tmp}", str(bad_files)) for a in BAD_INPUTS[case]]
-    proc = prance(*args)
+    proc = (prance_subprocess if case == "malicious_pickle" else prance)(*args)  # one real process: nothing runs on load
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout == ""

@@ -2,8 +2,12 @@
 (2 CPU workers, DDP over gloo) of the smoke preset with checkpoints, resume and MLflow."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from prance.errors import PranceError
 from prance.evaluate import evaluate
 from prance.models import create_meta
 from prance.train.optim import adamw, lr_at
+from conftest import ray_workers
 from prance.train.sandwich import sample_plan, sandwich, sandwich_step, soft_cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,16 +98,41 @@ def _run(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The smoke run with two DDP workers, one of them SIGKILLed in the middle of the
+    second epoch (after the first epoch's checkpoint): Ray Train restarts the workers from
+    that checkpoint (``max_failures``) and the run completes."""
     storage = tmp_path_factory.mktemp("pretrain")
-    first = _run("--preset", "smoke", "--storage", str(storage), "--num-workers", "2")
-    return storage, first
+    # more steps per epoch than the preset, so that the second epoch lasts long enough to be cut
+    args = [sys.executable, str(ROOT / "sweeps" / "pretrain.py"), "--preset", "smoke", "--storage", str(storage),
+            "--num-workers", "2", "--set", "train_limit=8192", "--set", "steps_per_epoch=200"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    killed = None
+    from prance.train.launch import checkpoints_in
+
+    while proc.poll() is None and killed is None:  # the first checkpoint reported: epoch 2 has begun
+        if checkpoints_in(storage / "smoke") and any("Reporting training result 1" in ln for ln in lines):
+            workers = ray_workers(proc.pid, "ray::RayTrainWorker")
+            if len(workers) == 2:
+                workers[1].kill()
+                killed = workers[1].pid
+        time.sleep(0.05)
+    proc.wait(timeout=600)
+    reader.join(timeout=30)
+    out = "".join(lines)
+    return storage, subprocess.CompletedProcess(args, proc.returncode, out, out), killed
 
 
 @pytest.mark.slow
 def test_two_worker_smoke_run_gives_a_checkpoint_that_loads_and_evaluates(smoke_run):
-    storage, proc = smoke_run
+    storage, proc, killed = smoke_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stdout + proc.stderr  # really two DDP workers
+    # the killed worker: the run went on from the epoch-1 checkpoint, each epoch trained once
+    assert killed is not None
+    assert re.search(r"[Rr]estart|[Ff]ailure|died", proc.stdout), proc.stdout[-3000:]  # Ray saw the worker go
     best = storage / "smoke" / "best.safetensors"
     model, header = load_checkpoint(best)
     assert header["model"] == "prance_vit_micro" and header["info"]["epoch"] in (0, 1)
@@ -117,12 +147,12 @@ def test_two_worker_smoke_run_gives_a_checkpoint_that_loads_and_evaluates(smoke_
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["checkpoint"] == str(best)
-    assert len(client.get_metric_history(run_id, "top1_largest")) == 2
+    assert sorted(h.step for h in client.get_metric_history(run_id, "top1_largest")) == [0, 1]  # each epoch once
 
 
 @pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(smoke_run):
-    storage, first = smoke_run
+    storage, first, _ = smoke_run
     assert first.returncode == 0
     again = _run("--preset", "smoke", "--storage", str(storage))
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -141,8 +171,33 @@ def test_resume_continues_from_the_saved_epoch(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp_path, capsys):
+    """A node lost while writing its checkpoint leaves a truncated file: resuming skips it,
+    says so, and continues from the newest checkpoint that reads back whole; with none, one
+    line (no traceback) and nothing starts."""
+    from prance.train.launch import check_inputs, checkpoints_in
+    from prance.train.worker import MODEL_FILE, STATE_FILE
+
+    storage, first, _ = smoke_run
+    assert first.returncode == 0
+    copy = tmp_path / "smoke"
+    shutil.copytree(storage / "smoke", copy)
+    found = checkpoints_in(copy)
+    assert len(found) >= 2
+    newest = found[-1] / MODEL_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])
+    cfg = load_config(PretrainConfig, "pretrain", "smoke", {"storage": str(tmp_path)})
+    assert check_inputs(cfg, resume=True) == found[-2]
+    assert f"skipping unreadable checkpoint {found[-1].name}" in capsys.readouterr().err
+    for folder in found:
+        (folder / STATE_FILE).write_bytes(b"PK\x03\x04 not a zip any more")
+    with pytest.raises(PranceError, match="every checkpoint .* is unreadable"):
+        check_inputs(cfg, resume=True)
+
+
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_refused(smoke_run):
-    storage, first = smoke_run
+    storage, first, _ = smoke_run
     proc = _run("--preset", "smoke", "--storage", str(storage), "--resume", "--set", "model=prance_vit_fmnist")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("pretrain: error: cannot resume") and "Traceback" not in proc.stderr

@@ -125,8 +125,7 @@ class SweepRuns:
                 self.tags[number] = dict(run.data.tags)
 
     def _logged_steps(self, run_id: str) -> int:
-        history = tracking.client(self.uri).get_metric_history(run_id, STEP_METRIC)
-        return max((h.step for h in history), default=-1)
+        return tracking.last_step(self.uri, run_id, STEP_METRIC)
 
     # ------------------------------------------------------------------ the runs
     def open(self, number: int, trial_id: str, run_name: str, params: dict[str, Any], tags: dict[str, Any]) -> None:

@@ -124,6 +124,11 @@ def train_loop_per_worker(config: dict) -> None:
     no_sync = net.no_sync if hasattr(net, "no_sync") else nullcontext
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     epoch_times: list[float] = []
+    logging = rank == 0 and bool(config.get("mlflow_uri") and config.get("mlflow_run_id"))
+    if logging:  # a restart after a failure may redo an epoch whose checkpoint was not committed: log it once
+        from prance import tracking
+
+        logged = tracking.last_step(config["mlflow_uri"], config["mlflow_run_id"], "top1_largest")
     for epoch in range(start_epoch, cfg.epochs):
         gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
@@ -177,9 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
                 f"{metrics['images_per_s']:.0f} img/s  epoch {epoch_times[-1]:.0f}s  left ~{eta / 60:.1f} min",
                 flush=True,
             )
-            if config.get("mlflow_uri") and config.get("mlflow_run_id"):
-                from prance import tracking
-
+            if logging and epoch > logged:
                 tracking.log_metrics(config["mlflow_uri"], config["mlflow_run_id"], metrics, step=epoch)
             with tempfile.TemporaryDirectory() as tmp:
                 save_train_checkpoint(Path(tmp), model, cfg, optimizer, epoch, step, metrics)
