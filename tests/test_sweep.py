@@ -390,7 +390,9 @@ def test_sweep_survives_a_killed_trial_a_killed_driver_and_ctrl_c(tmp_path, micr
     assert killed_trial is not None and children, out[-3000:]
     assert "Tune retries it from its last checkpoint" in out
     its = [int(m.group(1)) for ln in seen if f"#{killed_trial} " in ln for m in [re.search(r" it +(\d+)/8", ln)] if m]
-    assert its[:2] == [2, 4], out[-3000:]  # continued from its checkpoint at 2, no restart
+    # continued from its checkpoint at 2 -- or, when the kill came before Tune had committed
+    # that checkpoint (the progress line is printed first), from its start; never a gap
+    assert its[:2] in ([2, 4], [2, 2]) and its[1:] == sorted(its[1:]), out[-3000:]
 
     # resume, and Ctrl-C the resumed driver during a selector trial
     proc = subprocess.Popen([sys.executable, str(SWEEP), "--resume", "--name", "cut", "--storage", str(tmp_path)],
@@ -427,7 +429,7 @@ def test_sweep_survives_a_killed_trial_a_killed_driver_and_ctrl_c(tmp_path, micr
             assert len(steps) == len(set(steps)), (r.data.tags["prance.trial_number"], steps)  # each iteration once
     killed = next(r for r in trial_runs if r.data.tags["prance.trial_number"] == killed_trial)
     steps = sorted(h.step for h in client.get_metric_history(killed.info.run_id, "score"))
-    assert steps[:2] == [2, 4] and len(steps) == len(set(steps))
+    assert steps == [2, 4, 6, 8]  # every iteration's report once: no gap, no repeat
 
     # a corrupted Tune state: one line, exit 2, results.csv untouched
     for state in (tmp_path / "cut").glob("experiment_state-*.json"):
