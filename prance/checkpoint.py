@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from prance.errors import PranceError
+from prance.errors import PranceError, first_line
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubnetSpace
 from prance.models.zoo import create_vit
@@ -157,22 +157,15 @@ def load_state(path: str | Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PranceError(f"{path} is a corrupt or truncated training state ({type(e).__name__}: {first[:200]})") from None
+        raise PranceError(f"{path} is a corrupt or truncated training state ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(obj, dict):
         raise PranceError(f"{path} is not a prance training state (a {type(obj).__name__}, not a dict)")
     return obj
 
 
 def verify_safetensors(path: str | Path) -> None:
-    """Read every tensor of a safetensors file; PranceError when it is truncated or corrupt."""
-    from safetensors.torch import load_file
-
+    """Read every tensor of a safetensors checkpoint; PranceError when it is truncated or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise PranceError(f"{path} not found")
-    read_header(path)
-    try:
-        load_file(str(path))
-    except Exception as e:
-        raise PranceError(f"{path} is a corrupt safetensors file ({type(e).__name__}: {e})") from None
+    _read_state_dict(path)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prance import tracking
-from prance.errors import PranceError
+from prance.errors import PranceError, first_line
 from prance.selector.store import SELECTOR_FILE
 
 TRIAL_KIND = "sweep-trial"
@@ -63,8 +63,7 @@ class SweepRuns:
     def _went_offline(self, error: Exception) -> None:
         if self.offline_since is None:
             self.offline_since = time.monotonic()
-            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-            print(f"warning: MLflow at {self.uri} stopped answering ({first}); the sweep goes on and writes its "
+            print(f"warning: MLflow at {self.uri} stopped answering ({first_line(error, 160)}); the sweep goes on and writes its "
                   "runs when it is back", file=sys.stderr, flush=True)
         self._next_try = time.monotonic() + RETRY_EVERY_S
 
@@ -108,8 +107,7 @@ class SweepRuns:
         """A private folder holding a copy of ``folder/name``."""
         if self._stash is None:
             self._stash = Path(tempfile.mkdtemp(prefix="prance-mlflow-queue-"))
-        dest = self._stash / f"{len(list(self._stash.iterdir()))}"
-        dest.mkdir()
+        dest = Path(tempfile.mkdtemp(dir=self._stash))
         shutil.copy2(folder / name, dest / name)
         return dest
 

@@ -32,7 +32,7 @@ from prance import tracking
 from pydantic import ValidationError
 
 from prance.config import SWEEP_OWNED, SweepConfig, _format_error
-from prance.errors import PranceError
+from prance.errors import PranceError, first_line
 from prance.sweep import report as rep
 from prance.sweep import store
 from prance.sweep.plan import SweepPlan, plan_sweep, trial_threads
@@ -405,9 +405,8 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         try:
             tuner = tune.Tuner.restore(exp_path, fn, resume_unfinished=True, resume_errored=False)
         except Exception as e:  # a truncated or corrupted experiment state (tuner.pkl, experiment_state-*.json)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise PranceError(f"cannot resume sweep {name}: Tune's saved state in {exp_path} is unreadable "
-                              f"({type(e).__name__}: {first}); results.csv in {store.report_folder(storage, name)} "
+                              f"({type(e).__name__}: {first_line(e)}); results.csv in {store.report_folder(storage, name)} "
                               "keeps the trials that finished") from None
     else:
         tuner = tune.Tuner(
