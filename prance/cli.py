@@ -153,10 +153,12 @@ def _selector_config(args: argparse.Namespace):
     from prance.config import SelectorConfig, load_config, parse_overrides, validate
 
     overrides = parse_overrides(args.set)
-    for key in ("checkpoint", "strategy", "budget", "iterations", "seed", "dataset"):
+    for key in ("checkpoint", "strategy", "budget", "iterations", "seed", "dataset", "device"):
         v = getattr(args, key, None)
         if v is not None:
             overrides[key] = v
+    if getattr(args, "amp", False):
+        overrides["amp"] = True
     if args.config:
         return load_config(SelectorConfig, "selector", args.config, overrides)
     return validate(SelectorConfig, overrides, "selector config")
@@ -247,6 +249,7 @@ def _eval_selector(args: argparse.Namespace) -> dict:
     from prance.selector.run import budget_of
     from prance.selector.selector import evaluate_selector
     from prance.selector.store import load_selector, read_selector_header
+    from prance.device import resolve as resolve_device
     from prance.selector.train import reward_fn
 
     header = read_selector_header(args.selector)
@@ -254,6 +257,7 @@ def _eval_selector(args: argparse.Namespace) -> dict:
     args.checkpoint = args.checkpoint or cfg.checkpoint  # default: the meta-network it was trained on
     model = _load_model(args)
     selector, header = load_selector(args.selector, model)
+    model.to(resolve_device(args.device))
     budget = budget_of(model, args.budget) if args.budget else header["extra"].get("budget_gflops") or budget_of(model, cfg.budget)
     selector.check_budget(budget)
     ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
@@ -261,7 +265,8 @@ def _eval_selector(args: argparse.Namespace) -> dict:
         ds = seeded_subset(ds, args.limit, args.seed)
     loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
-    result = evaluate_selector(model, selector, loader, budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam))
+    cfg = cfg.model_copy(update={"amp": args.amp})
+    result = evaluate_selector(model, selector, loader, budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
     return {"strategy": f"selector:{selector.actions.strategy}", **result}
 
 
@@ -367,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="PPO updates")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="where the meta-network's rollouts run: cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--amp", action="store_true", help="the meta-network's forwards in mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--config", help="a YAML file of SelectorConfig keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any SelectorConfig key (repeatable)")
     p.add_argument("--output", default="runs/selector", help="folder (or .safetensors path) for the selector")
@@ -416,17 +423,10 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 0:
             raise PranceError(f"--{name} must be >= 0, got {v}")
-    device = getattr(args, "device", "cpu")
-    if device != "cpu":
-        import torch
+    if getattr(args, "device", None) is not None:
+        from prance.device import resolve
 
-        try:
-            dev = torch.device(device)
-            ok = dev.type == "cuda" and torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise PranceError(f"device {device!r} is not available here (use cpu, or cuda on a GPU machine)")
+        resolve(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,12 +126,24 @@ class SelectorConfig(Strict):
     batch_size: int = Field(default=64, ge=1)  # evaluation batch
     seed: int = 0
 
+    # where: the meta-network's rollouts, completions and evaluations run on ``device``
+    # (cpu, cuda, cuda:N or auto); the policy and PPO stay on the CPU (prance.selector.execute)
+    device: str = "cpu"
+    amp: bool = False  # the meta-network's forwards in mixed precision (float16 on CUDA, bfloat16 on CPU)
+
     @model_validator(mode="after")
     def _check(self) -> "SelectorConfig":
         if self.minibatch > self.rollout_images:
             raise ValueError(f"minibatch {self.minibatch} is larger than rollout_images {self.rollout_images}")
         if sorted(set(self.decision_blocks)) != list(self.decision_blocks) or not self.decision_blocks:
             raise ValueError(f"decision_blocks {self.decision_blocks} must be increasing, distinct and non-empty")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device {self.device!r} is not a device name (cpu, cuda, cuda:N or auto)") from None
         return self
 
 
@@ -164,7 +176,7 @@ class StaticSearchSettings(Strict):
     eta: int = Field(default=3, ge=2)  # keep the best 1/eta, score them on eta x as many images
     uniform_only: bool = False  # only the same width level in every stage
 # SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
-SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget")
+SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "device")
 
 
 class ParamSpace(Strict):

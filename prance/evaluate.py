@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Iterable
 
 import torch
@@ -18,26 +17,13 @@ from tqdm import tqdm
 
 from prance import flops, tracking
 from prance.budget import calibrate
+from prance.device import autocast_for, resolve, synchronize
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet
 from prance.tokens.state import TokenPlan
 from prance.tokens.strategies import StrategyConfig, build_plan
 
 METRICS = (tracking.TOP1, tracking.GFLOPS, tracking.TOKEN_RATIO, tracking.FINAL_TOKEN_RATIO, tracking.THROUGHPUT, tracking.REWARD)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast_for(device: torch.device, amp: bool):
-    """Mixed precision where asked: float16 on CUDA, bfloat16 on CPU; otherwise a no-op."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if amp and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def plan_for(model: MetaViT, cfg: StrategyConfig, budget_gflops: float | None = None, subnet: SubNet | None = None) -> tuple[StrategyConfig, TokenPlan]:
@@ -60,18 +46,18 @@ def evaluate(
 ) -> dict:
     """Top-1 (%), GFLOPs per image, token ratios and images/s of the model's forwards
     (data loading excluded) over ``batches``."""
-    device = torch.device(device)
+    device = resolve(device)
     model = model.to(device).eval()
     report = flops.count(model.arch, subnet, plan)
     correct = n = 0
     seconds = 0.0
     for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
         x = x.to(device, non_blocking=True)
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with autocast_for(device, amp):
             logits = model(x, subnet, plan)
-        _sync(device)
+        synchronize(device)
         seconds += time.perf_counter() - t0
         correct += int((logits.argmax(dim=-1).cpu() == y).sum())
         n += len(y)
@@ -104,7 +90,7 @@ def bench(
     one is given). Rounds are interleaved -- one timed forward of each strategy per round
     -- so that drifting machine load hits all strategies alike; the median is reported.
     ``speedup`` is against the dense model, ``flops_speedup`` the FLOPs-ideal speedup."""
-    device = torch.device(device)
+    device = resolve(device)
     model = model.to(device).eval()
     images = images.to(device)
     base = base or StrategyConfig()
@@ -116,11 +102,11 @@ def bench(
     times: dict[str, list[float]] = {name: [] for name in names}
 
     def run(plan: TokenPlan) -> float:
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with autocast_for(device, amp):
             model(images, None, plan)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - t0
 
     for _ in range(warmup):

@@ -35,6 +35,7 @@ from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet, SubnetSpace
 from prance.tokens.state import TokenPlan
 from prance.tokens.strategies import PARAM_OF, STRATEGIES, StrategyConfig, check_strategy
+from prance.device import of as device_of
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def rank(
     ``gflops``) on the images ``val``; ties go to the cheaper candidate."""
     meta.eval()
     x, y = val
+    dev = device_of(meta)
     forwards = 0
 
     def correct_on(c: int, start: int, stop: int) -> int:
@@ -238,7 +240,7 @@ def rank(
         hits = 0
         for i in range(start, stop, batch_size):
             j = min(stop, i + batch_size)
-            hits += int((meta(x[i:j], cfg.subnet, cfg.plan).argmax(dim=-1) == y[i:j]).sum())
+            hits += int((meta(x[i:j].to(dev), cfg.subnet, cfg.plan).argmax(dim=-1).cpu() == y[i:j]).sum())
         forwards += stop - start
         return hits
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prance.config import PretrainConfig  # noqa: E402
-from prance.evaluate import autocast_for  # noqa: E402
+from prance.device import autocast_for  # noqa: E402
 from prance.models import create_meta  # noqa: E402
 
 

@@ -281,6 +281,7 @@ BAD_INPUTS = {
     "unknown_option": ("flops", *M, "--frobnicate"),
     "batch_size_0": ("eval", *M, "--batch-size", 0),
     "missing_cuda_device": ("bench", *M, "--device", "cuda:7", "--dataset", "random"),
+    "selector_missing_cuda_device": ("train-selector", "--device", "cuda:7"),
     "r_given_to_prune": ("flops", *M, "--strategy", "prune", "--r", 2),
 }
 NO_CUDA_7 = pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")

@@ -142,6 +142,30 @@ def test_batch_mates_do_not_change_an_images_result(micro):
     assert torch.equal(whole.actions[5:9], part.actions)
 
 
+def test_selector_config_takes_device_names():
+    assert SelectorConfig(device="cuda:1").device == "cuda:1"  # availability is checked where it runs
+    assert SelectorConfig(device="auto").device == "auto"
+    with pytest.raises(ValueError, match="not a device name"):
+        SelectorConfig(device="gpu0")
+
+
+def test_amp_runs_the_meta_network_in_lower_precision_with_the_same_decisions(micro):
+    """On the CPU, amp means bfloat16 autocast (on CUDA float16): the same code path a GPU
+    trial takes. Decisions and logits agree with float32 up to that precision."""
+    sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16)
+    x = torch.randn(32, 1, 28, 28)
+    budget = 0.7 * sel.full_gflops()
+    fp32 = sel.run(micro, x, budget, rtg=True)
+    low = sel.run(micro, x, budget, rtg=True, amp=True)
+    assert low.logits.dtype == torch.float32 and low.cont_logits.dtype == torch.float32  # back in float32 on the CPU
+    assert not torch.equal(fp32.logits, low.logits)  # it really ran in bfloat16
+    same = low.actions.flatten(1).eq(fp32.actions.flatten(1)).all(dim=1)
+    assert same.float().mean() >= 0.75
+    scale = fp32.logits.abs().max()
+    assert (low.logits[same] - fp32.logits[same]).abs().max() <= 0.1 * scale  # bfloat16 keeps ~3 significant digits
+    assert torch.equal(low.macs[same], fp32.macs[same])  # costs are analytic, not measured
+
+
 def test_checkpoint_round_trip_and_refusal_of_another_meta_network(micro, tmp_path):
     sel = Selector.create(micro, "merge", [1, 2, 3], hidden=16, seed=3)
     path = tmp_path / "s.safetensors"

@@ -71,6 +71,7 @@ def test_presets_and_config_errors():
         "space.gamma: value 1.5 is invalid": {"space": {"gamma": {"low": 0.9, "high": 1.5}}},
         "not a tunable selector setting": {"space": {"budget": {"choices": ["50%"]}}},
         "selector.budget is set by the sweep": {"selector.budget": "50%"},
+        "selector.device is set by the sweep": {"selector.device": "cuda"},  # use_gpu decides
         "unknown key 'space.clip.hi'": {"space": {"clip": {"low": 0.1, "hi": 0.3}}},
     }
     for message, overrides in cases.items():

@@ -8,6 +8,11 @@ one dense sub-batch; groups split further at later decisions and their logits ar
 scattered back into batch order at the end. No loop over single images, no averaging of
 decisions over the batch: an image's result does not depend on its batch-mates.
 
+Devices: the meta-network runs where ``images`` are (with ``amp``, under mixed
+precision); the policy, the budget masks and the bookkeeping stay on the CPU -- the
+policy is a ~45K-parameter MLP called once per stage, and sampling it with a CPU
+generator gives the same decisions on every device.
+
 With ``rtg=True`` (training) it also runs, after every decision but the last, the
 Result-to-Go *completion*: the rest of the network with that decision's channels and no
 further token reduction, giving the logits and MACs the reward of that step needs.
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prance.device import autocast_for
 from prance.models import engine
 from prance.models.meta import MetaViT
 from prance.selector.actions import ActionSpace, CostTable, StageDecision
@@ -63,6 +69,7 @@ def _concat(parts: list[tuple[Group, Tensor]], width: int, num_prefix: int) -> G
     xs, sizes, idx = [], [], []
     merged = any(g.state.size is not None for g, _ in parts)
     for g, rows in parts:
+        rows = rows.to(g.state.x.device)
         xs.append(engine.resize_width(g.state.x[rows], width))
         if merged:
             sizes.append(g.state.sizes()[rows])
@@ -91,8 +98,11 @@ def run(
     greedy: bool = True,
     generator: torch.Generator | None = None,
     rtg: bool = False,
+    amp: bool = False,
 ) -> Episode:
-    """Run ``images`` adaptively with a per-image MACs budget ``budget_macs`` (B,)."""
+    """Run ``images`` adaptively with a per-image MACs budget ``budget_macs`` (B,) on
+    ``images``' device (the meta-network must be there); the episode's tensors are on
+    the CPU."""
     arch = meta.arch
     vit = meta.vit
     b = images.shape[0]
@@ -103,7 +113,14 @@ def run(
     fixed = tuple(actions.fixed_index(d) for d in range(len(actions.dims)))
     exact_slice = isinstance(vit.norm_pre, torch.nn.Identity) and isinstance(getattr(vit.patch_embed, "norm", torch.nn.Identity()), torch.nn.Identity)
 
-    x = engine.embed(vit, images, D)
+    dev = images.device
+    budget_macs = budget_macs.cpu()
+
+    def net():  # the meta-network's own computation: on the device, mixed precision with amp
+        return autocast_for(dev, amp)
+
+    with net():
+        x = engine.embed(vit, images, D)
     p = arch.num_prefix_tokens
     groups = [Group(torch.arange(b), TokenState(x, None, p))]
     spent = torch.zeros(b, dtype=torch.float64)
@@ -143,10 +160,11 @@ def run(
             d = actions.decision(table.combos[combo].tolist())
             parts = [(groups[k], local[pos[owner[pos] == k]]) for k in owner[pos].unique().tolist()]
             g = _concat(parts, d.embed, p)
-            if t == 0 and not exact_slice:
-                g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx], d.embed), None, p))
-            n = g.state.x.shape[1]
-            g.state = _run_blocks(vit, g.state, start, stop, d, actions.stage_ops(t, d), counts, g.idx)
+            with net():
+                if t == 0 and not exact_slice:
+                    g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx.to(dev)], d.embed), None, p))
+                n = g.state.x.shape[1]
+                g.state = _run_blocks(vit, g.state, start, stop, d, actions.stage_ops(t, d), counts, g.idx)
             spent[g.idx] += float(table.cost[t, n, combo])
             new_groups.append((g, combo))
         groups = [g for g, _ in new_groups]
@@ -167,8 +185,9 @@ def run(
                 d = actions.decision(table.combos[combos[first]].tolist())
                 parts = [(groups[k], torch.arange(groups[k].idx.shape[0])) for k in members.tolist()]
                 g = _concat(parts, d.embed, p)
-                c_state = _run_blocks(vit, g.state, stop, arch.depth, d, [None] * (arch.depth - stop))
-                cont_logits[g.idx, t] = engine.head(vit, c_state).float()
+                with net():
+                    c_state = _run_blocks(vit, g.state, stop, arch.depth, d, [None] * (arch.depth - stop))
+                    cont_logits[g.idx, t] = engine.head(vit, c_state).float().cpu()
                 n_out = g.state.x.shape[1]
                 cont_macs[g.idx, t] = spent[g.idx] + float(table.cont_rest[t, n_out, combos[first]]) + overhead
                 c_counts = counts[g.idx].clone()
@@ -176,7 +195,8 @@ def run(
                 cont_tokens[g.idx, t] = c_counts.float().mean(dim=1) / n0
 
     for g in groups:
-        logits[g.idx] = engine.head(vit, g.state).float()
+        with net():
+            logits[g.idx] = engine.head(vit, g.state).float().cpu()
     macs = spent + overhead
     tok = counts.float().mean(dim=1) / n0
     final_tok = counts[:, -1].float() / n0

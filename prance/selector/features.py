@@ -36,7 +36,7 @@ def observe(
     n0: int,
     embed_dim: int,
 ) -> Tensor:
-    """(B, obs_dim) features of the tokens in ``state`` before stage ``stage``."""
+    """(B, obs_dim) features of the tokens in ``state`` before stage ``stage``, on the CPU."""
     x = state.x.detach().float()
     b, n, c = x.shape
     p = state.num_prefix
@@ -48,6 +48,7 @@ def observe(
         s = state.size[:, p:].float()
         mean = (patches * s).sum(dim=1) / s.sum(dim=1)
     mean = F.layer_norm(mean, (c,))
+    cls, mean = cls.cpu(), mean.cpu()  # the policy runs on the CPU (prance.selector.execute)
     pad = embed_dim - c
     if pad > 0:
         cls, mean = F.pad(cls, (0, pad)), F.pad(mean, (0, pad))

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from prance import flops
+from prance import device, flops
 from prance.budget import parse_budget
 from prance.checkpoint import load_checkpoint
 from prance.config import SelectorConfig
@@ -88,6 +88,7 @@ def run_selector(
     # input checks before any data is loaded
     selector = Selector.for_config(meta, cfg)
     selector.check_budget(budget)
+    meta.to(device.resolve(cfg.device))
     resume = load_state(Path(resume_from) / STATE_FILE) if resume_from is not None else None
     data = load_data(meta, cfg)
     out = Path(out_dir) if out_dir is not None else None
@@ -108,6 +109,6 @@ def run_selector(
     if out is not None:
         save_selector(out / SELECTOR_FILE, result.selector, config, {"budget_gflops": budget, "val": result.best})
     if "test" in data:
-        test = evaluate_selector(meta, result.selector, batches(*data["test"], cfg.batch_size), budget, progress=False)
+        test = evaluate_selector(meta, result.selector, batches(*data["test"], cfg.batch_size), budget, progress=False, amp=cfg.amp)
         final.update({f"test_{k}": v for k, v in test.items()})
     return final

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from prance.device import of as device_of, synchronize
 from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector import execute
@@ -26,7 +27,7 @@ def meta_fingerprint(meta: MetaViT) -> str:
     h = hashlib.sha256(repr(meta.arch).encode() + repr(meta.space).encode())
     for name, t in sorted(meta.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().float().contiguous().numpy().tobytes())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -73,11 +74,13 @@ class Selector:
             )
         return budget_gflops
 
-    def run(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, greedy: bool = True, generator=None, rtg: bool = False) -> execute.Episode:
+    def run(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, greedy: bool = True, generator=None, rtg: bool = False,
+            amp: bool = False) -> execute.Episode:
+        """One episode per image of ``images`` (on the meta-network's device); see :func:`execute.run`."""
         b = images.shape[0]
         budget = torch.as_tensor(budget_gflops, dtype=torch.float64) * 1e9
         budget = budget.expand(b) if budget.dim() == 0 else budget
-        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg)
+        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg, amp)
 
 
 @torch.inference_mode()
@@ -88,19 +91,25 @@ def evaluate_selector(
     budget_gflops: float,
     progress: bool = True,
     reward_fn: Callable[[Tensor, Tensor, execute.Episode], Tensor] | None = None,
+    amp: bool = False,
 ) -> dict:
     """Top-1 (%), mean GFLOPs per image (selector included), token ratios, images/s of
     the adaptive forward (data loading excluded), the mean distinct schedules per batch
-    and, with ``reward_fn(x, y, episode)``, the mean reward (computed outside the timing)."""
+    and, with ``reward_fn(x, y, episode)``, the mean reward (computed outside the timing).
+    Runs on the meta-network's device; ``amp``: its forwards in mixed precision."""
     meta.eval()
+    dev = device_of(meta)
     correct = n = 0
     macs = tok = final = 0.0
     seconds = 0.0
     groups = []
     rewards = 0.0
     for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+        x = x.to(dev, non_blocking=True)
+        synchronize(dev)
         t0 = time.perf_counter()
-        ep = selector.run(meta, x, budget_gflops)
+        ep = selector.run(meta, x, budget_gflops, amp=amp)
+        synchronize(dev)
         seconds += time.perf_counter() - t0
         correct += int((ep.logits.argmax(dim=-1) == y).sum())
         n += len(y)

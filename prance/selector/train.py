@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from prance.config import SelectorConfig
+from prance.device import autocast_for, of as device_of
 from prance.models.meta import MetaViT
 from prance.selector import ppo, reward, static
 from prance.selector.selector import Selector, evaluate_selector
@@ -24,11 +25,18 @@ def result_of(cfg: SelectorConfig, lam: float, correct: Tensor, macs: Tensor, bu
     return reward.result(correct, macs, budget, tokens, cfg.reward_form, cfg.flops_weight, cfg.over_weight, cfg.token_weight, lam)
 
 
+def full_logits(meta: MetaViT, x: Tensor, amp: bool = False) -> Tensor:
+    """The full sub-network's logits of ``x`` (on the meta-network's device), float32 on the CPU."""
+    dev = device_of(meta)
+    with autocast_for(dev, amp):
+        return meta(x.to(dev)).float().cpu()
+
+
 def reward_fn(meta: MetaViT, cfg: SelectorConfig, budget_gflops: float, lam: float) -> Callable:
     """``f(x, y, episode)``: the result of each greedy schedule at the target budget."""
 
     def f(x: Tensor, y: Tensor, ep) -> Tensor:
-        full = meta(x).argmax(dim=-1)
+        full = full_logits(meta, x, cfg.amp).argmax(dim=-1)
         c = reward.correctness(ep.logits.argmax(dim=-1), y, full, cfg.correctness, ep.logits)
         return result_of(cfg, lam, c, ep.macs, torch.full_like(ep.macs, budget_gflops * 1e9), ep.token_ratio)
 
@@ -51,7 +59,7 @@ def _config_key(cfg: SelectorConfig) -> str:
     """What must not change between a training state and the run resuming it."""
     import json
 
-    return json.dumps(cfg.model_dump(exclude={"checkpoint"}), sort_keys=True, default=str)
+    return json.dumps(cfg.model_dump(exclude={"checkpoint", "device"}), sort_keys=True, default=str)
 
 
 def training_state(cfg: SelectorConfig, budget_gflops: float, iteration: int, policy: dict, best_policy: dict | None,
@@ -111,6 +119,7 @@ def train_selector(
     from ``cfg`` by the caller (default: made here). ``resume``: such a state; training
     continues after its iteration exactly as it would have without the interruption."""
     t_start = time.perf_counter()
+    dev = device_of(meta)  # rollouts and completions run there; the policy and PPO on the CPU
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     meta.eval()
@@ -153,7 +162,7 @@ def train_selector(
         t_start -= float(resume["elapsed_s"])
     elif cfg.warm_start > 0:
         # the starting (warm) policy is a candidate too: PPO must beat it on validation
-        start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam))
+        start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam), cfg.amp)
         if start_schedule is not None:
             start["warm_start"] = start_schedule.describe()
         best, best_state = {**start, "iteration": 0}, copy.deepcopy(policy.state_dict())
@@ -168,9 +177,9 @@ def train_selector(
         b = x.shape[0]
         budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, lo, hi, gen)
         with torch.no_grad():
-            full_logits = meta(x)
-            full_pred = full_logits.argmax(dim=-1)
-            ep = selector.run(meta, x, budgets, greedy=False, generator=gen, rtg=True)
+            full = full_logits(meta, x, cfg.amp)
+            full_pred = full.argmax(dim=-1)
+            ep = selector.run(meta, x.to(dev), budgets, greedy=False, generator=gen, rtg=True, amp=cfg.amp)
             preds = ep.cont_logits.argmax(dim=-1)  # (B, S)
             correct = reward.correctness(preds, y[:, None], full_pred[:, None], cfg.correctness, ep.cont_logits)
             bmacs = budgets[:, None] * 1e9
@@ -178,7 +187,7 @@ def train_selector(
             baseline = result_of(
                 cfg,
                 lam,
-                reward.correctness(full_pred, y, full_pred, cfg.correctness, full_logits),
+                reward.correctness(full_pred, y, full_pred, cfg.correctness, full),
                 torch.full((b,), selector.table.full_macs, dtype=torch.float64),
                 budgets * 1e9,
                 torch.ones(b),
@@ -211,7 +220,7 @@ def train_selector(
         bar.set_postfix(reward=f"{train_row['train_reward']:.3f}", use=f"{use:.2f}")
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             val_reward = reward_fn(meta, cfg, budget_gflops, lam)
-            metrics = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, val_reward)
+            metrics = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, val_reward, cfg.amp)
             metrics.update(train_row)
             metrics["elapsed_s"] = time.perf_counter() - t_start
             metrics["lagrange"] = lam

@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from prance.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from prance.config import PretrainConfig
 from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, seeded_subset
-from prance.evaluate import autocast_for
+from prance.device import autocast_for
 from prance.models import MetaViT, create_meta, reorder_by_importance
 from prance.train import optim
 from prance.train.augment import flip_shift
