@@ -4,6 +4,8 @@ sub-network space in the header, so one file is enough to rebuild the meta-netwo
 Loading never unpickles code: safetensors files (recognised by content) are parsed by safetensors;
 ``.pt``/``.pth``/``.bin`` files (e.g. the DeiT release) go through
 ``torch.load(weights_only=True)``, which accepts only tensors and plain containers.
+``timm:NAME`` stands for no file at all: timm's pretrained weights of NAME, made a
+meta-network the way ``sweeps/pretrain.py`` starts from them (channels reordered by importance).
 """
 
 from __future__ import annotations
@@ -20,6 +22,28 @@ from prance.models.subnet import SubnetSpace
 from prance.models.zoo import create_vit
 
 FORMAT = "prance.meta_vit.v1"
+TIMM_PREFIX = "timm:"  # a checkpoint "timm:deit_small_patch16_224": timm's pretrained weights, no pretraining run
+
+
+def is_timm_source(path: str | Path) -> bool:
+    """Whether ``path`` names timm's pretrained weights (``timm:NAME``) rather than a file."""
+    return isinstance(path, str) and path.strip().lower().startswith(TIMM_PREFIX)
+
+
+def _from_timm(spec: str, **model_kwargs) -> tuple[MetaViT, dict]:
+    """``timm:NAME``: the meta-network around timm's pretrained NAME, channels sorted by
+    importance (as pretraining with ``pretrained: true, reorder: true`` starts); the
+    download needs internet (or timm's cache) on every node that loads it."""
+    from prance.models import create_meta, reorder_by_importance
+
+    name = spec.strip()[len(TIMM_PREFIX):].strip()
+    if not name:
+        raise PranceError(f"checkpoint {spec!r} names no model: write timm:NAME, e.g. timm:deit_small_patch16_224")
+    model = create_meta(name, pretrained=True, **model_kwargs)  # unknown name, failed download -> PranceError
+    reorder_by_importance(model.vit)
+    header = {"format": FORMAT, "model": name, "model_kwargs": dict(model_kwargs), "space": asdict(model.space),
+              "info": {"source": f"{TIMM_PREFIX}{name}", "pretrained": True, "reorder": True}}
+    return model.eval(), header
 
 
 def save_checkpoint(
@@ -108,8 +132,11 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
     """Rebuild the meta-network saved at ``path``; returns (model in eval mode, header).
 
     For a bare state dict (a ``.pt`` file, or a safetensors file without our header)
-    ``model_name`` says which timm model it belongs to.
+    ``model_name`` says which timm model it belongs to. ``timm:NAME``: timm's pretrained
+    weights of NAME, reordered (no file; see :func:`is_timm_source`).
     """
+    if is_timm_source(path):
+        return _from_timm(str(path), **model_kwargs)
     path = Path(path)
     if not path.is_file():
         raise PranceError(f"checkpoint {path} not found")

@@ -50,7 +50,7 @@ class Combo:
 
 @dataclass
 class SweepPlan:
-    checkpoint: str  # absolute
+    checkpoint: str  # absolute, or timm:NAME
     dataset: str  # absolute path for image folders
     model: str
     dense_gflops: float
@@ -105,12 +105,15 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Check the inputs (PranceError with one line on the first problem) and lay out the
     trials: the dense reference, every reachable training-free and static combo once, then
     the selector combos round-robin, ``trials_per_combo`` times."""
-    from prance.checkpoint import load_checkpoint
+    from prance.checkpoint import is_timm_source, load_checkpoint
     from prance.data import build_dataset, input_spec_for_model
 
-    checkpoint = resolve_path(cfg.checkpoint)
-    if not checkpoint.is_file():
-        raise PranceError(f"checkpoint {cfg.checkpoint} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+    if is_timm_source(cfg.checkpoint):  # timm:NAME, timm's pretrained weights: no file to find
+        checkpoint = cfg.checkpoint.strip()
+    else:
+        checkpoint = resolve_path(cfg.checkpoint)
+        if not checkpoint.is_file():
+            raise PranceError(f"checkpoint {cfg.checkpoint} not found (looked in {Path.cwd()} and {REPO_ROOT})")
     model, header = load_checkpoint(checkpoint)
     dataset = resolve_dataset(cfg.dataset)
     build_dataset(dataset, "test", input_spec_for_model(model.vit))  # missing / unknown dataset -> PranceError
