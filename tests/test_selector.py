@@ -100,7 +100,9 @@ def micro():
 
 @pytest.mark.parametrize("strategy,spread", [("prune", False), ("merge", False), ("prune_merge", False), ("merge", True), ("prune_merge", True)])
 @pytest.mark.parametrize("joint", [True, False])
-def test_grouped_execution_equals_each_image_alone(micro, strategy, spread, joint):
+@pytest.mark.parametrize("call_macs", [0, None], ids=["split", "padded"])
+def test_grouped_execution_equals_each_image_alone(micro, strategy, spread, joint, call_macs):
+    """Split: one sub-batch per schedule; padded: one per width, tokens padded with size 0."""
     torch.manual_seed(1)
     actions = ActionSpace(micro.arch, micro.space, strategy, [1, 2, 3], joint_widths=joint, merge_spread=spread)
     if spread:  # merging starts in stage 0 and runs in every block
@@ -113,8 +115,11 @@ def test_grouped_execution_equals_each_image_alone(micro, strategy, spread, join
         torch.nn.init.normal_(p, std=1.0)
     x = torch.randn(24, 1, 28, 28)
     budgets = torch.linspace(0.55, 1.0, 24, dtype=torch.float64) * table.full_macs
-    ep = execute.run(micro, actions, table, policy, x, budgets, greedy=False, generator=torch.Generator().manual_seed(0), rtg=True)
+    ep = execute.run(micro, actions, table, policy, x, budgets, greedy=False, generator=torch.Generator().manual_seed(0), rtg=True, call_macs=call_macs)
     assert 1 < ep.groups <= 24
+    widths = [len(torch.unique(ep.actions[:, t, : actions.num_width_dims], dim=0)) for t in range(actions.num_stages)]
+    if call_macs is None:  # one sub-batch per width in each stage and each completion
+        assert ep.sub_batches == sum(widths) + sum(widths[:-1])
     overhead = policy.actor_macs() * actions.num_stages
     for i in range(24):
         decs = execute.decisions_of(actions, ep, i)

@@ -1,12 +1,17 @@
-"""Per-input adaptive execution of the meta-network under a selector, batched by
-grouping.
+"""Per-input adaptive execution of the meta-network under a selector, in dense batches.
 
 At each decision point the policy runs once on the features of every image in the batch
-and picks a decision per image. Images with the same decision that entered the stage
-together (same tokens count, same earlier decisions) form a group and run the stage as
-one dense sub-batch; groups split further at later decisions and their logits are
-scattered back into batch order at the end. No loop over single images, no averaging of
-decisions over the batch: an image's result does not depend on its batch-mates.
+and picks a decision per image. All images whose decision has the same widths run the
+stage as one sub-batch, whatever their token counts: each image's tokens come first in
+its row and the rest is padding of size 0, which attention (the size bias, log 0 = -inf)
+and size-weighted pooling ignore, so every image computes exactly what it would alone.
+Inside the sub-batch the token operations run per *schedule* (images with the same
+tokens and decision) on their own unpadded tokens. Padding costs compute: where a
+schedule's images would waste more padded compute than one more sub-batch costs
+(:data:`CALL_MACS`), they run as a sub-batch of their own. No loop over single
+images, no averaging of decisions over the batch: an image's result does not depend on
+its batch-mates. The MACs counted are each image's own (padding is not counted: it is
+an execution cost, which the throughput benchmark measures).
 
 Devices: the meta-network runs where ``images`` are (with ``amp``, under mixed
 precision); the policy, the budget masks and the bookkeeping stay on the CPU -- the
@@ -23,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from prance.device import autocast_for
@@ -31,13 +37,38 @@ from prance.models.meta import MetaViT
 from prance.selector.actions import ActionSpace, CostTable, StageDecision
 from prance.selector.features import observe
 from prance.selector.policy import ActorCritic
-from prance.tokens.state import TokenState
+from prance.tokens.prune import prune_rows
+from prance.tokens.state import TokenOp, TokenState
+
+
+# What one more sub-batch costs, per block, in MACs of padded compute it is worth: a
+# schedule runs in a sub-batch of its own only where padding it into a wider one would
+# waste more. On 2 CPU cores a block call has ~0.23 ms of fixed cost where a block
+# computes ~28 GMAC/s (the default model; docs/benchmarks.md, "adaptive execution"), i.e.
+# ~6.5M MACs. On a GPU, kernel launches dominate at these sizes: one sub-batch per width.
+CALL_MACS = {"cpu": 6.5e6, "cuda": None}  # None: never split a width
 
 
 @dataclass
 class Group:
+    """Images that run a stage as one dense sub-batch: the same widths, and tokens padded
+    to a common count. ``n`` holds each image's own token count; its tokens are the first
+    ``n`` of the row, the rest are padding with size 0, which the size bias of attention
+    (log 0 = -inf) and size-weighted pooling ignore."""
+
     idx: Tensor  # positions in the batch
     state: TokenState
+    n: Tensor  # (g,) tokens of each image (CPU)
+
+
+@dataclass
+class Schedule:
+    """Images of one group with the same tokens and decision: one token operation each."""
+
+    rows: Tensor  # positions in the group (on the group's device)
+    n: int
+    combo: int
+
 
 @dataclass
 class Episode:
@@ -53,7 +84,8 @@ class Episode:
     cont_logits: Tensor | None = None  # (B, S, classes)
     cont_macs: Tensor | None = None  # (B, S)
     cont_token_ratio: Tensor | None = None  # (B, S)
-    groups: int = 0  # leaf groups that ran (distinct per-image schedules in the batch)
+    groups: int = 0  # distinct per-image schedules in the batch
+    sub_batches: int = 0  # stage (and completion) sub-batches that ran
 
 
 def _partition(keys: Tensor) -> list[Tensor]:
@@ -64,27 +96,127 @@ def _partition(keys: Tensor) -> list[Tensor]:
     return list(order.split(counts))
 
 
-def _concat(parts: list[tuple[Group, Tensor]], width: int, num_prefix: int) -> Group:
-    """One group of the ``rows`` of several groups (same token count), at ``width``."""
-    xs, sizes, idx = [], [], []
-    merged = any(g.state.size is not None for g, _ in parts)
+def _buckets(rows: list[int], tokens: list[int], cost: Tensor, call_macs: float | None) -> list[list[int]]:
+    """The cheapest split of one width's schedules into padded sub-batches. Schedule ``j``
+    has ``rows[j]`` images with ``tokens[j]`` tokens; ``cost[i, j]`` is the MACs per image
+    of schedule ``j`` padded to schedule ``i``'s tokens; a sub-batch costs its padded MACs
+    plus ``call_macs`` (None: a split is never worth it). Sorted by tokens, an optimal
+    split is contiguous: an exact dynamic programme over the (few) schedules."""
+    k = len(rows)
+    order = sorted(range(k), key=lambda j: -tokens[j])
+    if call_macs is None or k == 1:
+        return [order]
+    o = torch.tensor(order)
+    padded = cost[o][:, o] * torch.tensor([rows[j] for j in order], dtype=torch.float64)  # [i, j]: j padded to i's tokens
+    prefix = torch.cumsum(padded, dim=1).tolist()
+    best = [0.0] * (k + 1)
+    cut = [0] * (k + 1)
+    for j in range(1, k + 1):  # best[j]: the first j schedules (most tokens first)
+        options = [best[i] + prefix[i][j - 1] - (prefix[i][i - 1] if i else 0.0) + call_macs for i in range(j)]
+        i = min(range(j), key=options.__getitem__)
+        best[j], cut[j] = options[i], i
+    out, j = [], k
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
+
+
+def _take(parts: list[tuple[Group, Tensor]], width: int, tokens: int, num_prefix: int) -> Group:
+    """One group of the rows of several groups at ``width`` channels and ``tokens``
+    tokens (each row's own tokens first, then padding of size 0)."""
+    xs, sizes, idx, ns = [], [], [], []
+    padded = any(g.state.size is not None for g, _ in parts) or any(int(g.n[r].min()) < tokens for g, r in parts if len(r))
     for g, rows in parts:
-        rows = rows.to(g.state.x.device)
-        xs.append(engine.resize_width(g.state.x[rows], width))
-        if merged:
-            sizes.append(g.state.sizes()[rows])
+        r = rows.to(g.state.x.device)
+        x = engine.resize_width(g.state.x[r], width)
+        size = g.state.sizes()[r] if padded else None
+        have = x.shape[1]
+        if have >= tokens:
+            x = x[:, :tokens]
+            size = None if size is None else size[:, :tokens]
+        else:  # a narrower group's rows (its own padding already has size 0)
+            x = F.pad(x, (0, 0, 0, tokens - have))
+            size = F.pad(size, (0, 0, 0, tokens - have))
+        xs.append(x)
+        sizes.append(size)
         idx.append(g.idx[rows])
-    return Group(torch.cat(idx), TokenState(torch.cat(xs), torch.cat(sizes) if merged else None, num_prefix))
+        ns.append(g.n[rows])
+    size = torch.cat(sizes) if padded else None
+    return Group(torch.cat(idx), TokenState(torch.cat(xs), size, num_prefix), torch.cat(ns))
 
 
-def _run_blocks(vit, state: TokenState, start: int, stop: int, dec: StageDecision, ops, counts: Tensor | None = None, idx: Tensor | None = None) -> TokenState:
-    """Blocks ``start``..``stop-1`` with ``dec``'s widths and ``ops`` (one per block);
-    with ``counts`` (B, depth), the tokens entering each block go to rows ``idx``."""
+def _per_schedule(ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenOp | None:
+    """A block's token operation for a group: schedule ``j``'s rows get ``ops[j]`` on
+    their own (unpadded) tokens, and the results are padded back to a common count."""
+    if all(op is None for op in ops):
+        return None
+    if len(schedules) == 1:
+        return ops[0]  # one schedule: the rows hold no padding the op could see
+    needs = frozenset().union(*(op.needs for op in ops if op is not None))
+    if all(op is None or op.name == "prune" for op in ops):  # pruning: one top-k for all rows
+        return TokenOp("per_row_prune", lambda state: _prune_rows(state, ops, schedules), lambda n: n, needs=needs)
+
+    def apply(state: TokenState) -> TokenState:
+        outs = []
+        for sch, op in zip(schedules, ops):
+            part = TokenState(
+                state.x[sch.rows, : sch.n],
+                state.sizes()[sch.rows, : sch.n],
+                state.num_prefix,
+                cls_attn=None if state.cls_attn is None else state.cls_attn[sch.rows, :, : sch.n],
+                metric=None if state.metric is None else state.metric[sch.rows, : sch.n],
+                v_norm=None if state.v_norm is None else state.v_norm[sch.rows, : sch.n],
+            )
+            outs.append(part if op is None else op.apply(part))
+        top = max(o.x.shape[1] for o in outs)
+        x = state.x.new_zeros(state.x.shape[0], top, state.x.shape[2])
+        size = state.x.new_zeros(state.x.shape[0], top, 1, dtype=torch.float32)
+        for sch, o in zip(schedules, outs):
+            x[sch.rows, : o.x.shape[1]] = o.x.to(x.dtype)
+            size[sch.rows, : o.x.shape[1]] = o.sizes().float()
+        return TokenState(x, size, state.num_prefix, stats=state.stats)
+
+    return TokenOp("per_schedule", apply, lambda n: n, needs=needs)
+
+
+def _prune_rows(state: TokenState, ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+    dev = state.x.device
+    n = torch.zeros(state.x.shape[0], dtype=torch.long, device=dev)
+    k = torch.zeros_like(n)
+    for sch, op in zip(schedules, ops):
+        n[sch.rows] = sch.n
+        k[sch.rows] = (sch.n if op is None else op.out_tokens(sch.n)) - state.num_prefix
+    return prune_rows(state, n, k)
+
+
+def _run_stage(vit, g: Group, start: int, stop: int, dec: StageDecision, schedules: list[Schedule], ops: list[list], counts: Tensor) -> Group:
+    """Blocks ``start``..``stop-1`` at ``dec``'s widths, schedule ``j`` with its per-block
+    ``ops[j]``; ``counts`` (B, depth) records the tokens each image brings to each block."""
+    n = {j: s.n for j, s in enumerate(schedules)}
+    images = [g.idx[s.rows.cpu()] for s in schedules]
     for i in range(start, stop):
-        if counts is not None:
-            counts[idx, i] = state.x.shape[1]
-        state = engine.block(vit.blocks[i], state, dec.heads, dec.mlp, dec.embed, ops[i - start], True)
-    return state
+        block_ops = [ops[j][i - start] for j in range(len(schedules))]
+        for j in range(len(schedules)):
+            counts[images[j], i] = n[j]
+        g.state = engine.block(vit.blocks[i], g.state, dec.heads, dec.mlp, dec.embed, _per_schedule(block_ops, [Schedule(s.rows, n[j], s.combo) for j, s in enumerate(schedules)]), True)
+        for j, op in enumerate(block_ops):
+            if op is not None:
+                n[j] = op.out_tokens(n[j])
+    for j, s in enumerate(schedules):
+        g.n[s.rows.cpu()] = n[j]  # g.n is in the group's row order
+    return g
+
+
+def _feasible(table: CostTable, t: int, g: Group, spent: Tensor, budget: Tensor) -> Tensor:
+    """The budget mask of every image of ``g`` (images differ in their tokens)."""
+    if bool((g.n == g.n[0]).all()):
+        return table.feasible(t, int(g.n[0]), spent, budget)
+    out = torch.zeros(len(g.n), *table.actions.sizes, dtype=torch.bool)
+    for n in g.n.unique().tolist():
+        rows = (g.n == n).nonzero().flatten()
+        out[rows] = table.feasible(t, n, spent[rows], budget[rows])
+    return out
 
 
 @torch.no_grad()
@@ -99,10 +231,12 @@ def run(
     generator: torch.Generator | None = None,
     rtg: bool = False,
     amp: bool = False,
+    call_macs: float | None | str = "auto",
 ) -> Episode:
     """Run ``images`` adaptively with a per-image MACs budget ``budget_macs`` (B,) on
     ``images``' device (the meta-network must be there); the episode's tensors are on
-    the CPU."""
+    the CPU. ``call_macs``: what one more sub-batch per block is worth in padded MACs
+    (``"auto"``: :data:`CALL_MACS` of the device; 0: never pad, None: never split a width)."""
     arch = meta.arch
     vit = meta.vit
     b = images.shape[0]
@@ -114,6 +248,8 @@ def run(
     exact_slice = isinstance(vit.norm_pre, torch.nn.Identity) and isinstance(getattr(vit.patch_embed, "norm", torch.nn.Identity()), torch.nn.Identity)
 
     dev = images.device
+    if call_macs == "auto":
+        call_macs = CALL_MACS.get(dev.type, CALL_MACS["cuda"])
     budget_macs = budget_macs.cpu()
 
     def net():  # the meta-network's own computation: on the device, mixed precision with amp
@@ -122,7 +258,7 @@ def run(
     with net():
         x = engine.embed(vit, images, D)
     p = arch.num_prefix_tokens
-    groups = [Group(torch.arange(b), TokenState(x, None, p))]
+    groups = [Group(torch.arange(b), TokenState(x, None, p), torch.full((b,), x.shape[1]))]
     spent = torch.zeros(b, dtype=torch.float64)
     counts = torch.zeros(b, arch.depth, dtype=torch.long)  # tokens entering each block
     all_actions = torch.zeros(b, S, len(actions.dims), dtype=torch.long)
@@ -130,16 +266,14 @@ def run(
     masks_all = [torch.zeros(b, S, s, dtype=torch.bool) for s in actions.sizes] if rtg else None
     logp_all = torch.zeros(b, S) if rtg else None
     classes = arch.num_classes
-    cont_logits = torch.zeros(b, S, classes) if rtg else None
-    cont_macs = torch.zeros(b, S, dtype=torch.float64) if rtg else None
-    cont_tokens = torch.zeros(b, S) if rtg else None
+    cont = (torch.zeros(b, S, classes), torch.zeros(b, S, dtype=torch.float64), torch.zeros(b, S)) if rtg else None
     logits = torch.zeros(b, classes)
-    channels = torch.arange(actions.num_width_dims)  # the width dimensions come first
+    sub_batches = 0
 
     for t, (start, stop) in enumerate(actions.stages):
         # one policy call for every image, each masked by its own feasibility
-        obs = torch.cat([observe(g.state, t, S, budget_frac[g.idx], spent[g.idx] / table.full_macs, n0, D) for g in groups])
-        feas = torch.cat([table.feasible(t, g.state.x.shape[1], spent[g.idx] + overhead, budget_macs[g.idx]) for g in groups])
+        obs = torch.cat([observe(g.state, t, S, budget_frac[g.idx], spent[g.idx] / table.full_macs, n0, D, g.n) for g in groups])
+        feas = torch.cat([_feasible(table, t, g, spent[g.idx] + overhead, budget_macs[g.idx]) for g in groups])
         dec = policy.act(obs, feas, actions.active(t), fixed, greedy, generator)
         order = torch.cat([g.idx for g in groups])
         all_actions[order, t] = dec.actions
@@ -149,50 +283,27 @@ def run(
                 masks_all[d][order, t] = m
             logp_all[order, t] = dec.logp
         flat = table.combo_index(dec.actions)
-        # regroup: every image with the same (tokens, merged?, combo) runs the stage together
-        owner = torch.cat([torch.full((g.idx.shape[0],), k) for k, g in enumerate(groups)])
-        local = torch.cat([torch.arange(g.idx.shape[0]) for g in groups])
-        n_in = torch.tensor([g.state.x.shape[1] for g in groups])[owner]
-        merged = torch.tensor([g.state.size is not None for g in groups], dtype=torch.long)[owner]
+        n_in = torch.cat([g.n for g in groups])
+        # every image of one width runs the stage in one sub-batch (or a few, where padding
+        # the fewer-token schedules costs more than a split); each schedule (tokens,
+        # decision) gets its own token operations inside it
         new_groups = []
-        for pos in _partition(torch.stack([n_in, merged, flat], dim=1)):
-            combo = int(flat[pos[0]])
-            d = actions.decision(table.combos[combo].tolist())
-            parts = [(groups[k], local[pos[owner[pos] == k]]) for k in owner[pos].unique().tolist()]
-            g = _concat(parts, d.embed, p)
+        width_of = lambda c: actions.decision(table.combos[c].tolist()).embed  # noqa: E731
+        for g, schedules in _regroup(groups, table.combos[flat][:, : actions.num_width_dims], n_in, flat, width_of, table.cost[t], call_macs and call_macs * (stop - start), p, dev):
+            d = actions.decision(table.combos[schedules[0].combo].tolist())
+            ops = [actions.stage_ops(t, actions.decision(table.combos[s.combo].tolist())) for s in schedules]
             with net():
                 if t == 0 and not exact_slice:
-                    g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx.to(dev)], d.embed), None, p))
-                n = g.state.x.shape[1]
-                g.state = _run_blocks(vit, g.state, start, stop, d, actions.stage_ops(t, d), counts, g.idx)
-            spent[g.idx] += float(table.cost[t, n, combo])
-            new_groups.append((g, combo))
-        groups = [g for g, _ in new_groups]
+                    g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx.to(dev)], d.embed), None, p), g.n)
+                g = _run_stage(vit, g, start, stop, d, schedules, ops, counts)
+            for s in schedules:
+                spent[g.idx[s.rows.cpu()]] += float(table.cost[t, s.n, s.combo])
+            new_groups.append(g)
+        sub_batches += len(new_groups)
+        groups = new_groups
 
         if rtg and t < S - 1:
-            # Result-to-Go completions, batched by (tokens, merged?, channels)
-            combos = torch.tensor([c for _, c in new_groups])
-            chan = table.combos[combos][:, channels]
-            keys = torch.cat(
-                [
-                    torch.tensor([[g.state.x.shape[1], g.state.size is not None] for g in groups], dtype=torch.long),
-                    chan,
-                ],
-                dim=1,
-            )
-            for members in _partition(keys):
-                first = int(members[0])
-                d = actions.decision(table.combos[combos[first]].tolist())
-                parts = [(groups[k], torch.arange(groups[k].idx.shape[0])) for k in members.tolist()]
-                g = _concat(parts, d.embed, p)
-                with net():
-                    c_state = _run_blocks(vit, g.state, stop, arch.depth, d, [None] * (arch.depth - stop))
-                    cont_logits[g.idx, t] = engine.head(vit, c_state).float().cpu()
-                n_out = g.state.x.shape[1]
-                cont_macs[g.idx, t] = spent[g.idx] + float(table.cont_rest[t, n_out, combos[first]]) + overhead
-                c_counts = counts[g.idx].clone()
-                c_counts[:, stop:] = n_out
-                cont_tokens[g.idx, t] = c_counts.float().mean(dim=1) / n0
+            sub_batches += _completions(vit, actions, table, groups, all_actions[:, t], stop, spent, counts, overhead, call_macs, net, cont, t, dev)
 
     for g in groups:
         with net():
@@ -201,10 +312,74 @@ def run(
     tok = counts.float().mean(dim=1) / n0
     final_tok = counts[:, -1].float() / n0
     if rtg:
-        cont_logits[:, S - 1] = logits
-        cont_macs[:, S - 1] = macs
-        cont_tokens[:, S - 1] = tok
-    return Episode(logits, macs, tok, final_tok, all_actions, obs_all, masks_all, logp_all, cont_logits, cont_macs, cont_tokens, len(groups))
+        cont[0][:, S - 1] = logits
+        cont[1][:, S - 1] = macs
+        cont[2][:, S - 1] = tok
+    distinct = len(torch.unique(torch.cat([all_actions.flatten(1), counts], dim=1), dim=0))
+    return Episode(
+        logits=logits, macs=macs, token_ratio=tok, final_token_ratio=final_tok, actions=all_actions, obs=obs_all, masks=masks_all,
+        logp=logp_all, cont_logits=cont[0] if rtg else None, cont_macs=cont[1] if rtg else None, cont_token_ratio=cont[2] if rtg else None,
+        groups=distinct, sub_batches=sub_batches,
+    )
+
+
+def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, width_of, cost: Tensor, call_macs, p: int, dev) -> list[tuple[Group, list[Schedule]]]:
+    """The sub-batches of the next stage: the images of ``groups`` (in their order; one
+    row of ``widths``, ``n_in``, ``flat`` each) partitioned by their widths, each width's
+    schedules ``(n_in, flat)`` bucketed by :func:`_buckets` (``cost[n, combo]``: MACs
+    per image), each bucket's rows gathered into one group at ``width_of(combo)``
+    embedding channels."""
+    owner = torch.cat([torch.full((g.idx.shape[0],), k) for k, g in enumerate(groups)])
+    local = torch.cat([torch.arange(g.idx.shape[0]) for g in groups])
+    out = []
+    for members in _partition(widths):
+        scheds = [members[s] for s in _partition(torch.stack([n_in[members], flat[members]], dim=1))]
+        n = n_in[torch.stack([s[0] for s in scheds])]
+        c = flat[torch.stack([s[0] for s in scheds])]
+        for bucket in _buckets([len(s) for s in scheds], n.tolist(), cost[n[:, None], c[None, :]], call_macs):
+            pos = torch.cat([scheds[j] for j in bucket])
+            owners = owner[pos].unique().tolist()
+            parts = [(groups[k], local[pos[owner[pos] == k]]) for k in owners]
+            g = _take(parts, width_of(int(flat[pos[0]])), int(n_in[pos].max()), p)
+            # the group holds the parts one after the other: where each image landed
+            landed = {int(i): r for r, i in enumerate(torch.cat([pos[owner[pos] == k] for k in owners]).tolist())}
+            schedules = [
+                Schedule(torch.tensor([landed[int(i)] for i in scheds[j].tolist()], device=dev), int(n_in[scheds[j][0]]), int(flat[scheds[j][0]]))
+                for j in bucket
+            ]
+            out.append((g, schedules))
+    return out
+
+
+def _completions(vit, actions: ActionSpace, table: CostTable, groups: list[Group], stage_actions: Tensor, stop: int, spent: Tensor, counts: Tensor,
+                 overhead: float, call_macs, net, cont: tuple[Tensor, Tensor, Tensor], t: int, dev) -> int:
+    """Result-to-Go completions after stage ``t``: for every image, the rest of the network
+    at its channels of stage ``t`` and no further token reduction, into ``cont`` (logits,
+    MACs, token ratio) -- batched by channels, tokens padded as in the stages. Returns the
+    sub-batches it ran."""
+    p = groups[0].state.num_prefix
+    idx = torch.cat([g.idx for g in groups])
+    flat = table.combo_index(stage_actions[idx])
+    widths = table.combos[flat][:, : actions.num_width_dims]
+    n_out = torch.cat([g.n for g in groups])
+    ran = 0
+    # rows of one width with different keeps share a sub-batch: the completion reduces no tokens
+    width_of = lambda c: actions.decision(table.combos[c].tolist()).embed  # noqa: E731
+    rest = len(vit.blocks) - stop
+    for g, _ in _regroup(groups, widths, n_out, flat, width_of, table.cont_rest[t], call_macs and call_macs * rest, p, dev):
+        combos = table.combo_index(stage_actions[g.idx])
+        d = actions.decision(table.combos[int(combos[0])].tolist())
+        with net():
+            state = g.state
+            for i in range(stop, len(vit.blocks)):
+                state = engine.block(vit.blocks[i], state, d.heads, d.mlp, d.embed, None, True)
+            cont[0][g.idx, t] = engine.head(vit, state).float().cpu()
+        cont[1][g.idx, t] = spent[g.idx] + table.cont_rest[t, g.n, combos].double() + overhead
+        c_counts = counts[g.idx].clone()
+        c_counts[:, stop:] = g.n[:, None]
+        cont[2][g.idx, t] = c_counts.float().mean(dim=1) / actions.arch.num_tokens
+        ran += 1
+    return ran
 
 
 def decisions_of(actions: ActionSpace, episode: Episode, i: int) -> list[StageDecision]:

@@ -35,8 +35,10 @@ def observe(
     spent_frac: Tensor,
     n0: int,
     embed_dim: int,
+    tokens: Tensor | None = None,
 ) -> Tensor:
-    """(B, obs_dim) features of the tokens in ``state`` before stage ``stage``, on the CPU."""
+    """(B, obs_dim) features of the tokens in ``state`` before stage ``stage``, on the CPU;
+    ``tokens`` (B,): each image's own token count where rows are padded (padding has size 0)."""
     x = state.x.detach().float()
     b, n, c = x.shape
     p = state.num_prefix
@@ -56,5 +58,5 @@ def observe(
     onehot[:, stage] = 1.0
     budget = budget_frac.float().view(b, 1)
     spent = spent_frac.float().view(b, 1)
-    tokens = torch.full((b, 1), n / n0)
+    tokens = torch.full((b, 1), n / n0) if tokens is None else tokens.float().view(b, 1) / n0
     return torch.cat([cls, mean, onehot, budget, spent, budget - spent, tokens], dim=1)

@@ -54,6 +54,27 @@ def prune_tokens(state: TokenState, keep: float, fuse: bool = False) -> TokenSta
     return TokenState(x, size, p, stats=state.stats)
 
 
+def prune_rows(state: TokenState, n: Tensor, k: Tensor) -> TokenState:
+    """Per-row pruning of a padded batch: row ``i`` holds ``n[i]`` tokens (the rest has
+    size 0) and keeps its prefix and top ``k[i]`` patch tokens by class attention, in
+    their original order, then padding of size 0 -- for every row what
+    :func:`keep_top` gives that row alone (``n``, ``k``: (B,) on the state's device)."""
+    p = state.num_prefix
+    scores = state.cls_attn.mean(dim=1)[:, p:].float()
+    patches = scores.shape[1]
+    pos = torch.arange(patches, device=scores.device)
+    scores = scores.masked_fill(pos[None, :] >= (n - p)[:, None], float("-inf"))  # padding: never kept
+    top = int(k.max())
+    idx = scores.topk(top, dim=1, sorted=True).indices  # each row's best first
+    keep = torch.arange(top, device=idx.device)[None, :] < k[:, None]
+    idx = torch.where(keep, idx, patches).sort(dim=1)[0]  # kept ones in their original order, then the rest
+    valid = idx < patches
+    kept = state.gather(keep_with_prefix(idx.clamp(max=patches - 1), p))
+    size = kept.sizes().clone()
+    size[:, p:] *= valid[..., None].to(size.dtype)
+    return TokenState(kept.x, size, p, stats=state.stats)
+
+
 def prune_op(keep: float, num_prefix: int, fuse: bool = False) -> TokenOp:
     def out_tokens(n: int) -> int:
         k = kept_patches(n, keep, num_prefix)
@@ -61,7 +82,7 @@ def prune_op(keep: float, num_prefix: int, fuse: bool = False) -> TokenOp:
         return num_prefix + k + (1 if fuse and dropped > 0 else 0)
 
     return TokenOp(
-        name="prune",
+        name="prune_fuse" if fuse else "prune",
         apply=lambda s: prune_tokens(s, keep, fuse),
         out_tokens=out_tokens,
         needs=frozenset({CLS_ATTN}),
