@@ -1,14 +1,14 @@
 """Pretraining throughput benchmark (docs/benchmarks.md): weight-sharing overhead and
 Ray Train scaling. Run on an otherwise idle machine:
 
-    .venv/bin/python scripts/bench_pretrain.py [--device cuda --amp] [--workers 1,2]
+    .venv/bin/python scripts/bench_pretrain.py [--device cuda --amp] [--workers 1,2] [--output PATH]
 
 1. Training images/s (forward + backward + AdamW step, batch 128) of the largest
    sub-network through the meta-network vs the plain timm model it wraps, same batch,
    interleaved rounds, median. Target: ratio >= 0.9.
 2. Sandwich-step images/s of real Ray Train runs (default preset's model and step,
-   a fixed number of steps) with 1 and 2 workers.
-Writes docs/results/bench_pretrain_<device>.json.
+   a fixed number of steps) with 1 and 2 workers (``--workers none``: skipped).
+Writes docs/results/bench_pretrain_<device>.json (or ``--output``).
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ def weight_sharing_overhead(device: str, amp: bool, batch: int = 128, rounds: in
     return {"batch": batch, "images_per_s": ips, "ratio": ips["meta_largest"] / ips["timm"]}
 
 
-def ray_scaling(workers: list[int], use_gpu: bool) -> dict:
+def ray_scaling(workers: list[int], use_gpu: bool, amp: bool = True, batch: int = 128, steps: int = 40) -> dict:
     from prance.train.launch import pretrain
 
     out = {}
     for n in workers:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = PretrainConfig(model="prance_vit_fmnist", epochs=2, steps_per_epoch=40, batch_size=128, random_subnets=0,
-                                 eval_limit=256, num_workers=n, use_gpu=use_gpu, storage=tmp, name=f"w{n}", keep_checkpoints=1)
+            cfg = PretrainConfig(model="prance_vit_fmnist", epochs=2, steps_per_epoch=steps, batch_size=batch, random_subnets=0,
+                                 eval_limit=256, num_workers=n, use_gpu=use_gpu, amp=amp, storage=tmp, name=f"w{n}", keep_checkpoints=1)
             result = pretrain(cfg)
             out[str(n)] = result.metrics["images_per_s"]  # of the best epoch (the 2nd: warm)
     return out
@@ -86,19 +86,27 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--workers", default="1,2")
+    p.add_argument("--workers", default="1,2", help="Ray Train worker counts, comma-separated; none: skip the Ray Train runs")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch of both measurements")
+    p.add_argument("--steps-per-epoch", type=int, default=40, help="steps of each of the Ray Train runs' 2 epochs")
+    p.add_argument("--output", help="the JSON record (default docs/results/bench_pretrain_<device>.json)")
     args = p.parse_args()
     record = {
         "command": "python scripts/bench_pretrain.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "amp": args.amp,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "weight_sharing": weight_sharing_overhead(args.device, args.amp),
+        "weight_sharing": weight_sharing_overhead(args.device, args.amp, args.batch_size),
     }
     print(json.dumps(record["weight_sharing"]), flush=True)
-    record["ray_train_images_per_s"] = ray_scaling([int(w) for w in args.workers.split(",")], args.device.startswith("cuda"))
-    print(json.dumps(record["ray_train_images_per_s"]), flush=True)
-    out = ROOT / "docs" / "results" / f"bench_pretrain_{args.device.split(':')[0]}.json"
+    if args.workers != "none":
+        record["ray_train_images_per_s"] = ray_scaling([int(w) for w in args.workers.split(",")], args.device.startswith("cuda"),
+                                                       args.amp, args.batch_size, args.steps_per_epoch)
+        print(json.dumps(record["ray_train_images_per_s"]), flush=True)
+    out = Path(args.output) if args.output else ROOT / "docs" / "results" / f"bench_pretrain_{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written {out}")
 
