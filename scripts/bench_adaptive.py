@@ -29,8 +29,9 @@ otherwise (speed does not depend on them; the JSON says ``"images": "random"``).
 Prints one JSON object (``--json PATH`` also writes it): ``speedup`` is adaptive over
 dense images/s, ``flops_speedup`` dense GFLOPs over the mean adaptive GFLOPs per image
 (the selector's own cost included, as the project counts it), ``ratio`` their quotient,
-``schedules_per_batch`` the mean number of sub-batches the last stage ran
-(``Episode.groups``). Input mistakes print one line ``bench_adaptive: error: ...`` and
+``schedules_per_batch`` the mean number of distinct per-image schedules in a batch
+(``Episode.groups``), ``sub_batches_per_batch`` the stage sub-batches they ran in
+(``Episode.sub_batches``). Input mistakes print one line ``bench_adaptive: error: ...`` and
 exit with code 2; a progress bar goes to stderr.
 """
 
@@ -294,6 +295,7 @@ def run(args) -> dict:
         "flops_speedup": flops_speedup,
         "ratio": speedup / flops_speedup,
         "schedules_per_batch": sum(groups) / len(groups),
+        "sub_batches_per_batch": sum(int(ep.sub_batches) for ep in eps) / len(eps),
         "distinct_schedules_per_batch": sum(distinct) / len(distinct),
         "schedules": groups,
         "dense_s_per_batch": m["dense_s"],

@@ -81,6 +81,31 @@ def test_stagewise_execution_matches_forward(random_images):
         assert torch.equal(meta.head(state), meta(x, sub))
 
 
+@pytest.mark.parametrize("name,kwargs", [("prance_vit_fmnist", {}), ("prance_vit_micro", {"init_values": 0.1})])
+def test_packed_block_computes_each_image_as_alone(name, kwargs, random_images):
+    """A padded batch (tokens of size 0 after each image's own): the packed block gives
+    every image's real tokens what the image gives alone, whatever its padding holds."""
+    from prance.models import engine
+    from prance.tokens.state import TokenState
+
+    meta = _randomise(create_meta(name, **kwargs)).eval()
+    x = random_images(meta, 3)
+    own = [meta.vit.patch_embed.num_patches + 1, 11, 6]  # tokens of each image
+    blk, heads, hidden, width = meta.vit.blocks[1], meta.space.heads[-1], meta.space.mlp[0], meta.space.embed[-1]
+    with torch.no_grad():
+        tokens = engine.embed(meta.vit, x, width)
+        size = torch.zeros(3, tokens.shape[1], 1)
+        padded = tokens.clone()
+        for i, n in enumerate(own):
+            size[i, :n] = 1
+            padded[i, n:] = 7.0  # junk in the padding must not leak
+        out = engine.block(blk, TokenState(padded, size, 1), heads, hidden, width, None, True, pack=True)
+        for i, n in enumerate(own):
+            alone = engine.block(blk, TokenState(tokens[i : i + 1, :n], None, 1), heads, hidden, width, None, True)
+            torch.testing.assert_close(out.x[i, :n], alone.x[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.size, size)
+
+
 def test_reorder_preserves_function_and_sorts_importance(random_images):
     from prance.models.reorder import embed_importance, head_importance, mlp_importance
 

@@ -12,9 +12,9 @@ from prance.budget import calibrate, candidates, parse_budget
 from prance.errors import PranceError
 from prance.models import create_meta
 from prance.tokens import STRATEGIES, StrategyConfig, TokenState, build_plan
-from prance.tokens.merge import bipartite_soft_matching, merge_tokens, tome_schedule
+from prance.tokens.merge import bipartite_soft_matching, merge_rows, merge_tokens, tome_schedule
 from prance.tokens.ppt import ppt_tokens, significance
-from prance.tokens.prune import prune_tokens
+from prance.tokens.prune import keep_top, prune_rows, prune_tokens
 
 
 def _gen(seed):
@@ -80,6 +80,41 @@ def test_merge_is_capped_at_half_the_patches():
     assert merge_tokens(st, 100).x.shape[1] == 11 - 5
     merge = bipartite_soft_matching(st.metric, 0, 1)
     assert torch.equal(merge(st.x, "sum"), st.x)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1])
+def test_per_row_merge_and_prune_of_a_padded_batch_equal_each_row_alone(num_prefix):
+    """Adaptive execution batches images of different token counts with padding of size
+    0: each row's merge (or prune) gives what the row gives alone, then padding."""
+    g = torch.Generator().manual_seed(0)
+    n = torch.tensor([17, 12, 9, 17])
+    r = torch.tensor([5, 0, 4, 8])
+    k = torch.tensor([9, 11, 3, 1])  # patches kept by pruning
+    bsz, tokens, c = len(n), int(n.max()), 6
+    x = torch.randn(bsz, tokens, c, generator=g)
+    metric = torch.randn(bsz, tokens, 4, generator=g)
+    size = (torch.rand(bsz, tokens, 1, generator=g) * 3 + 1).round()
+    cls_attn = torch.rand(bsz, 2, tokens, generator=g).softmax(-1)
+    for i, m in enumerate(n.tolist()):
+        size[i, m:] = 0
+        x[i, m:] = 5.0  # junk in the padding
+    padded = TokenState(x, size, num_prefix, metric=metric, cls_attn=cls_attn)
+    merged = merge_rows(padded, n, r)
+    for i, m in enumerate(n.tolist()):
+        alone = merge_tokens(TokenState(x[i : i + 1, :m], size[i : i + 1, :m], num_prefix, metric=metric[i : i + 1, :m]), int(r[i]))
+        out = alone.x.shape[1]
+        assert out == m - int(r[i])
+        torch.testing.assert_close(merged.x[i, :out], alone.x[0])
+        torch.testing.assert_close(merged.size[i, :out], alone.size[0])
+        assert (merged.size[i, out:] == 0).all() and (merged.x[i, out:] == 0).all()
+    if num_prefix:
+        pruned = prune_rows(padded, n, k)
+        for i, m in enumerate(n.tolist()):
+            row = TokenState(x[i : i + 1, :m], size[i : i + 1, :m], 1)
+            alone = keep_top(row, cls_attn[i : i + 1, :, 1:m].mean(dim=1), int(k[i]))
+            out = alone.x.shape[1]
+            torch.testing.assert_close(pruned.x[i, :out], alone.x[0])
+            assert (pruned.size[i, out:] == 0).all()
 
 
 def test_tome_schedules():

@@ -9,6 +9,8 @@ parameters, so gradients flow into the shared weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,20 +56,51 @@ def resize_width(x: Tensor, width: int) -> Tensor:
     return F.pad(x, (0, width - c))
 
 
-def attention(attn: nn.Module, x: Tensor, heads: int, bias: Tensor | None, needs: frozenset[str]) -> tuple[Tensor, dict]:
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded (B, N) batch are: ``rows``, their positions in
+    the flattened B*N token grid. A packed tensor (T, C) holds them one after the other."""
+
+    rows: Tensor
+    batch: int
+    tokens: int
+
+    @staticmethod
+    def of(size: Tensor) -> "Packing":
+        b, n = size.shape[:2]
+        return Packing((size.reshape(b * n) > 0).nonzero().squeeze(1), b, n)
+
+    def pack(self, x: Tensor) -> Tensor:
+        return x.reshape(self.batch * self.tokens, -1).index_select(0, self.rows)
+
+    def unpack(self, packed: Tensor, into: Tensor) -> Tensor:
+        """``into`` (B, N, C) with its real tokens replaced by ``packed``."""
+        return into.reshape(self.batch * self.tokens, -1).index_copy(0, self.rows, packed.to(into.dtype)).reshape(into.shape)
+
+
+def attention(attn: nn.Module, x: Tensor, heads: int, bias: Tensor | None, needs: frozenset[str],
+              packing: Packing | None = None) -> tuple[Tensor, dict]:
     """timm ``Attention`` with its first ``heads`` heads and ``x``'s width.
 
     ``bias`` (B, 1, 1, N) is added to the logits (proportional attention). Returns the
-    projected output and the attention facts named in ``needs``.
+    projected output and the attention facts named in ``needs``. With ``packing``, ``x``
+    and the output are packed (T, C): the projections run on the real tokens only, the
+    attention itself on the padded (B, N) layout.
     """
-    b_, n, c = x.shape
+    if packing is None:
+        b_, n, c = x.shape
+    else:
+        b_, n, c = packing.batch, packing.tokens, x.shape[-1]
     hd, h_all = attn.head_dim, attn.num_heads
     a = heads * hd
     w, b = attn.qkv.weight, attn.qkv.bias
     if heads != h_all or c != w.shape[1]:
         w = w.view(3, h_all * hd, -1)[:, :a, :c].reshape(3 * a, c)
         b = None if b is None else b.view(3, h_all * hd)[:, :a].reshape(3 * a)
-    q, k, v = F.linear(x, w, b).reshape(b_, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv = F.linear(x, w, b)
+    if packing is not None:
+        qkv = packing.unpack(qkv, qkv.new_zeros(b_, n, 3 * a))
+    q, k, v = qkv.reshape(b_, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if bias is not None:
         bias = bias.to(q.dtype)
@@ -85,6 +118,8 @@ def attention(attn: nn.Module, x: Tensor, heads: int, bias: Tensor | None, needs
     if V_NORM in needs:  # the norm of each token's whole value vector, all heads concatenated
         facts[V_NORM] = torch.linalg.vector_norm(v, dim=(1, 3))
     o = o.transpose(1, 2).reshape(b_, n, a)
+    if packing is not None:
+        o = packing.pack(o)
     return attn.proj_drop(_linear(o, attn.proj, c)), facts
 
 
@@ -128,10 +163,18 @@ def block(
     width: int,
     op: TokenOp | None,
     prop_attn: bool,
+    pack: bool = False,
 ) -> TokenState:
-    """One pre-norm timm ``Block``, with ``op`` between its attention and its MLP."""
+    """One pre-norm timm ``Block``, with ``op`` between its attention and its MLP.
+
+    ``pack``: where the state holds padding (tokens of size 0, as per-image adaptive
+    execution batches images of different token counts), the token-wise computation
+    (norms, projections, MLP, residuals) runs on the real tokens only; the result is the
+    same, the padding costs only its share of the attention itself."""
     x = resize_width(state.x, width)
     size = state.size
+    if pack and size is not None and prop_attn:
+        return _packed_block(blk, x, state, heads, hidden, op)
     bias = size.log()[:, None, None, :, 0] if (prop_attn and size is not None) else None
     needs = op.needs if op is not None else frozenset()
     out, facts = attention(blk.attn, layer_norm(x, blk.norm1), heads, bias, needs)
@@ -141,6 +184,26 @@ def block(
         x, size = s.x, s.size
     x = x + blk.drop_path2(_layer_scale(blk.ls2, mlp(blk.mlp, layer_norm(x, blk.norm2), hidden)))
     return TokenState(x, size, state.num_prefix, stats=state.stats)
+
+
+def _packed_block(blk: nn.Module, x: Tensor, state: TokenState, heads: int, hidden: int, op: TokenOp | None) -> TokenState:
+    """:func:`block` with proportional attention on the real tokens of a padded state."""
+    size, p = state.size, state.num_prefix
+    where = Packing.of(size)
+    xp = where.pack(x)
+    needs = op.needs if op is not None else frozenset()
+    out, facts = attention(blk.attn, layer_norm(xp, blk.norm1), heads, size.log()[:, None, None, :, 0], needs, where)
+    xp = xp + blk.drop_path1(_layer_scale(blk.ls1, out))
+    if op is not None:
+        s = op.apply(TokenState(where.unpack(xp, x), size, p, stats=state.stats, **facts))
+        x, size = s.x, s.size
+        if size is None:  # no padding left
+            x = x + blk.drop_path2(_layer_scale(blk.ls2, mlp(blk.mlp, layer_norm(x, blk.norm2), hidden)))
+            return TokenState(x, None, p, stats=state.stats)
+        where = Packing.of(size)
+        xp = where.pack(x)
+    xp = xp + blk.drop_path2(_layer_scale(blk.ls2, mlp(blk.mlp, layer_norm(xp, blk.norm2), hidden)))
+    return TokenState(where.unpack(xp, x), size, p, stats=state.stats)
 
 
 def run_blocks(

@@ -5,10 +5,12 @@ and picks a decision per image. All images whose decision has the same widths ru
 stage as one sub-batch, whatever their token counts: each image's tokens come first in
 its row and the rest is padding of size 0, which attention (the size bias, log 0 = -inf)
 and size-weighted pooling ignore, so every image computes exactly what it would alone.
-Inside the sub-batch the token operations run per *schedule* (images with the same
-tokens and decision) on their own unpadded tokens. Padding costs compute: where a
-schedule's images would waste more padded compute than one more sub-batch costs
-(:data:`CALL_MACS`), they run as a sub-batch of their own. No loop over single
+Inside a block the token-wise work (qkv, projection, MLP) runs on the real tokens only,
+packed (engine.block(pack=True)); only attention sees the padding. Token operations run
+per row on the padded batch (prune_rows, merge_rows) where the schedules allow, else per
+*schedule* (images with the same tokens and decision) on their own unpadded tokens. A
+width is split into more sub-batches only where :data:`CALL_MACS` says padding costs
+more than a block call (never, by default). No loop over single
 images, no averaging of decisions over the batch: an image's result does not depend on
 its batch-mates. The MACs counted are each image's own (padding is not counted: it is
 an execution cost, which the throughput benchmark measures).
@@ -37,16 +39,19 @@ from prance.models.meta import MetaViT
 from prance.selector.actions import ActionSpace, CostTable, StageDecision
 from prance.selector.features import observe
 from prance.selector.policy import ActorCritic
+from prance.tokens.merge import merge_rows
 from prance.tokens.prune import prune_rows
 from prance.tokens.state import TokenOp, TokenState
 
 
 # What one more sub-batch costs, per block, in MACs of padded compute it is worth: a
 # schedule runs in a sub-batch of its own only where padding it into a wider one would
-# waste more. On 2 CPU cores a block call has ~0.23 ms of fixed cost where a block
-# computes ~28 GMAC/s (the default model; docs/benchmarks.md, "adaptive execution"), i.e.
-# ~6.5M MACs. On a GPU, kernel launches dominate at these sizes: one sub-batch per width.
-CALL_MACS = {"cpu": 6.5e6, "cuda": None}  # None: never split a width
+# waste more. With token-wise work packed to real tokens (engine.block(pack=True)) only
+# attention still computes padding, and on 2 CPU cores splitting a width lost at every
+# threshold tried (6.5M MACs, the fixed cost of a block call, was the best of them;
+# docs/benchmarks.md, "Adaptive execution"). On a GPU kernel launches dominate at these
+# sizes. So by default a width is never split; an explicit call_macs keeps the exact DP.
+CALL_MACS = {"cpu": None, "cuda": None}  # None: never split a width
 
 
 @dataclass
@@ -63,11 +68,24 @@ class Group:
 
 @dataclass
 class Schedule:
-    """Images of one group with the same tokens and decision: one token operation each."""
+    """Images of one group with the same tokens and decision, rows ``start``..``stop-1``
+    of the group (a group holds its schedules one after the other): one token operation
+    each."""
 
-    rows: Tensor  # positions in the group (on the group's device)
+    start: int
+    stop: int
     n: int
     combo: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def _per_row(values: list, schedules: list[Schedule], dtype=torch.long, device=None) -> Tensor:
+    """One value per schedule, repeated over its rows: (rows of the group,)."""
+    lengths = torch.tensor([s.stop - s.start for s in schedules], device=device)
+    return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(lengths)
 
 
 @dataclass
@@ -122,89 +140,111 @@ def _buckets(rows: list[int], tokens: list[int], cost: Tensor, call_macs: float 
     return out[::-1]
 
 
-def _take(parts: list[tuple[Group, Tensor]], width: int, tokens: int, num_prefix: int) -> Group:
-    """One group of the rows of several groups at ``width`` channels and ``tokens``
-    tokens (each row's own tokens first, then padding of size 0)."""
-    xs, sizes, idx, ns = [], [], [], []
-    padded = any(g.state.size is not None for g, _ in parts) or any(int(g.n[r].min()) < tokens for g, r in parts if len(r))
-    for g, rows in parts:
-        r = rows.to(g.state.x.device)
-        x = engine.resize_width(g.state.x[r], width)
-        size = g.state.sizes()[r] if padded else None
-        have = x.shape[1]
-        if have >= tokens:
-            x = x[:, :tokens]
-            size = None if size is None else size[:, :tokens]
-        else:  # a narrower group's rows (its own padding already has size 0)
-            x = F.pad(x, (0, 0, 0, tokens - have))
-            size = F.pad(size, (0, 0, 0, tokens - have))
-        xs.append(x)
-        sizes.append(size)
-        idx.append(g.idx[rows])
-        ns.append(g.n[rows])
-    size = torch.cat(sizes) if padded else None
-    return Group(torch.cat(idx), TokenState(torch.cat(xs), size, num_prefix), torch.cat(ns))
+def _take(parts: list[tuple[Group, Tensor, Tensor]], width: int, tokens: int, num_prefix: int, size: int) -> Group:
+    """One group of ``size`` rows at ``width`` channels and ``tokens`` tokens (each row's
+    own tokens first, then padding of size 0): each part ``(group, rows, dest)`` puts
+    the rows ``rows`` of ``group`` at the rows ``dest`` of the new one."""
+    g0 = parts[0][0]
+    dev = g0.state.x.device
+    padded = any(g.state.size is not None for g, _, _ in parts) or any(int(g.n[r].min()) < tokens for g, r, _ in parts if len(r))
+    x = g0.state.x.new_zeros(size, tokens, width)
+    sizes = torch.zeros(size, tokens, 1, device=dev, dtype=g0.state.sizes().dtype) if padded else None
+    idx = torch.empty(size, dtype=torch.long)
+    n = torch.empty(size, dtype=torch.long)
+    for g, rows, dest in parts:
+        r, d = rows.to(dev), dest.to(dev)
+        have, w = min(g.state.x.shape[1], tokens), min(g.state.x.shape[2], width)  # wider: zeros (engine.resize_width)
+        x[d, :have, :w] = g.state.x[r, :have, :w]
+        if padded:
+            sizes[d, :have] = g.state.sizes()[r][:, :have].to(sizes.dtype)
+        idx[dest] = g.idx[rows]
+        n[dest] = g.n[rows]
+    return Group(idx, TokenState(x, sizes, num_prefix), n)
 
 
 def _per_schedule(ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenOp | None:
-    """A block's token operation for a group: schedule ``j``'s rows get ``ops[j]`` on
-    their own (unpadded) tokens, and the results are padded back to a common count."""
+    """A block's token operation for a group: schedule ``j``'s rows get ``ops[j]``, as
+    on their own (unpadded) tokens, and the results are padded to a common count --
+    pruning and merging as batched per-row operations, anything else schedule by schedule."""
     if all(op is None for op in ops):
         return None
     if len(schedules) == 1:
         return ops[0]  # one schedule: the rows hold no padding the op could see
     needs = frozenset().union(*(op.needs for op in ops if op is not None))
-    if all(op is None or op.name == "prune" for op in ops):  # pruning: one top-k for all rows
-        return TokenOp("per_row_prune", lambda state: _prune_rows(state, ops, schedules), lambda n: n, needs=needs)
+    steps = _row_steps(ops)
 
     def apply(state: TokenState) -> TokenState:
-        outs = []
-        for sch, op in zip(schedules, ops):
-            part = TokenState(
-                state.x[sch.rows, : sch.n],
-                state.sizes()[sch.rows, : sch.n],
-                state.num_prefix,
-                cls_attn=None if state.cls_attn is None else state.cls_attn[sch.rows, :, : sch.n],
-                metric=None if state.metric is None else state.metric[sch.rows, : sch.n],
-                v_norm=None if state.v_norm is None else state.v_norm[sch.rows, : sch.n],
-            )
-            outs.append(part if op is None else op.apply(part))
-        top = max(o.x.shape[1] for o in outs)
-        x = state.x.new_zeros(state.x.shape[0], top, state.x.shape[2])
-        size = state.x.new_zeros(state.x.shape[0], top, 1, dtype=torch.float32)
-        for sch, o in zip(schedules, outs):
-            x[sch.rows, : o.x.shape[1]] = o.x.to(x.dtype)
-            size[sch.rows, : o.x.shape[1]] = o.sizes().float()
-        return TokenState(x, size, state.num_prefix, stats=state.stats)
+        if steps is not None and ("merge" not in steps or state.num_prefix <= 1):
+            return _per_row_steps(state, steps, ops, schedules)
+        return _each_schedule(state, ops, schedules)
 
     return TokenOp("per_schedule", apply, lambda n: n, needs=needs)
 
 
-def _prune_rows(state: TokenState, ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
-    dev = state.x.device
-    n = torch.zeros(state.x.shape[0], dtype=torch.long, device=dev)
-    k = torch.zeros_like(n)
+def _each_schedule(state: TokenState, ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+    """Schedule ``j``'s rows through ``ops[j]`` on their own tokens, one schedule at a time."""
+    outs = []
     for sch, op in zip(schedules, ops):
-        n[sch.rows] = sch.n
-        k[sch.rows] = (sch.n if op is None else op.out_tokens(sch.n)) - state.num_prefix
-    return prune_rows(state, n, k)
+        part = TokenState(
+            state.x[sch.rows, : sch.n],
+            state.sizes()[sch.rows, : sch.n],
+            state.num_prefix,
+            cls_attn=None if state.cls_attn is None else state.cls_attn[sch.rows, :, : sch.n],
+            metric=None if state.metric is None else state.metric[sch.rows, : sch.n],
+            v_norm=None if state.v_norm is None else state.v_norm[sch.rows, : sch.n],
+        )
+        outs.append(part if op is None else op.apply(part))
+    top = max(o.x.shape[1] for o in outs)
+    x = state.x.new_zeros(state.x.shape[0], top, state.x.shape[2])
+    size = state.x.new_zeros(state.x.shape[0], top, 1, dtype=torch.float32)
+    for sch, o in zip(schedules, outs):
+        x[sch.rows, : o.x.shape[1]] = o.x.to(x.dtype)
+        size[sch.rows, : o.x.shape[1]] = o.sizes().float()
+    return TokenState(x, size, state.num_prefix, stats=state.stats)
+
+
+def _parts(op: TokenOp | None) -> tuple[TokenOp, ...]:
+    return () if op is None else (op.parts or (op,))
+
+
+def _row_steps(ops: list[TokenOp | None]) -> list[str] | None:
+    """The steps (``"prune"``, then ``"merge"``) that run every schedule's operation as
+    one batched per-row operation each; None where some operation has no per-row version."""
+    kinds = [[part.name for part in _parts(op)] for op in ops]
+    steps = [k for k in ("prune", "merge") if any(k in ks for ks in kinds)]
+    if any(ks != [k for k in steps if k in ks] or len(set(ks)) != len(ks) for ks in kinds):
+        return None
+    return steps
+
+
+def _per_row_steps(state: TokenState, steps: list[str], ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+    """Schedule ``j``'s rows get ``ops[j]``, each step one per-row operation for all rows
+    (:func:`prune_rows`, :func:`merge_rows`; a row without that step keeps its tokens)."""
+    dev, p = state.x.device, state.num_prefix
+    n = [s.n for s in schedules]
+    for step in steps:
+        part = [next((q for q in _parts(op) if q.name == step), None) for op in ops]
+        out = [m if q is None else q.out_tokens(m) for m, q in zip(n, part)]
+        counts = _per_row(n, schedules, device=dev)
+        if step == "prune":  # keep the top out - p patches
+            state = prune_rows(state, counts, _per_row([o - p for o in out], schedules, device=dev))
+        else:  # merge n - out tokens
+            state = merge_rows(state, counts, _per_row([m - o for m, o in zip(n, out)], schedules, device=dev))
+        n = out
+    return state
 
 
 def _run_stage(vit, g: Group, start: int, stop: int, dec: StageDecision, schedules: list[Schedule], ops: list[list], counts: Tensor) -> Group:
     """Blocks ``start``..``stop-1`` at ``dec``'s widths, schedule ``j`` with its per-block
     ``ops[j]``; ``counts`` (B, depth) records the tokens each image brings to each block."""
-    n = {j: s.n for j, s in enumerate(schedules)}
-    images = [g.idx[s.rows.cpu()] for s in schedules]
+    n = [s.n for s in schedules]
     for i in range(start, stop):
         block_ops = [ops[j][i - start] for j in range(len(schedules))]
-        for j in range(len(schedules)):
-            counts[images[j], i] = n[j]
-        g.state = engine.block(vit.blocks[i], g.state, dec.heads, dec.mlp, dec.embed, _per_schedule(block_ops, [Schedule(s.rows, n[j], s.combo) for j, s in enumerate(schedules)]), True)
-        for j, op in enumerate(block_ops):
-            if op is not None:
-                n[j] = op.out_tokens(n[j])
-    for j, s in enumerate(schedules):
-        g.n[s.rows.cpu()] = n[j]  # g.n is in the group's row order
+        counts[g.idx, i] = _per_row(n, schedules)
+        now = [Schedule(s.start, s.stop, n[j], s.combo) for j, s in enumerate(schedules)]
+        g.state = engine.block(vit.blocks[i], g.state, dec.heads, dec.mlp, dec.embed, _per_schedule(block_ops, now), True, pack=True)
+        n = [m if op is None else op.out_tokens(m) for m, op in zip(n, block_ops)]
+    g.n = _per_row(n, schedules)
     return g
 
 
@@ -296,8 +336,7 @@ def run(
                 if t == 0 and not exact_slice:
                     g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx.to(dev)], d.embed), None, p), g.n)
                 g = _run_stage(vit, g, start, stop, d, schedules, ops, counts)
-            for s in schedules:
-                spent[g.idx[s.rows.cpu()]] += float(table.cost[t, s.n, s.combo])
+            spent[g.idx] += _per_row([float(table.cost[t, s.n, s.combo]) for s in schedules], schedules, dtype=torch.float64)
             new_groups.append(g)
         sub_batches += len(new_groups)
         groups = new_groups
@@ -328,25 +367,24 @@ def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, wi
     row of ``widths``, ``n_in``, ``flat`` each) partitioned by their widths, each width's
     schedules ``(n_in, flat)`` bucketed by :func:`_buckets` (``cost[n, combo]``: MACs
     per image), each bucket's rows gathered into one group at ``width_of(combo)``
-    embedding channels."""
+    embedding channels, schedule after schedule."""
     owner = torch.cat([torch.full((g.idx.shape[0],), k) for k, g in enumerate(groups)])
     local = torch.cat([torch.arange(g.idx.shape[0]) for g in groups])
     out = []
     for members in _partition(widths):
         scheds = [members[s] for s in _partition(torch.stack([n_in[members], flat[members]], dim=1))]
-        n = n_in[torch.stack([s[0] for s in scheds])]
-        c = flat[torch.stack([s[0] for s in scheds])]
-        for bucket in _buckets([len(s) for s in scheds], n.tolist(), cost[n[:, None], c[None, :]], call_macs):
-            pos = torch.cat([scheds[j] for j in bucket])
-            owners = owner[pos].unique().tolist()
-            parts = [(groups[k], local[pos[owner[pos] == k]]) for k in owners]
-            g = _take(parts, width_of(int(flat[pos[0]])), int(n_in[pos].max()), p)
-            # the group holds the parts one after the other: where each image landed
-            landed = {int(i): r for r, i in enumerate(torch.cat([pos[owner[pos] == k] for k in owners]).tolist())}
-            schedules = [
-                Schedule(torch.tensor([landed[int(i)] for i in scheds[j].tolist()], device=dev), int(n_in[scheds[j][0]]), int(flat[scheds[j][0]]))
-                for j in bucket
-            ]
+        first = torch.stack([s[0] for s in scheds])
+        n, c = n_in[first], flat[first]
+        n_list, c_list = n.tolist(), c.tolist()
+        for bucket in _buckets([len(s) for s in scheds], n_list, cost[n[:, None], c[None, :]], call_macs):
+            pos = torch.cat([scheds[j] for j in bucket])  # the new group's rows, schedule after schedule
+            own = owner[pos]
+            parts = [(groups[k], local[pos[own == k]], (own == k).nonzero().flatten()) for k in own.unique().tolist()]
+            g = _take(parts, width_of(c_list[bucket[0]]), max(n_list[j] for j in bucket), p, len(pos))
+            schedules, at = [], 0
+            for j in bucket:
+                schedules.append(Schedule(at, at + len(scheds[j]), n_list[j], c_list[j]))
+                at += len(scheds[j])
             out.append((g, schedules))
     return out
 
@@ -372,7 +410,7 @@ def _completions(vit, actions: ActionSpace, table: CostTable, groups: list[Group
         with net():
             state = g.state
             for i in range(stop, len(vit.blocks)):
-                state = engine.block(vit.blocks[i], state, d.heads, d.mlp, d.embed, None, True)
+                state = engine.block(vit.blocks[i], state, d.heads, d.mlp, d.embed, None, True, pack=True)
             cont[0][g.idx, t] = engine.head(vit, state).float().cpu()
         cont[1][g.idx, t] = spent[g.idx] + table.cont_rest[t, g.n, combos].double() + overhead
         c_counts = counts[g.idx].clone()

@@ -82,6 +82,50 @@ def merge_tokens(state: TokenState, r: int) -> TokenState:
     return TokenState(x, size, state.num_prefix, stats=state.stats)
 
 
+def merge_rows(state: TokenState, n: Tensor, r: Tensor) -> TokenState:
+    """Per-row ToMe on a padded batch: row ``i`` holds ``n[i]`` tokens (the rest has size
+    0) and merges ``r[i]`` of them -- for every row what :func:`merge_tokens` gives that
+    row alone, in the same token order, then padding of size 0 (``n``, ``r``: (B,) on the
+    state's device; at most one prefix token)."""
+    p = state.num_prefix
+    if p > 1:
+        raise ValueError("merge_rows supports at most one prefix token")
+    x, size = state.x, state.sizes()
+    bsz, tokens, c = x.shape
+    r = torch.minimum(r, ((n - p) // 2).clamp_min(0))
+    real = torch.arange(tokens, device=x.device)[None, :] < n[:, None]
+    real_a, real_b = real[:, ::2], real[:, 1::2]
+    n_a = real_a.shape[1]
+    with torch.no_grad():
+        metric = state.metric / state.metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(state.metric.dtype).tiny)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        scores = scores.masked_fill(~real_b[:, None, :], -math.inf)
+        if p:
+            scores[:, :1, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        node_max = node_max.masked_fill(~real_a, -math.inf)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(edge_idx).scatter_(1, edge_idx, torch.arange(n_a, device=x.device).expand(bsz, n_a))
+        src = rank < r[:, None]  # the merged A tokens
+        # the order merge_tokens leaves: unmerged A tokens (by position with a class token,
+        # by rank without), then every B token; padding and merged tokens last
+        key_a = torch.arange(n_a, device=x.device).expand(bsz, n_a) if p else rank
+        key_b = n_a + torch.arange(real_b.shape[1], device=x.device).expand(bsz, -1)
+        key = torch.cat([key_a.masked_fill(src | ~real_a, 2 * tokens), key_b.masked_fill(~real_b, 2 * tokens)], dim=1)
+        # a row that merges nothing keeps its tokens where they are (merge_tokens returns it as it is)
+        as_is = torch.cat([torch.arange(0, tokens, 2, device=x.device), torch.arange(1, tokens, 2, device=x.device)])
+        key = torch.where((r == 0)[:, None], as_is.expand(bsz, -1).masked_fill(~torch.cat([real_a, real_b], dim=1), 2 * tokens), key)
+        order = key.argsort(dim=1)[:, : int((n - r).max())]
+        keep = key.gather(1, order) < 2 * tokens
+    weighted, moved = x * size, src[..., None]
+    dst = weighted[:, 1::2].scatter_add(1, node_idx[..., None].expand(-1, -1, c), weighted[:, ::2] * moved)
+    dst_size = size[:, 1::2].scatter_add(1, node_idx[..., None], size[:, ::2] * moved)
+    x_out = torch.cat([weighted[:, ::2], dst], dim=1).gather(1, order[..., None].expand(-1, -1, c))
+    size_out = torch.cat([size[:, ::2], dst_size], dim=1).gather(1, order[..., None]) * keep[..., None]
+    x_out = torch.where(size_out > 0, x_out / size_out.clamp_min(torch.finfo(size_out.dtype).tiny), 0.0)
+    return TokenState(x_out, size_out, p, stats=state.stats)
+
+
 def matching_macs(n: int, head_dim: int) -> int:
     """Multiply-accumulates of the A x B similarity matrix for ``n`` tokens."""
     return math.ceil(n / 2) * (n // 2) * head_dim

@@ -9,6 +9,7 @@ attention (EViT's "inattentive token fusion", raw attention weights as in EViT).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ def prune_rows(state: TokenState, n: Tensor, k: Tensor) -> TokenState:
     kept = state.gather(keep_with_prefix(idx.clamp(max=patches - 1), p))
     size = kept.sizes().clone()
     size[:, p:] *= valid[..., None].to(size.dtype)
-    return TokenState(kept.x, size, p, stats=state.stats)
+    return replace(kept, size=size)  # with the gathered attention facts (a merge may follow)
 
 
 def prune_op(keep: float, num_prefix: int, fuse: bool = False) -> TokenOp:

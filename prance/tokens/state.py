@@ -89,6 +89,7 @@ class TokenOp:
     out_tokens: Callable[[int], int]
     extra_macs: Callable[[int, int], int] = lambda n, head_dim: 0
     needs: frozenset[str] = frozenset()
+    parts: tuple["TokenOp", ...] = ()  # a chain's operations, in order
 
 
 def chain(name: str, *ops: TokenOp) -> TokenOp:
@@ -111,7 +112,7 @@ def chain(name: str, *ops: TokenOp) -> TokenOp:
             n = op.out_tokens(n)
         return total
 
-    return TokenOp(name, apply, out_tokens, extra_macs, frozenset().union(*(op.needs for op in ops)))
+    return TokenOp(name, apply, out_tokens, extra_macs, frozenset().union(*(op.needs for op in ops)), parts=tuple(ops))
 
 
 @dataclass(frozen=True)
