@@ -95,6 +95,8 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=_count(1), help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the JSON object to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", type=_count(1), metavar="N",
+                   help="after timing, one more adaptive pass over every batch under cProfile: the N functions with the most own time go into the JSON ('profile')")
     return p
 
 
@@ -222,6 +224,31 @@ def measure(meta, selector, batches, budget_gflops: float, greedy: bool, seed: i
     return {"dense_s": dense_s, "adaptive_s": adaptive_s, "episodes": episodes}
 
 
+def profile_adaptive(meta, selector, batches, budget_gflops: float, greedy: bool, seed: int, dev, amp: bool, top: int) -> list[dict]:
+    """The ``top`` functions by own time in one cProfile'd adaptive pass over ``batches``
+    (the same schedules as the timed rounds): name, calls, seconds and share of the pass."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    from prance.device import synchronize
+
+    prof = cProfile.Profile()
+    with torch.inference_mode():
+        prof.enable()
+        for i, x in enumerate(batches):
+            gen = None if greedy else torch.Generator().manual_seed((seed << 20) + i)
+            selector.run(meta, x, budget_gflops, greedy=greedy, generator=gen, amp=amp)
+        synchronize(dev)
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    total = sum(v[2] for v in stats.values()) or 1.0
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}({name})" if f != "~" else name, "calls": v[1], "seconds": v[2], "share": v[2] / total}
+            for (f, line, name), v in rows]
+
+
 def run(args) -> dict:
     import torch
 
@@ -250,6 +277,7 @@ def run(args) -> dict:
     greedy = header is not None
     m = measure(meta, selector, batches, budget, greedy, args.seed, dev, args.amp, args.warmup, args.repeats, not args.quiet)
 
+    profile = profile_adaptive(meta, selector, batches, budget, greedy, args.seed, dev, args.amp, args.profile) if args.profile else None
     eps = m["episodes"]
     macs = torch.cat([ep.macs for ep in eps])
     n = int(macs.numel())
@@ -308,6 +336,7 @@ def run(args) -> dict:
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "platform": platform.platform(),
+        **({"profile": profile} if profile is not None else {}),
     }
 
 

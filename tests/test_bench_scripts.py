@@ -54,7 +54,7 @@ def check_adaptive(record: dict, strategy: str, batch: int, batches: int) -> Non
 def test_bench_adaptive_on_the_default_model(tmp_path: Path) -> None:
     out = tmp_path / "adaptive.json"
     proc = bench_adaptive("--model", "default", "--batch-size", 8, "--batches", 2, "--repeats", 1, "--strategy", "merge",
-                          "--threads", 1, "--json", out)
+                          "--threads", 1, "--profile", 5, "--json", out)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == printed
@@ -62,6 +62,10 @@ def test_bench_adaptive_on_the_default_model(tmp_path: Path) -> None:
     assert printed["images"] == "fashion-mnist" and printed["architecture"] == "prance_vit_fmnist"
     # the random policy samples: the 8 images of a batch do not all run one schedule
     assert printed["distinct_schedules_per_batch"] > 1
+    # --profile: the 5 functions with the most own time of one more adaptive pass, most first
+    shares = [row["share"] for row in printed["profile"]]
+    assert len(shares) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert any("linear" in row["function"] for row in printed["profile"])  # the blocks' matmuls are there
 
 
 @pytest.mark.parametrize(
