@@ -4,9 +4,9 @@ The *result* of a (possibly partial) schedule for one image is
 
     R = correct - cost
 
-* ``correct``: PRANCE's acc' (``acc_prime``: 0 only when the schedule is wrong and the
-  full sub-network right, else 1), plain correctness against the label (``label``), or
-  the probability the schedule gives the label (``soft``, the default: the same optimum
+* ``correct``: PRANCE's acc' (``acc_prime``, the default: 0 only when the schedule is
+  wrong and the full sub-network right, else 1), plain correctness against the label
+  (``label``), or the probability the schedule gives the label (``soft``: the same optimum
   as ``label`` in expectation, far less variance per episode -- a 0/1 reward changes on a
   few images per rollout only).
 * ``cost`` (``penalty`` form): ``flops_weight * F/B + over_weight * max(0, F/B - 1)

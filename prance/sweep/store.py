@@ -10,19 +10,11 @@ import time
 from pathlib import Path
 
 from prance.errors import PranceError
+from prance.storage import absolute as absolute_storage
+from prance.storage import is_remote
 
 SWEEP_FILE = "sweep.json"
 LOCAL_ROOT = Path("runs/sweeps")
-
-
-def is_remote(storage: str) -> bool:
-    return "://" in storage and not storage.startswith("file://")
-
-
-def absolute_storage(storage: str) -> str:
-    if is_remote(storage):
-        return storage.rstrip("/")
-    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
 
 
 def default_name(source: str) -> str:

@@ -1,2 +1,3 @@
 """Training: the sandwich-rule step, DeiT-style optimisation, and the Ray Train
-pretraining of the meta-network (only this package and sweeps/ import Ray)."""
+pretraining of the meta-network (Ray is imported only here, in prance/sweep/tune.py
+and in sweeps/)."""

@@ -12,6 +12,7 @@ from prance import tracking
 from prance.checkpoint import read_header
 from prance.config import PretrainConfig
 from prance.errors import PranceError
+from prance.storage import absolute, is_remote, local_path
 from prance.train.placement import check_shared_locations
 from prance.train.worker import MODEL_FILE, STATE_FILE, train_loop_per_worker
 
@@ -25,10 +26,6 @@ class PretrainResult:
     run_dir: Path
     mlflow_uri: str
     mlflow_run_id: str
-
-
-def _is_remote(storage: str) -> bool:
-    return "://" in storage
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -69,9 +66,9 @@ def latest_good(checkpoints: list[Path]) -> Path:
 
 def run_dir_of(cfg: PretrainConfig) -> Path:
     """The local folder of a run; PranceError when it holds no finished run."""
-    if _is_remote(cfg.storage):
+    if is_remote(cfg.storage):
         raise PranceError("exporting needs a local --storage folder")
-    run_dir = Path(cfg.storage).expanduser().resolve() / cfg.name
+    run_dir = local_path(cfg.storage) / cfg.name
     if not (run_dir / "best.safetensors").is_file():
         raise PranceError(f"no finished run in {run_dir} (best.safetensors is missing)")
     return run_dir
@@ -84,9 +81,9 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
 
     vit = create_vit(cfg.model, pretrained=False, **cfg.model_kwargs)  # unknown model -> PranceError
     build_dataset(cfg.dataset, "test", input_spec_for_model(vit))  # missing dataset -> PranceError
-    if _is_remote(cfg.storage):
+    if is_remote(cfg.storage):
         return None  # Ray Train restores runs on remote storage itself
-    run_dir = Path(cfg.storage).expanduser().resolve() / cfg.name
+    run_dir = local_path(cfg.storage) / cfg.name
     existing = checkpoints_in(run_dir)
     if not resume:
         if existing:
@@ -131,9 +128,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     resume_from = check_inputs(cfg, resume)
-    storage = cfg.storage if _is_remote(cfg.storage) else str(Path(cfg.storage).expanduser().resolve())
+    storage = absolute(cfg.storage)
     run_dir = Path(storage) / cfg.name
-    local_store = storage if not _is_remote(storage) else str(Path("runs").resolve())
+    local_store = storage if not is_remote(storage) else str(Path("runs").resolve())
     uri = tracking.resolve_uri(cfg.mlflow_uri, local_store)
     tracking.check_reachable(uri)
 
@@ -149,7 +146,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     else:
         params = {k: v for k, v in cfg.model_dump().items()}
         run_id = tracking.start_run(uri, cfg.experiment, f"pretrain-{cfg.name}", params, tags={"prance.kind": "pretrain"})
-        if not _is_remote(storage):
+        if not is_remote(storage):
             run_dir.mkdir(parents=True, exist_ok=True)
             run_id_path.write_text(run_id)
 
@@ -180,7 +177,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
         if best is None:
             raise PranceError("training finished without a checkpoint")
         checkpoint, metrics = best
-        out = run_dir / "best.safetensors" if not _is_remote(storage) else None
+        out = run_dir / "best.safetensors" if not is_remote(storage) else None
         with checkpoint.as_directory() as folder:
             if out is not None:
                 shutil.copyfile(Path(folder) / MODEL_FILE, out)

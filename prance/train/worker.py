@@ -65,6 +65,13 @@ def evaluate_shard(model: MetaViT, loader, subnets: dict, device, world: int) ->
     return {name: 100.0 * float(counts[i] / counts[-1]) for i, name in enumerate(subnets)}
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a worker's random draws in one epoch: distinct per run seed, epoch and
+    rank (primes keep them apart), the same after a resume, so a resumed run redraws the
+    epoch it restarts exactly as the first attempt did."""
+    return seed * 100003 + epoch * 1009 + rank
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -122,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
         return autocast_for(device, amp)
 
     no_sync = net.no_sync if hasattr(net, "no_sync") else nullcontext
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator()  # seeded per epoch (sub-network and augmentation draws)
     epoch_times: list[float] = []
     logging = rank == 0 and bool(config.get("mlflow_uri") and config.get("mlflow_run_id"))
     if logging:  # a restart after a failure may redo an epoch whose checkpoint was not committed: log it once
@@ -130,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         logged = tracking.last_step(config["mlflow_uri"], config["mlflow_run_id"], "top1_largest")
     for epoch in range(start_epoch, cfg.epochs):
-        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+        gen.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         shard = Subset(train_set, order[rank::world])
         loader = make_loader(shard, batch_size=per_worker, drop_last=True, num_workers=config.get("loader_workers", 0))
