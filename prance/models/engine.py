@@ -132,6 +132,12 @@ def mlp(m: nn.Module, x: Tensor, hidden: int) -> Tensor:
 def embed(vit: nn.Module, images: Tensor, width: int) -> Tensor:
     """Patch embedding (after a hybrid ViT's conv stem), prefix tokens and position
     embedding at ``width`` channels."""
+    return embed_features(vit, stem(vit, images), width)
+
+
+def stem(vit: nn.Module, images: Tensor) -> Tensor:
+    """What the patch projection reads: the images, or a hybrid ViT's conv-stem feature
+    map. It does not depend on the width, so images embedded at several widths share it."""
     pe = vit.patch_embed
     expected = tuple(pe.img_size)
     if tuple(images.shape[-2:]) != expected:
@@ -141,6 +147,12 @@ def embed(vit: nn.Module, images: Tensor, width: int) -> Tensor:
         images = backbone(images)
         if isinstance(images, (list, tuple)):
             images = images[-1]
+    return images
+
+
+def embed_features(vit: nn.Module, images: Tensor, width: int) -> Tensor:
+    """:func:`embed` from :func:`stem`'s output."""
+    pe = vit.patch_embed
     conv = pe.proj
     x = F.conv2d(images, conv.weight[:width], None if conv.bias is None else conv.bias[:width], conv.stride, conv.padding)
     x = layer_norm(x.flatten(2).transpose(1, 2), getattr(pe, "norm", nn.Identity()))

@@ -296,7 +296,8 @@ def run(
         return autocast_for(dev, amp)
 
     with net():
-        x = engine.embed(vit, images, D)
+        stem_out = engine.stem(vit, images)  # shared by the embeddings at every width
+        x = engine.embed_features(vit, stem_out, D)
     p = arch.num_prefix_tokens
     groups = [Group(torch.arange(b), TokenState(x, None, p), torch.full((b,), x.shape[1]))]
     spent = torch.zeros(b, dtype=torch.float64)
@@ -334,7 +335,7 @@ def run(
             ops = [actions.stage_ops(t, actions.decision(table.combos[s.combo].tolist())) for s in schedules]
             with net():
                 if t == 0 and not exact_slice:
-                    g = Group(g.idx, TokenState(engine.embed(vit, images[g.idx.to(dev)], d.embed), None, p), g.n)
+                    g = Group(g.idx, TokenState(engine.embed_features(vit, stem_out[g.idx.to(dev)], d.embed), None, p), g.n)
                 g = _run_stage(vit, g, start, stop, d, schedules, ops, counts)
             spent[g.idx] += _per_row([float(table.cost[t, s.n, s.combo]) for s in schedules], schedules, dtype=torch.float64)
             new_groups.append(g)
