@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prance.errors import PranceError
+from prance.models.subnet import DEFAULT_EMBED, DEFAULT_HEADS, DEFAULT_MLP
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "sweeps" / "configs"
 
@@ -21,6 +22,27 @@ T = TypeVar("T", bound=BaseModel)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_fractions(name: str, values: tuple[float, ...]) -> tuple[float, ...]:
+    if not values or any(not 0 < v <= 1 for v in values) or max(values) != 1.0:
+        raise ValueError(f"{name} fractions {list(values)} must lie in (0, 1] and include 1.0 (the full width)")
+    return values
+
+
+class WidthFractions(Strict):
+    """The sub-network space, as fractions of the wrapped model's widths: the choices of
+    active heads and MLP hidden width per block and of embedding width per stage."""
+
+    heads: tuple[float, ...] = DEFAULT_HEADS
+    mlp: tuple[float, ...] = DEFAULT_MLP
+    embed: tuple[float, ...] = DEFAULT_EMBED
+
+    @model_validator(mode="after")
+    def _check(self) -> "WidthFractions":
+        for name in ("heads", "mlp", "embed"):
+            _check_fractions(name, getattr(self, name))
+        return self
 
 
 class PretrainConfig(Strict):
@@ -33,6 +55,7 @@ class PretrainConfig(Strict):
     reorder: bool = False  # sort channels by importance first (useful for pretrained weights)
     dataset: str = "fashion-mnist"
     train_limit: int | None = Field(default=None, ge=1)  # seeded subset of the train split
+    holdout_fraction: float = Field(default=0.0, ge=0, lt=1)  # of the train split, never trained on (prance.data.pretrain_holdout)
     eval_limit: int | None = Field(default=None, ge=1)  # seeded subset of the test split, each epoch
 
     # optimisation (DeiT-style)
@@ -48,6 +71,7 @@ class PretrainConfig(Strict):
     augment: bool = True  # flips and +-2 px shifts on tensor datasets; timm's train transform on folders
 
     # sandwich rule
+    widths: WidthFractions = Field(default_factory=WidthFractions)  # the space, saved in the checkpoint
     random_subnets: int = Field(default=1, ge=0)  # besides the largest and the smallest
     distill: bool = True  # smaller sub-networks learn the largest's soft predictions
     distill_temperature: float = Field(default=1.0, gt=0)
@@ -90,8 +114,10 @@ class SelectorConfig(Strict):
     merge_spread: bool = False  # merge / prune_merge: a stage's merge keep is spread over its blocks (ToMe-like), stage 0 included
 
     # data: rollouts on images the meta-network never trained on (a part of the test split,
-    # disjoint from validation and test images) or on the train split; see docs/selector.md
-    rollouts_from: Literal["holdout", "train"] = "holdout"
+    # disjoint from validation and test images; or, for a checkpoint pretrained with
+    # holdout_fraction, its held-out train images, the whole test split left for test)
+    # or on the train split; see docs/selector.md
+    rollouts_from: Literal["holdout", "train_holdout", "train"] = "holdout"
     train_limit: int | None = Field(default=4000, ge=1)  # rollout images
     val_limit: int = Field(default=1000, ge=1)  # validation images (what a sweep optimises)
     test_limit: int | None = Field(default=None, ge=1)  # final test images (the rest of the test split)

@@ -475,6 +475,17 @@ def train_val_split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[S
     return Subset(dataset, train), Subset(dataset, val)
 
 
+HOLDOUT_SEED = 4242  # fixed, so that a checkpoint's held-out images can be found again from its config
+
+
+def pretrain_holdout(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
+    """(pretraining images, held-out images) of a train split: the held-out part, never
+    seen by pretraining, is where selectors can validate and take rollouts while the
+    whole test split stays for the final numbers. The same ``fraction`` always gives the
+    same split (:data:`HOLDOUT_SEED`)."""
+    return train_val_split(dataset, fraction, HOLDOUT_SEED)
+
+
 def _tensor_source(dataset: Dataset) -> tuple[TensorImageDataset, list[int]] | None:
     """If ``dataset`` is a TensorImageDataset or (nested) Subset of one, return it and the index map."""
     if isinstance(dataset, TensorImageDataset):

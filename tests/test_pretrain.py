@@ -91,6 +91,46 @@ def test_config_rejects_unknown_keys_and_bad_values():
     assert load_config(PretrainConfig, "pretrain", "default").model == "prance_vit_fmnist"
 
 
+def test_width_fractions_define_the_space_and_bad_ones_are_one_line():
+    from prance import flops
+    from prance.models.subnet import SubnetSpace
+
+    arch = create_meta("prance_vit_fmnist").arch
+    assert SubnetSpace.from_fractions(arch) == SubnetSpace.default(arch)
+    w = load_config(PretrainConfig, "pretrain", "supernet").widths
+    space = SubnetSpace.from_fractions(arch, w.heads, w.mlp, w.embed)
+    assert space.heads == (2, 3, 4) and space.mlp == (96, 192, 288, 384) and space.embed == (48, 64, 80, 96)
+    assert space.largest() == create_meta("prance_vit_fmnist").full_subnet
+    share = flops.gflops(arch, space.smallest()) / flops.gflops(arch)
+    assert share <= 0.26  # low budgets are reachable by widths (issue 11: at most ~25%)
+    with pytest.raises(PranceError, match="include 1.0"):
+        load_config(PretrainConfig, "pretrain", "smoke", {"widths": {"mlp": [0.25, 0.5]}})
+    with pytest.raises(PranceError, match="heads fractions"):
+        load_config(PretrainConfig, "pretrain", "smoke", {"widths": {"heads": [0, 1.0]}})
+
+
+def test_space_record_covers_levels_and_random_subnets(micro_checkpoint):
+    from prance.static_search import level_subnet, num_levels
+    from prance.train.export import space_record
+
+    model, _ = load_checkpoint(micro_checkpoint)
+    ds = seeded_subset(fashion_mnist("test", FASHION_MNIST_SPEC), 64, 0)
+    rec = space_record(model, ds, n_random=3)
+    rows = {r["name"]: r for r in rec["subnets"]}
+    levels = num_levels(model.space)
+    assert list(rows) == [f"level_{i}" for i in range(levels)] + ["random_0", "random_1", "random_2"]
+    stages = len(model.space.stage_starts)
+    assert level_subnet(model.space, (0,) * stages) == model.space.smallest()
+    assert rows[f"level_{levels - 1}"]["gflops_share"] == pytest.approx(1.0)
+    assert rows["level_0"]["gflops_share"] < 1.0
+    for r in rows.values():
+        assert r["gflops_share_prune_keep0.5"] < r["gflops_share"]  # pruning really ran
+    tops = sorted(rows[f"random_{i}"]["top1"] for i in range(3))
+    assert rec["random_top1"] == {"median": tops[1], "worst": tops[0]}
+    again = space_record(model, ds, n_random=3)
+    assert [r["subnet"] for r in again["subnets"]] == [r["subnet"] for r in rec["subnets"]]  # seeded
+
+
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / "sweeps" / "pretrain.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
@@ -136,6 +176,7 @@ def test_two_worker_smoke_run_gives_a_checkpoint_that_loads_and_evaluates(smoke_
     best = storage / "smoke" / "best.safetensors"
     model, header = load_checkpoint(best)
     assert header["model"] == "prance_vit_micro" and header["info"]["epoch"] in (0, 1)
+    assert model.space.mlp[0] < create_meta("prance_vit_micro").space.mlp[0]  # the preset's wider space travels
     ds = seeded_subset(fashion_mnist("test", FASHION_MNIST_SPEC), 64, 0)
     result = evaluate(model, make_loader(ds, 32), progress=False)
     assert result["n_images"] == 64 and 0 <= result["top1"] <= 100

@@ -303,3 +303,25 @@ def test_interrupted_training_resumes_where_it_stopped(micro_checkpoint, tmp_pat
     # a state of another configuration is refused too
     with pytest.raises(PranceError, match="another configuration"):
         run_selector(cfg.model_copy(update={"actor_lr": 0.5}), None, tmp_path / "x", progress=False, resume_from=tmp_path / "whole")
+
+
+def test_train_holdout_data_comes_from_the_images_pretraining_held_out(tmp_path):
+    from prance.checkpoint import save_checkpoint
+    from prance.data import FASHION_MNIST_SPEC, fashion_mnist, pretrain_holdout
+    from prance.selector.run import load_data
+
+    meta = create_meta("prance_vit_micro")
+    held_ckpt = save_checkpoint(tmp_path / "h.safetensors", meta, "prance_vit_micro", info={"config": {"holdout_fraction": 0.05}})
+    cfg = SelectorConfig(checkpoint=str(held_ckpt), rollouts_from="train_holdout", val_limit=1000, train_limit=1500, test_limit=10000)
+    data = load_data(meta, cfg)
+    train = fashion_mnist("train", FASHION_MNIST_SPEC)
+    seen, held = pretrain_holdout(train, 0.05)
+    assert not set(seen.indices) & set(held.indices) and len(held.indices) == 3000
+    x_held = train.batch(held.indices)[0]
+    assert [data[k][0].shape[0] for k in ("val", "train", "test")] == [1000, 1500, 10000]
+    assert torch.equal(data["val"][0], x_held[:1000]) and torch.equal(data["train"][0], x_held[1000:2500])
+    with pytest.raises(PranceError, match="exceed the checkpoint's 3000 held-out"):
+        load_data(meta, cfg.model_copy(update={"train_limit": 2500}))
+    plain = save_checkpoint(tmp_path / "n.safetensors", meta, "prance_vit_micro")
+    with pytest.raises(PranceError, match="held out no train images"):
+        load_data(meta, cfg.model_copy(update={"checkpoint": str(plain)}))

@@ -59,6 +59,12 @@ class SubNet:
             raise PranceError(f"malformed sub-network {d!r}: needs integer lists heads, mlp, embed") from e
 
 
+# Default width fractions of the wrapped model's heads, MLP hidden width and embedding.
+DEFAULT_HEADS = (0.5, 0.75, 1.0)
+DEFAULT_MLP = (0.5, 0.75, 1.0)
+DEFAULT_EMBED = (0.75, 0.875, 1.0)
+
+
 def _fractions_of(top: int, fractions: tuple[float, ...], multiple: int) -> tuple[int, ...]:
     vals = {max(multiple, int(top * f / multiple + 0.5) * multiple) for f in fractions}
     return tuple(sorted(min(v, top) for v in vals))
@@ -87,13 +93,23 @@ class SubnetSpace:
 
     @classmethod
     def default(cls, arch: ArchSpec) -> "SubnetSpace":
-        h = arch.num_heads
-        heads = tuple(sorted({max(1, math.ceil(h * f)) for f in (0.5, 0.75, 1.0)}))
+        return cls.from_fractions(arch)
+
+    @classmethod
+    def from_fractions(
+        cls,
+        arch: ArchSpec,
+        heads: tuple[float, ...] = DEFAULT_HEADS,
+        mlp: tuple[float, ...] = DEFAULT_MLP,
+        embed: tuple[float, ...] = DEFAULT_EMBED,
+    ) -> "SubnetSpace":
+        """The space whose choices are these fractions of the wrapped model's widths
+        (heads rounded up, channel widths to multiples of 8 on models of >= 64 channels)."""
         mult = 8 if arch.embed_dim >= 64 else 1
         return cls(
-            heads=heads,
-            mlp=_fractions_of(arch.mlp_hidden, (0.5, 0.75, 1.0), mult),
-            embed=_fractions_of(arch.embed_dim, (0.75, 0.875, 1.0), mult),
+            heads=tuple(sorted({max(1, math.ceil(arch.num_heads * f)) for f in heads})),
+            mlp=_fractions_of(arch.mlp_hidden, tuple(mlp), mult),
+            embed=_fractions_of(arch.embed_dim, tuple(embed), mult),
             stage_starts=default_stage_starts(arch.depth),
             depth=arch.depth,
         )

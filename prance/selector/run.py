@@ -19,9 +19,9 @@ from torch import Tensor
 
 from prance import device, flops
 from prance.budget import parse_budget
-from prance.checkpoint import load_checkpoint
+from prance.checkpoint import load_checkpoint, read_header
 from prance.config import SelectorConfig
-from prance.data import build_dataset, input_spec_for_model, make_loader
+from prance.data import build_dataset, input_spec_for_model, make_loader, pretrain_holdout
 from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.selector.selector import Selector, evaluate_selector
@@ -43,8 +43,12 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
     """Rollout, validation and (with ``test_limit``) test images, disjoint. The test split
     is permuted once (fixed seed): the first ``val_limit`` images validate, with
     ``rollouts_from: holdout`` the next ``train_limit`` are the rollout images, the rest
-    are test images."""
+    are test images. With ``rollouts_from: train_holdout`` validation and rollout images
+    come from the train images the checkpoint's pretraining held out, and test images from
+    the whole test split."""
     spec = input_spec_for_model(meta.vit)
+    if cfg.rollouts_from == "train_holdout":
+        return _train_holdout_data(spec, cfg)
     test = build_dataset(cfg.dataset, "test", spec)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(1234)).tolist()
     v_idx, rest = perm[: cfg.val_limit], perm[cfg.val_limit :]
@@ -63,6 +67,25 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
     out = {"train": rollouts, "val": _tensors(test, v_idx)}
     if cfg.test_limit is not None:
         out["test"] = _tensors(test, rest[: cfg.test_limit])
+    return out
+
+
+def _train_holdout_data(spec, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Tensor]]:
+    fraction = (read_header(cfg.checkpoint).get("info") or {}).get("config", {}).get("holdout_fraction") or 0.0
+    if not fraction:
+        raise PranceError(f"rollouts_from: train_holdout needs a checkpoint pretrained with holdout_fraction > 0; "
+                          f"{cfg.checkpoint} held out no train images (use rollouts_from: holdout)")
+    held = pretrain_holdout(build_dataset(cfg.dataset, "train", spec), fraction)[1]
+    idx = held.indices
+    n_rollouts = cfg.train_limit or (len(idx) - cfg.val_limit)
+    if cfg.val_limit + n_rollouts > len(idx):
+        raise PranceError(f"val_limit {cfg.val_limit} + train_limit {n_rollouts} exceed the checkpoint's "
+                          f"{len(idx)} held-out train images")
+    out = {"val": _tensors(held.dataset, idx[: cfg.val_limit]),
+           "train": _tensors(held.dataset, idx[cfg.val_limit : cfg.val_limit + n_rollouts])}
+    if cfg.test_limit is not None:
+        test = build_dataset(cfg.dataset, "test", spec)
+        out["test"] = _tensors(test, list(range(min(cfg.test_limit, len(test)))))
     return out
 
 

@@ -20,9 +20,10 @@ from torch.utils.data import Subset
 
 from prance.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from prance.config import PretrainConfig
-from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, seeded_subset
+from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, pretrain_holdout, seeded_subset
 from prance.device import autocast_for
 from prance.models import MetaViT, create_meta, reorder_by_importance
+from prance.models.subnet import SubnetSpace
 from prance.train import optim
 from prance.train.augment import flip_shift
 from prance.train.sandwich import sample_plan, sandwich, sandwich_step
@@ -85,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights on every worker
 
     model = create_meta(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
+    model.space = SubnetSpace.from_fractions(model.arch, cfg.widths.heads, cfg.widths.mlp, cfg.widths.embed)
     start_epoch, step = 0, 0
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
@@ -109,6 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     spec = input_spec_for_model(model.vit)
     train_set = build_dataset(cfg.dataset, "train", spec, train=cfg.augment)
+    if cfg.holdout_fraction:
+        train_set = pretrain_holdout(train_set, cfg.holdout_fraction)[0]
     if cfg.train_limit:
         train_set = seeded_subset(train_set, cfg.train_limit, cfg.seed)
     test_set = seeded_subset(build_dataset(cfg.dataset, "test", spec), cfg.eval_limit, cfg.seed)
