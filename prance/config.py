@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prance.errors import PranceError
 from prance.models.subnet import DEFAULT_EMBED, DEFAULT_HEADS, DEFAULT_MLP
+from prance.tokens.strategies import REDUCING_STRATEGIES, SELECTOR_STRATEGIES, sweep_strategies
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "sweeps" / "configs"
 
@@ -75,7 +76,7 @@ class PretrainConfig(Strict):
     random_subnets: int = Field(default=1, ge=0)  # besides the largest and the smallest
     distill: bool = True  # smaller sub-networks learn the largest's soft predictions
     distill_temperature: float = Field(default=1.0, gt=0)
-    token_strategies: list[Literal["prune", "merge", "prune_merge", "ppt"]] = Field(default_factory=list)
+    token_strategies: list[Literal[REDUCING_STRATEGIES]] = Field(default_factory=list)
     token_keep_min: float = Field(default=0.5, gt=0, le=1)  # lowest keep ratio sampled for token strategies
 
     # distribution, checkpoints, tracking
@@ -106,7 +107,7 @@ class SelectorConfig(Strict):
     # what to select
     checkpoint: str = "checkpoints/prance_vit_fmnist.safetensors"
     dataset: str = "fashion-mnist"
-    strategy: Literal["prune", "merge", "prune_merge"] = "prune"
+    strategy: Literal[SELECTOR_STRATEGIES] = "prune"
     budget: str = "50%"  # GFLOPs ("0.04") or a share of the full sub-network ("50%")
     budget_spread: float = Field(default=0.25, ge=0, lt=1)  # train on budgets in budget*(1 +- spread)
     decision_blocks: list[int] = Field(default_factory=lambda: [3, 6, 9])
@@ -178,20 +179,7 @@ class SelectorConfig(Strict):
 # calibrated to the budget (prance.budget.calibrate), one deterministic trial each; the
 # static ones search the meta-network's sub-networks (a width level per stage) x the
 # strategy calibrated to the rest of the budget (prance.static_search), one trial each.
-SWEEP_STRATEGIES: dict[str, tuple[str, str]] = {
-    "prune": ("selector", "prune"),
-    "merge": ("selector", "merge"),
-    "prune_merge": ("selector", "prune_merge"),
-    "free_prune": ("training_free", "prune"),
-    "free_merge": ("training_free", "merge"),
-    "free_prune_merge": ("training_free", "prune_merge"),
-    "free_ppt": ("training_free", "ppt"),
-    "static": ("static", "none"),
-    "static_prune": ("static", "prune"),
-    "static_merge": ("static", "merge"),
-    "static_prune_merge": ("static", "prune_merge"),
-    "static_ppt": ("static", "ppt"),
-}
+SWEEP_STRATEGIES: dict[str, tuple[str, str]] = sweep_strategies()  # derived from the strategy registry
 
 
 class StaticSearchSettings(Strict):

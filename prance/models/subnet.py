@@ -18,6 +18,7 @@ import torch
 
 from prance.errors import PranceError
 from prance.models.arch import ArchSpec
+from prance.stages import default_stage_starts
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,6 @@ DEFAULT_EMBED = (0.75, 0.875, 1.0)
 def _fractions_of(top: int, fractions: tuple[float, ...], multiple: int) -> tuple[int, ...]:
     vals = {max(multiple, int(top * f / multiple + 0.5) * multiple) for f in fractions}
     return tuple(sorted(min(v, top) for v in vals))
-
-
-def default_stage_starts(depth: int) -> tuple[int, ...]:
-    """Four equal stages: (0, 3, 6, 9) for 12 blocks, PRANCE's decision points."""
-    return tuple(sorted({round(depth * i / 4) for i in range(4)}))
 
 
 @dataclass(frozen=True)

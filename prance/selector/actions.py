@@ -20,7 +20,6 @@ decisions that would make the per-image budget unreachable.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,19 +28,14 @@ from prance import flops
 from prance.errors import PranceError
 from prance.models.arch import ArchSpec
 from prance.models.subnet import SubNet, SubnetSpace
-from prance.tokens.merge import merge_op
+from prance.tokens.merge import merge_keep_op
+from prance.tokens.strategies import REGISTRY, SELECTOR_STRATEGIES
 from prance.tokens.prune import prune_op
 from prance.tokens.state import TokenOp, TokenPlan, chain
 
-SELECTOR_STRATEGIES = ("prune", "merge", "prune_merge")
-
-# Keep-ratio grids (share of the patch tokens entering the stage that survive its first
-# block). ToMe merges at most half of the tokens per block, hence merge's floor of 0.5.
-KEEP_GRIDS = {
-    "prune": (0.25, 0.4, 0.55, 0.7, 0.85, 1.0),
-    "merge": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-    "prune_merge": ((0.4, 0.55, 0.7, 0.85, 1.0), (0.5, 0.625, 0.75, 0.875, 1.0)),
-}
+# Keep-ratio grids per selector strategy, from the registry: one grid, or (prune, merge).
+KEEP_GRIDS = {n: REGISTRY[n].selector_grids[0] if len(REGISTRY[n].selector_grids) == 1 else REGISTRY[n].selector_grids
+              for n in SELECTOR_STRATEGIES}
 
 
 @dataclass(frozen=True)
@@ -50,25 +44,10 @@ class Dim:
     choices: tuple
 
 
-def merge_keep_op(keep: float, num_prefix: int) -> TokenOp:
-    """ToMe merging down to ``keep`` of the patch tokens (at most half per block)."""
-
-    def r(n: int) -> int:
-        patches = n - num_prefix
-        return max(0, patches - max(1, math.ceil(keep * patches)))
-
-    return merge_op(r, num_prefix)
-
-
 def token_op(strategy: str, keeps: tuple[float, ...], num_prefix: int) -> TokenOp | None:
     if all(k >= 1.0 for k in keeps):
         return None
-    if strategy == "prune":
-        return prune_op(keeps[0], num_prefix)
-    if strategy == "merge":
-        return merge_keep_op(keeps[0], num_prefix)
-    ops = [op for op, k in ((prune_op(keeps[0], num_prefix), keeps[0]), (merge_keep_op(keeps[1], num_prefix), keeps[1])) if k < 1.0]
-    return ops[0] if len(ops) == 1 else chain("prune_merge", *ops)
+    return REGISTRY[strategy].selector_op(keeps, num_prefix)
 
 
 @dataclass(frozen=True)

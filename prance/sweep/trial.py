@@ -29,7 +29,6 @@ from typing import Callable
 
 from prance import tracking
 
-TRAINING_FREE_TOKENS = ("prune", "merge", "prune_merge", "ppt")
 FINAL = "final"  # set in a trial's last report when it ran to its end
 
 Report = Callable[[dict, "Path | None"], None]  # (metrics, folder holding the selector checkpoint or None)
@@ -133,9 +132,10 @@ def baseline_top1(ctx: TrialContext, budget_gflops: float) -> float:
     """The best training-free Top-1 at the budget; the dense Top-1 when no training-free
     strategy reaches it."""
     from prance.errors import PranceError
+    from prance.tokens.strategies import TRAINING_FREE_STRATEGIES
 
     best = None
-    for token in TRAINING_FREE_TOKENS:
+    for token in TRAINING_FREE_STRATEGIES:
         try:
             t = _top1(ctx, token, budget_gflops)
         except PranceError:  # this strategy cannot reach the budget

@@ -147,6 +147,16 @@ def merge_op(r: int | Callable[[int], int], num_prefix: int) -> TokenOp:
     )
 
 
+def merge_keep_op(keep: float, num_prefix: int) -> TokenOp:
+    """ToMe merging down to ``keep`` of the patch tokens (at most half per block)."""
+
+    def r(n: int) -> int:
+        patches = n - num_prefix
+        return max(0, patches - max(1, math.ceil(keep * patches)))
+
+    return merge_op(r, num_prefix)
+
+
 def tome_schedule(r: int, depth: int, schedule: str = "constant") -> list[int]:
     """r per block: ToMe's constant schedule, or its decreasing one (inflection -1:
     linearly from 2r in the first block to 0 in the last, same total)."""

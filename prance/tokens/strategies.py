@@ -11,24 +11,30 @@
 The reduction blocks default to the quarter points of the depth, (3, 6, 9) for 12 blocks,
 where PRANCE, EViT and PPT reduce. Defaults: EViT's keep 0.7; ToMe's r = 13 and PPT's
 r = 50 for 196 patches, scaled by the patch count for other models.
+
+Every strategy is one :class:`StrategySpec` in :data:`REGISTRY`; the names the rest of
+prance knows (the CLI's choices, the configs' allowed values, the sweep's ``free_*`` and
+``static_*`` baselines, the selectors) are derived from it. A new strategy is its op
+module plus one registry entry.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from prance.errors import PranceError
-from prance.models.arch import ArchSpec
-from prance.models.subnet import default_stage_starts
-from prance.tokens.merge import max_r, merge_op, tome_schedule
+from prance.stages import default_stage_starts
+from prance.tokens.merge import max_r, merge_keep_op, merge_op, tome_schedule
 from prance.tokens.ppt import DEFAULT_R as PPT_R
 from prance.tokens.ppt import DEFAULT_THRESHOLD, ppt_op
 from prance.tokens.prune import prune_op
 from prance.tokens.state import TokenOp, TokenPlan, chain
 
-STRATEGIES = ("none", "prune", "merge", "prune_merge", "ppt")
-PARAM_OF = {"none": None, "prune": "keep", "merge": "r", "prune_merge": "keep", "ppt": "r"}
+if TYPE_CHECKING:  # a plan is built for an architecture; no runtime import of models (models import tokens)
+    from prance.models.arch import ArchSpec
+
 TOME_R = 13  # ToMe's DeiT-S setting, for 196 patches
 EVIT_KEEP = 0.7
 
@@ -49,14 +55,7 @@ def r_range(name: str, arch: ArchSpec) -> tuple[int, int]:
 
 
 def default_param(name: str, arch: ArchSpec) -> float | int | None:
-    scale = arch.num_patches / 196
-    return {
-        "none": None,
-        "prune": EVIT_KEEP,
-        "prune_merge": EVIT_KEEP,
-        "merge": max(1, round(TOME_R * scale)),
-        "ppt": max(1, round(PPT_R * scale)),
-    }[name]
+    return REGISTRY[check_strategy(name)].default(arch)
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def _check(cfg: StrategyConfig, arch: ArchSpec) -> tuple[tuple[int, ...], float 
         raise PranceError(f"PPT's variance threshold must be a finite number >= 0, got {cfg.threshold}")
     if cfg.schedule not in ("constant", "decreasing"):
         raise PranceError(f"unknown ToMe schedule {cfg.schedule!r}: constant or decreasing")
-    if cfg.name in ("prune", "prune_merge", "ppt") and not arch.has_class_token:
+    if REGISTRY[cfg.name].needs_class_token and not arch.has_class_token:
         raise PranceError(f"strategy {cfg.name!r} ranks tokens by class-token attention; this model has no class token")
     return tuple(locs), value
 
@@ -119,29 +118,113 @@ def _prune_merge_op(keep: float, num_prefix: int) -> TokenOp:
     removes about the same share; the merge is capped at half, so keep >= 0.25 merges
     fully)."""
     part = math.sqrt(keep)
-
-    def merge_r(n: int) -> int:
-        patches = n - num_prefix
-        return max(0, patches - max(1, math.ceil(part * patches)))
-
-    return chain("prune_merge", prune_op(part, num_prefix), merge_op(merge_r, num_prefix))
+    return chain("prune_merge", prune_op(part, num_prefix), merge_keep_op(part, num_prefix))
 
 
 def build_plan(cfg: StrategyConfig, arch: ArchSpec) -> TokenPlan:
     """The token plan of ``cfg`` for ``arch``; :class:`PranceError` on bad parameters."""
     locs, value = _check(cfg, arch)
-    p = arch.num_prefix_tokens
-    ops: list[TokenOp | None] = [None] * arch.depth
-    if cfg.name == "merge":
-        ops = [merge_op(r, p) if r > 0 else None for r in tome_schedule(value, arch.depth, cfg.schedule)]
-    elif cfg.name == "prune":
-        for i in locs:
-            ops[i] = prune_op(value, p, cfg.fuse)
-    elif cfg.name == "prune_merge":
-        for i in locs:
-            ops[i] = _prune_merge_op(value, p)
-    elif cfg.name == "ppt":
-        for i in locs:
-            ops[i] = ppt_op(value, cfg.threshold, p)
-    params = {} if PARAM_OF[cfg.name] is None else {PARAM_OF[cfg.name]: value}
+    spec = REGISTRY[cfg.name]
+    ops = spec.ops(cfg, value, arch, locs) if spec.ops else [None] * arch.depth
+    params = {} if spec.param is None else {spec.param: value}
     return TokenPlan(tuple(ops), prop_attn=cfg.prop_attn, name=cfg.name, params=params)
+
+
+# ------------------------------------------------------------------------ the registry
+
+Ops = list[TokenOp | None]
+
+
+def _at_locs(make: Callable[[StrategyConfig, float | int, int], TokenOp]) -> Callable[..., Ops]:
+    """Ops of a strategy that reduces at the reduction blocks only."""
+
+    def ops(cfg: StrategyConfig, value, arch: ArchSpec, locs: tuple[int, ...]) -> Ops:
+        out: Ops = [None] * arch.depth
+        for i in locs:
+            out[i] = make(cfg, value, arch.num_prefix_tokens)
+        return out
+
+    return ops
+
+
+def _merge_ops(cfg: StrategyConfig, value: int, arch: ArchSpec, locs: tuple[int, ...]) -> Ops:
+    p = arch.num_prefix_tokens
+    return [merge_op(r, p) if r > 0 else None for r in tome_schedule(value, arch.depth, cfg.schedule)]
+
+
+def _scaled(r_196: int) -> Callable[[ArchSpec], int]:
+    return lambda arch: max(1, round(r_196 * arch.num_patches / 196))
+
+
+def _selector_prune(keeps: tuple[float, ...], p: int) -> TokenOp:
+    return prune_op(keeps[0], p)
+
+
+def _selector_merge(keeps: tuple[float, ...], p: int) -> TokenOp:
+    return merge_keep_op(keeps[0], p)
+
+
+def _selector_prune_merge(keeps: tuple[float, ...], p: int) -> TokenOp:
+    ops = [op for op, k in ((prune_op(keeps[0], p), keeps[0]), (merge_keep_op(keeps[1], p), keeps[1])) if k < 1.0]
+    return ops[0] if len(ops) == 1 else chain("prune_merge", *ops)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """Everything prance knows about one token strategy.
+
+    ``param``: its strength parameter (``keep`` in (0, 1] or an integer ``r``), ``default``
+    its value for an architecture, ``ops`` the per-block token ops of a validated config
+    (None: dense). ``needs_class_token``: it ranks tokens by class-token attention.
+    ``training_free``: the sweep offers it as ``free_<name>`` (full width, calibrated to the
+    budget); ``static``: as ``static_<name>`` (the best static sub-network with it);
+    ``selector_grids``: the keep-ratio grids a PRANCE selector chooses from per stage (one
+    per token op of a decision; empty: no selector), ``selector_op`` the op for the chosen
+    keeps (all >= 1 is handled by the caller as no reduction), ``sandwich_keep``: pretraining
+    samples its strength as a keep ratio (else as r up to twice the default).
+    """
+
+    name: str
+    param: str | None
+    default: Callable[[ArchSpec], float | int | None]
+    ops: Callable[..., Ops] | None
+    needs_class_token: bool = False
+    training_free: bool = True
+    static: bool = True
+    selector_grids: tuple[tuple[float, ...], ...] = ()
+    selector_op: Callable[[tuple[float, ...], int], TokenOp] | None = None
+
+    @property
+    def sandwich_keep(self) -> bool:
+        return self.param == "keep"
+
+
+# Keep-ratio grids (share of the patch tokens entering the stage that survive its first
+# block). ToMe merges at most half of the tokens per block, hence merge's floor of 0.5.
+REGISTRY: dict[str, StrategySpec] = {s.name: s for s in (
+    StrategySpec("none", None, lambda arch: None, None, training_free=False, static=True),
+    StrategySpec("prune", "keep", lambda arch: EVIT_KEEP, _at_locs(lambda cfg, v, p: prune_op(v, p, cfg.fuse)),
+                 needs_class_token=True, selector_grids=((0.25, 0.4, 0.55, 0.7, 0.85, 1.0),), selector_op=_selector_prune),
+    StrategySpec("merge", "r", _scaled(TOME_R), _merge_ops,
+                 selector_grids=((0.5, 0.6, 0.7, 0.8, 0.9, 1.0),), selector_op=_selector_merge),
+    StrategySpec("prune_merge", "keep", lambda arch: EVIT_KEEP, _at_locs(lambda cfg, v, p: _prune_merge_op(v, p)),
+                 needs_class_token=True, selector_grids=((0.4, 0.55, 0.7, 0.85, 1.0), (0.5, 0.625, 0.75, 0.875, 1.0)),
+                 selector_op=_selector_prune_merge),
+    StrategySpec("ppt", "r", _scaled(PPT_R), _at_locs(lambda cfg, v, p: ppt_op(v, cfg.threshold, p)), needs_class_token=True),
+)}
+
+STRATEGIES = tuple(REGISTRY)
+PARAM_OF = {name: spec.param for name, spec in REGISTRY.items()}
+REDUCING_STRATEGIES = tuple(n for n in STRATEGIES if REGISTRY[n].ops is not None)  # all but none
+SELECTOR_STRATEGIES = tuple(n for n, s in REGISTRY.items() if s.selector_grids)
+TRAINING_FREE_STRATEGIES = tuple(n for n, s in REGISTRY.items() if s.training_free)
+
+
+def sweep_strategies() -> dict[str, tuple[str, str]]:
+    """The sweep's strategy names -> (method, token strategy): each selector strategy by its
+    name, ``free_<name>`` for the training-free ones, ``static`` (widths only) and
+    ``static_<name>`` for the static baselines."""
+    out = {n: ("selector", n) for n in SELECTOR_STRATEGIES}
+    out.update({f"free_{n}": ("training_free", n) for n in TRAINING_FREE_STRATEGIES})
+    out.update({("static" if n == "none" else f"static_{n}"): ("static", n) for n, s in REGISTRY.items() if s.static})
+    return out

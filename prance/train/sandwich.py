@@ -20,7 +20,7 @@ from torch import Tensor
 from prance.models.arch import ArchSpec
 from prance.models.subnet import SubNet, SubnetSpace
 from prance.tokens.state import TokenPlan
-from prance.tokens.strategies import StrategyConfig, build_plan, default_param, r_range
+from prance.tokens.strategies import REGISTRY, StrategyConfig, build_plan, default_param, r_range
 
 
 def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
@@ -38,7 +38,7 @@ def sample_plan(arch: ArchSpec, strategies: list[str], keep_min: float, gen: tor
         return None
     name = strategies[int(torch.randint(len(strategies), (1,), generator=gen))]
     u = float(torch.rand(1, generator=gen))
-    if name in ("prune", "prune_merge"):
+    if REGISTRY[name].sandwich_keep:
         value: float | int = keep_min + (1 - keep_min) * u
     else:
         value = min(1 + int(u * 2 * default_param(name, arch)), r_range(name, arch)[1])
