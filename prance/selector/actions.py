@@ -33,11 +33,6 @@ from prance.tokens.strategies import REGISTRY, SELECTOR_STRATEGIES
 from prance.tokens.prune import prune_op
 from prance.tokens.state import TokenOp, TokenPlan, chain
 
-# Keep-ratio grids per selector strategy, from the registry: one grid, or (prune, merge).
-KEEP_GRIDS = {n: REGISTRY[n].selector_grids[0] if len(REGISTRY[n].selector_grids) == 1 else REGISTRY[n].selector_grids
-              for n in SELECTOR_STRATEGIES}
-
-
 @dataclass(frozen=True)
 class Dim:
     name: str
@@ -81,8 +76,8 @@ class ActionSpace:
         self.merge_spread = merge_spread and strategy in ("merge", "prune_merge")
         starts = [0] + blocks
         self.stages: list[tuple[int, int]] = list(zip(starts, starts[1:] + [arch.depth]))
-        grids = KEEP_GRIDS[strategy]
-        keep_dims = [Dim("keep", grids)] if strategy != "prune_merge" else [Dim("keep_prune", grids[0]), Dim("keep_merge", grids[1])]
+        grids = REGISTRY[strategy].selector_grids  # one keep grid, or (prune, merge)
+        keep_dims = [Dim("keep", grids[0])] if len(grids) == 1 else [Dim("keep_prune", grids[0]), Dim("keep_merge", grids[1])]
         self.joint = joint_widths and len(space.heads) == len(space.mlp) == len(space.embed)
         if self.joint:  # one width level: the l-th smallest heads, MLP and embedding together
             widths = (Dim("width", tuple(zip(space.heads, space.mlp, space.embed))),)

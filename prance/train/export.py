@@ -27,8 +27,8 @@ FIXED_SUBSET = {"n": 1000, "seed": 0}
 RANDOM_SUBNETS_SEED = 20  # the random mixed sub-networks of the space record
 
 
-def _top1(model, dataset, subnet) -> float:
-    return evaluate(model, make_loader(dataset, 500), subnet=subnet, progress=False)["top1"]
+def _top1(model, dataset, subnet, plan=None) -> float:
+    return evaluate(model, make_loader(dataset, 500), subnet=subnet, plan=plan, progress=False)["top1"]
 
 
 def subnet_top1(model, dataset) -> dict[str, float]:
@@ -57,7 +57,7 @@ def space_record(model, dataset, n_random: int = 20, keep: float = 0.5, seed: in
             "name": name,
             "gflops_share": flops.gflops(arch, sub) / full,
             "top1": _top1(model, dataset, sub),
-            f"top1_prune_keep{keep}": _evaluate_plan(model, dataset, sub, plan),
+            f"top1_prune_keep{keep}": _top1(model, dataset, sub, plan),
             f"gflops_share_prune_keep{keep}": flops.gflops(arch, sub, plan) / full,
             "subnet": sub.to_dict(),
         })
@@ -75,10 +75,6 @@ def space_record(model, dataset, n_random: int = 20, keep: float = 0.5, seed: in
         f"random_top1_prune_keep{keep}": summary(f"top1_prune_keep{keep}"),
         "subnets": rows,
     }
-
-
-def _evaluate_plan(model, dataset, subnet, plan) -> float:
-    return evaluate(model, make_loader(dataset, 500), subnet=subnet, plan=plan, progress=False)["top1"]
 
 
 def export_run(run_dir: Path, out: Path, command: str, dataset: str, tolerance: float = 0.1) -> dict:
