@@ -150,7 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def _selector_config(args: argparse.Namespace):
-    from prance.config import SelectorConfig, load_config, parse_overrides, validate
+    from prance.config import load_config, parse_overrides, validate
+    from prance.selector.config import SelectorConfig
 
     overrides = parse_overrides(args.set)
     for key in ("checkpoint", "strategy", "budget", "iterations", "seed", "dataset", "device"):
@@ -202,7 +203,8 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
     images and reported on its held-out test images (the same images ``train-selector``
     uses, so the numbers compare)."""
     from prance import static_search
-    from prance.config import SelectorConfig, validate
+    from prance.config import validate
+    from prance.selector.config import SelectorConfig
     from prance.evaluate import evaluate
     from prance.selector.run import budget_of, load_data
     from prance.selector.train import batches
@@ -244,7 +246,7 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
 
 
 def _eval_selector(args: argparse.Namespace) -> dict:
-    from prance.config import SelectorConfig
+    from prance.selector.config import SelectorConfig
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
     from prance.selector.run import budget_of
     from prance.selector.selector import evaluate_selector

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prance.config import PretrainConfig  # noqa: E402
+from prance.train.config import PretrainConfig  # noqa: E402
 from prance.device import autocast_for  # noqa: E402
 from prance.models import create_meta  # noqa: E402
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from prance import flops  # noqa: E402
 from prance.budget import calibrate  # noqa: E402
 from prance.checkpoint import load_checkpoint  # noqa: E402
-from prance.config import SelectorConfig  # noqa: E402
+from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.device import autocast_for, resolve, synchronize  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
 from prance.selector.run import batches, budget_of, load_data  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from prance import flops, static_search  # noqa: E402
 from prance.checkpoint import load_checkpoint  # noqa: E402
-from prance.config import SelectorConfig  # noqa: E402
+from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
 from prance.selector.run import budget_of, load_data, run_selector  # noqa: E402

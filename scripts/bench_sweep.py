@@ -117,7 +117,8 @@ def main() -> int:
     args = p.parse_args()
     extra = ["--preset", args.preset] + [a for s in args.set for a in ("--set", s)]
 
-    from prance.config import SweepConfig, load_config, parse_overrides
+    from prance.config import load_config, parse_overrides
+    from prance.sweep.config import SweepConfig
 
     cfg = load_config(SweepConfig, "sweep", args.preset, parse_overrides(args.set))
     storage = Path(tempfile.mkdtemp(prefix="bench-sweep-"))

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from prance.cli import OneLineParser  # noqa: E402
-from prance.config import SweepConfig, load_config, parse_overrides, presets  # noqa: E402
+from prance.config import load_config, parse_overrides, presets  # noqa: E402
+from prance.sweep.config import SweepConfig  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 
 ENV = {"storage": "PRANCE_STORAGE", "mlflow_uri": "PRANCE_MLFLOW_URI"}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from prance.config import PretrainConfig, load_config, parse_overrides, presets  # noqa: E402
+from prance.config import load_config, parse_overrides, presets  # noqa: E402
+from prance.train.config import PretrainConfig  # noqa: E402
 from prance.cli import OneLineParser  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 

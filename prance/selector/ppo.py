@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from prance.selector.config import SelectorConfig
 from prance.selector.policy import ActorCritic
 
 
@@ -88,14 +89,24 @@ class RolloutBuffer:
         }
 
 
+def _default(key: str):
+    return SelectorConfig.model_fields[key].default
+
+
 @dataclass
 class PPOSettings:
-    clip: float = 0.2
-    epochs: int = 4
-    minibatch: int = 256
-    entropy_coef: float = 0.01
-    grad_clip: float = 0.5
-    value_coef: float = 1.0
+    """The update's settings; the defaults are :class:`SelectorConfig`'s (one place)."""
+
+    clip: float = _default("clip")
+    epochs: int = _default("ppo_epochs")
+    minibatch: int = _default("minibatch")
+    entropy_coef: float = _default("entropy_coef")
+    grad_clip: float = _default("grad_clip")
+    value_coef: float = 1.0  # the critic has its own optimiser: the weight only scales its step
+
+    @classmethod
+    def of(cls, cfg: SelectorConfig) -> "PPOSettings":
+        return cls(clip=cfg.clip, epochs=cfg.ppo_epochs, minibatch=cfg.minibatch, entropy_coef=cfg.entropy_coef, grad_clip=cfg.grad_clip)
 
 
 def update(

@@ -20,7 +20,7 @@ from torch import Tensor
 from prance import device, flops
 from prance.budget import parse_budget
 from prance.checkpoint import load_checkpoint, read_header
-from prance.config import SelectorConfig
+from prance.selector.config import SelectorConfig
 from prance.data import build_dataset, input_spec_for_model, make_loader, pretrain_holdout
 from prance.errors import PranceError
 from prance.models.meta import MetaViT

@@ -51,7 +51,7 @@ class Selector:
 
     @classmethod
     def for_config(cls, meta: MetaViT, cfg) -> "Selector":
-        """A fresh selector as a :class:`prance.config.SelectorConfig` describes it."""
+        """A fresh selector as a :class:`prance.selector.config.SelectorConfig` describes it."""
         return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, merge_spread=cfg.merge_spread)
 
     @property

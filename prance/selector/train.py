@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from prance.config import SelectorConfig
+from prance.selector.config import SelectorConfig
 from prance.device import autocast_for, of as device_of
 from prance.models.meta import MetaViT
 from prance.selector import ppo, reward, static
@@ -138,7 +138,7 @@ def train_selector(
     policy = selector.policy
     actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
-    settings = ppo.PPOSettings(cfg.clip, cfg.ppo_epochs, cfg.minibatch, cfg.entropy_coef, cfg.grad_clip)
+    settings = ppo.PPOSettings.of(cfg)
     buffer = ppo.RolloutBuffer()
     S = selector.actions.num_stages
     active = torch.tensor([selector.actions.active(t) for t in range(S)], dtype=torch.bool)

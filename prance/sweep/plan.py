@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prance import flops
 from prance.budget import calibrate, candidates, parse_budget
-from prance.config import SWEEP_STRATEGIES, SweepConfig
+from prance.sweep.config import SWEEP_STRATEGIES, SweepConfig
 from prance.errors import PranceError
 from prance.models.arch import ArchSpec
 from prance.models.subnet import SubNet

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prance.config import ParamSpace, SelectorConfig
+from prance.selector.config import SelectorConfig
+from prance.sweep.config import ParamSpace
 
 
 def _is_int_field(name: str) -> bool:

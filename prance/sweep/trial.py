@@ -147,7 +147,7 @@ def baseline_top1(ctx: TrialContext, budget_gflops: float) -> float:
 def selector_config(config: dict, ctx: TrialContext):
     """The SelectorConfig of a selector trial: shared settings, the trial's suggested
     hyper-parameters, its strategy and budget (exact GFLOPs)."""
-    from prance.config import SelectorConfig
+    from prance.selector.config import SelectorConfig
 
     data = dict(ctx.selector)
     data.update({k: v for k, v in config.items() if k in SelectorConfig.model_fields})

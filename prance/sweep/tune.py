@@ -31,7 +31,8 @@ from pathlib import Path
 from prance import tracking
 from pydantic import ValidationError
 
-from prance.config import SWEEP_OWNED, SweepConfig, _format_error
+from prance.config import _format_error
+from prance.sweep.config import SWEEP_OWNED, SweepConfig
 from prance.errors import PranceError, first_line
 from prance.sweep import report as rep
 from prance.sweep import store

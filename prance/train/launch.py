@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prance import tracking
 from prance.checkpoint import read_header
-from prance.config import PretrainConfig
+from prance.train.config import PretrainConfig
 from prance.errors import PranceError
 from prance.storage import absolute, is_remote, local_path
 from prance.train.placement import check_shared_locations

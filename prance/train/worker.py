@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Subset
 
 from prance.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
-from prance.config import PretrainConfig
+from prance.train.config import PretrainConfig
 from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, pretrain_holdout, seeded_subset
 from prance.device import autocast_for
 from prance.models import MetaViT, create_meta, reorder_by_importance

@@ -6,7 +6,7 @@ test images (docs/selector.md). Usage: .venv/bin/python scripts/experiments/merg
 import torch, json
 torch.set_num_threads(1)
 from prance.checkpoint import load_checkpoint
-from prance.config import SelectorConfig
+from prance.selector.config import SelectorConfig
 from prance.selector.selector import Selector
 from prance.selector import static
 from prance.selector.run import load_data
