@@ -30,6 +30,11 @@ from prance.selector.store import SELECTOR_FILE, STATE_FILE, save_selector
 from prance.selector.train import batches, train_selector
 
 
+# The fixed permutation of the test split into validation, rollout and test images: the same
+# for every selector and sweep trial, so their numbers are on the same images.
+TEST_SPLIT_SEED = 1234
+
+
 def _tensors(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
     if hasattr(dataset, "batch"):
         return dataset.batch(indices)
@@ -50,7 +55,7 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
     if cfg.rollouts_from == "train_holdout":
         return _train_holdout_data(spec, cfg)
     test = build_dataset(cfg.dataset, "test", spec)
-    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(1234)).tolist()
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED)).tolist()
     v_idx, rest = perm[: cfg.val_limit], perm[cfg.val_limit :]
     if cfg.rollouts_from == "holdout":
         n = cfg.train_limit or len(rest) // 2

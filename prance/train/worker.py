@@ -66,11 +66,15 @@ def evaluate_shard(model: MetaViT, loader, subnets: dict, device, world: int) ->
     return {name: 100.0 * float(counts[i] / counts[-1]) for i, name in enumerate(subnets)}
 
 
+# Primes, so that (seed, epoch, rank) triples of realistic size never share a seed.
+_RUN_STRIDE, _EPOCH_STRIDE = 100003, 1009
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of a worker's random draws in one epoch: distinct per run seed, epoch and
     rank (primes keep them apart), the same after a resume, so a resumed run redraws the
     epoch it restarts exactly as the first attempt did."""
-    return seed * 100003 + epoch * 1009 + rank
+    return seed * _RUN_STRIDE + epoch * _EPOCH_STRIDE + rank
 
 
 def train_loop_per_worker(config: dict) -> None:
