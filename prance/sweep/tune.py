@@ -311,13 +311,9 @@ def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
     return cfg, settings
 
 
-def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False, settings: dict | None = None,
-              command: str = "", address: str | None = None) -> SweepOutcome:
-    """Check everything, run (or resume) the sweep, write the report."""
-    global _ACTIVE
-    t_start = time.monotonic()
-
-    # 1. inputs, before Ray and before anything is written to MLflow
+def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | None):
+    """Step 1, before Ray and before anything is written to MLflow: the plan, the sweep's
+    name, storage, Tune folder and MLflow URI; PranceError on anything wrong."""
     plan = plan_sweep(cfg)
     name = cfg.name or store.default_name(source)
     storage = store.absolute_storage(cfg.storage)
@@ -338,67 +334,13 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     if resume:
         store.check_tune_state(storage, name)
 
-    # 2. Ray, and what needs it
-    # an MLflow server that went away: fail a request in seconds (SweepRuns queues it), not
-    # after MLflow's default of minutes of retries, which would hold up Tune's event loop
-    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: Progress prints one line per event
-    # a checkpoint per report forces an experiment snapshot (cheap, and fresher state to resume from): no warning
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    return plan, name, storage, exp_path, uri
+
+
+def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, storage: str, exp_path: str,
+           slots: int, resume: bool):
+    """Step 3b: a new Tuner for the plan, or the interrupted one restored from ``exp_path``."""
     from ray import tune
-
-    _init_ray(address)
-    for logger in ("ray.tune", "ray.train", "mlflow"):  # their INFO lines drown the progress lines
-        logging.getLogger(logger).setLevel(logging.WARNING)
-    try:
-        from prance.train.placement import check_shared_locations
-    except ImportError:
-        check_shared_locations = None
-    if check_shared_locations is not None:
-        check_shared_locations(storage, uri)
-    slots = _slots(cfg)
-    if resume and not tune.Tuner.can_restore(exp_path):
-        raise PranceError(f"nothing to resume in {exp_path}: the sweep never started its trials")
-
-    # 3. from here on things are written: settings, the MLflow experiment
-    multi = cfg.multi_objective
-    if resume:
-        sweep_id, experiment = settings["sweep_id"], settings["experiment"]
-    else:
-        sweep_id, experiment = f"{name}-{uuid.uuid4().hex[:8]}", f"prance-sweep-{name}"
-        store.write_settings(storage, name, {
-            "name": name, "sweep_id": sweep_id, "experiment": experiment, "mlflow_uri": uri, "created": time.time(),
-            "source": source, "command": command,
-            "config": cfg.model_dump(exclude={"name": True, "storage": True, "selector": set(SWEEP_OWNED)}),
-        })
-    experiment_id = tracking.ensure_experiment(uri, experiment)
-    runs = SweepRuns(uri, experiment_id, sweep_id)
-    if resume:
-        closed = runs.close_running()
-        if closed:
-            print(f"[sweep] closed {len(closed)} MLflow run(s) left RUNNING by the interrupted session (trials {closed})", flush=True)
-
-    ctx = TrialContext(
-        checkpoint=plan.checkpoint, dataset=plan.dataset,
-        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
-        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
-        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(),
-    )
-    counts = plan.counts()
-    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
-    progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
-    _ACTIVE = progress
-    print(
-        f"[sweep] {name}: {len(plan.schedule)} trials ({counts['dense']} dense, {counts['training_free']} training-free, {counts['static']} static, "
-        f"{counts['selector']} selector) on {budget_list(plan)}, {slots} at a time"
-        + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
-        + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
-        + ("\n[sweep] resuming: finished trials are kept" if resume else ""),
-        flush=True,
-    )
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if cfg.use_gpu else 0}
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources)
@@ -413,7 +355,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         tuner = tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(cfg, plan, multi), scheduler=_scheduler(cfg, multi),
+                search_alg=_searcher(cfg, plan, cfg.multi_objective), scheduler=_scheduler(cfg, cfg.multi_objective),
                 num_samples=len(plan.schedule), max_concurrent_trials=slots, reuse_actors=True,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
@@ -423,15 +365,14 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             ),
         )
-    t_fit = time.monotonic()
-    try:
-        grid = tuner.fit()
-    finally:
-        _ACTIVE = None
-    fit_s = time.monotonic() - t_fit
+    return tuner
 
-    # 4. MLflow catches up (writes queued while a server was away), then the report from
-    # Tune's results -- written whatever MLflow does -- then the summary run
+
+def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: Progress, name: str, storage: str,
+            resume: bool, slots: int, fit_s: float, t_start: float, uri: str, experiment_id: str) -> SweepOutcome:
+    """Step 4: MLflow catches up (writes queued while a server was away), then the report
+    from Tune's results -- written whatever MLflow does -- then the summary run."""
+    multi = cfg.multi_objective
     tracking_error = settle_runs(runs, cfg.mlflow_wait_s)
     rows = result_rows(grid, plan, runs, progress)
     if tracking_error is None:
@@ -469,6 +410,102 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
             f"  {r['strategy']}@{r['budget']} #{int(r['trial_number'])}: top1 {r[tracking.TOP1]:.2f}%  {r[tracking.GFLOPS]:.4g} GFLOPs"
             for _, r in front.sort_values(tracking.GFLOPS).iterrows())
     return SweepOutcome(name, folder, results, plot, table, uri, experiment_id, interrupted, failed, wall, tracking_error)
+
+
+def _start_ray(address: str | None, storage: str, uri: str) -> None:
+    """Step 2: the environment Tune and MLflow should see, Ray itself, and (on a cluster)
+    the check that every node reaches the storage and the tracking server."""
+    # an MLflow server that went away: fail a request in seconds (SweepRuns queues it), not
+    # after MLflow's default of minutes of retries, which would hold up Tune's event loop
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: Progress prints one line per event
+    # a checkpoint per report forces an experiment snapshot (cheap, and fresher state to resume from): no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _init_ray(address)
+    for logger in ("ray.tune", "ray.train", "mlflow"):  # their INFO lines drown the progress lines
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    try:
+        from prance.train.placement import check_shared_locations
+    except ImportError:
+        check_shared_locations = None
+    if check_shared_locations is not None:
+        check_shared_locations(storage, uri)
+
+
+def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: str, command: str,
+                   resume: bool, settings: dict | None):
+    """Step 3: the sweep's settings file (new sweeps), its MLflow experiment and the
+    per-trial run bookkeeping; on resume, runs the interrupted session left RUNNING close."""
+    if resume:
+        sweep_id, experiment = settings["sweep_id"], settings["experiment"]
+    else:
+        sweep_id, experiment = f"{name}-{uuid.uuid4().hex[:8]}", f"prance-sweep-{name}"
+        store.write_settings(storage, name, {
+            "name": name, "sweep_id": sweep_id, "experiment": experiment, "mlflow_uri": uri, "created": time.time(),
+            "source": source, "command": command,
+            "config": cfg.model_dump(exclude={"name": True, "storage": True, "selector": set(SWEEP_OWNED)}),
+        })
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    runs = SweepRuns(uri, experiment_id, sweep_id)
+    if resume:
+        closed = runs.close_running()
+        if closed:
+            print(f"[sweep] closed {len(closed)} MLflow run(s) left RUNNING by the interrupted session (trials {closed})", flush=True)
+    return runs, experiment, experiment_id
+
+
+def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False, settings: dict | None = None,
+              command: str = "", address: str | None = None) -> SweepOutcome:
+    """Check everything, run (or resume) the sweep, write the report."""
+    global _ACTIVE
+    t_start = time.monotonic()
+
+    # 1. inputs
+    plan, name, storage, exp_path, uri = _check_inputs(cfg, source, resume, settings)
+    # 2. Ray, and what needs it
+    _start_ray(address, storage, uri)
+    from ray import tune
+
+    slots = _slots(cfg)
+    if resume and not tune.Tuner.can_restore(exp_path):
+        raise PranceError(f"nothing to resume in {exp_path}: the sweep never started its trials")
+
+    # 3. from here on things are written: settings, the MLflow experiment
+    runs, experiment, experiment_id = _open_tracking(cfg, name, storage, uri, source, command, resume, settings)
+
+    ctx = TrialContext(
+        checkpoint=plan.checkpoint, dataset=plan.dataset,
+        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
+        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
+        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(),
+    )
+    counts = plan.counts()
+    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
+    progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
+    _ACTIVE = progress
+    print(
+        f"[sweep] {name}: {len(plan.schedule)} trials ({counts['dense']} dense, {counts['training_free']} training-free, {counts['static']} static, "
+        f"{counts['selector']} selector) on {budget_list(plan)}, {slots} at a time"
+        + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
+        + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
+        + ("\n[sweep] resuming: finished trials are kept" if resume else ""),
+        flush=True,
+    )
+
+    tuner = _tuner(cfg, plan, ctx, name, storage, exp_path, slots, resume)
+    t_fit = time.monotonic()
+    try:
+        grid = tuner.fit()
+    finally:
+        _ACTIVE = None
+    fit_s = time.monotonic() - t_fit
+
+    # 4. the report
+    return _report(cfg, plan, grid, runs, progress, name, storage, resume, slots, fit_s, t_start, uri, experiment_id)
+
+
 
 
 def settle_runs(runs: SweepRuns, wait_s: float) -> str | None:
