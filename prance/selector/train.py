@@ -100,6 +100,62 @@ def sample_budgets(n: int, target: float, spread: float, lo: float, hi: float, g
     return b.clamp(min=lo, max=hi)
 
 
+def _warm_start(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float,
+                train: tuple[Tensor, Tensor]):
+    """The best static schedule of the action space at the budget (on the first
+    ``static_images`` rollout images), with the policy's initial logits moved towards it;
+    None (and the policy untouched) when no schedule fits."""
+    images = (train[0][: cfg.static_images], train[1][: cfg.static_images])
+    found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta,
+                                 max(cfg.batch_size, 256))
+    if found is None:
+        return None
+    static.warm_start(selector, found.best, cfg.warm_start)
+    return found.best
+
+
+def _rollout(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float, lam: float,
+             x: Tensor, y: Tensor, lo: float, hi: float, active: Tensor, buffer: "ppo.RolloutBuffer",
+             gen: torch.Generator):
+    """One PPO rollout on the images ``x``: per-image budgets around ``budget_gflops``, a
+    sampled episode per image, Result-to-Go rewards against the full sub-network and their
+    GAE advantages, added to ``buffer``. Returns (episode, per-stage predictions, results,
+    budgets)."""
+    policy = selector.policy
+    b, S = x.shape[0], selector.actions.num_stages
+    budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, lo, hi, gen)
+    with torch.no_grad():
+        full = full_logits(meta, x, cfg.amp)
+        full_pred = full.argmax(dim=-1)
+        # episodes and completions run on the meta-network's device; the policy and PPO on the CPU
+        ep = selector.run(meta, x.to(device_of(meta)), budgets, greedy=False, generator=gen, rtg=True, amp=cfg.amp)
+        preds = ep.cont_logits.argmax(dim=-1)  # (B, S)
+        correct = reward.correctness(preds, y[:, None], full_pred[:, None], cfg.correctness, ep.cont_logits)
+        bmacs = budgets[:, None] * 1e9
+        results = result_of(cfg, lam, correct, ep.cont_macs, bmacs, ep.cont_token_ratio)
+        baseline = result_of(
+            cfg,
+            lam,
+            reward.correctness(full_pred, y, full_pred, cfg.correctness, full),
+            torch.full((b,), selector.table.full_macs, dtype=torch.float64),
+            budgets * 1e9,
+            torch.ones(b),
+        )
+        rewards = reward.rtg_rewards(results, baseline)
+        values = policy.value(ep.obs.view(b * S, -1)).view(b, S)
+        adv, ret = ppo.gae_episodes(rewards, values, cfg.gamma, cfg.gae_lambda)
+    buffer.add(
+        ep.obs.view(b * S, -1),
+        ep.actions.view(b * S, -1),
+        [m.view(b * S, -1) for m in ep.masks],
+        active[None].expand(b, S, -1).reshape(b * S, -1),
+        ep.logp.view(b * S),
+        adv.view(b * S),
+        ret.view(b * S),
+    )
+    return ep, preds, results, budgets
+
+
 def train_selector(
     meta: MetaViT,
     cfg: SelectorConfig,
@@ -119,7 +175,6 @@ def train_selector(
     from ``cfg`` by the caller (default: made here). ``resume``: such a state; training
     continues after its iteration exactly as it would have without the interruption."""
     t_start = time.perf_counter()
-    dev = device_of(meta)  # rollouts and completions run there; the policy and PPO on the CPU
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     meta.eval()
@@ -127,14 +182,7 @@ def train_selector(
     selector.check_budget(budget_gflops)
     if resume is not None:
         check_resumable(resume, cfg, budget_gflops)
-    start_schedule = None
-    if cfg.warm_start > 0 and resume is None:
-        images = (train[0][: cfg.static_images], train[1][: cfg.static_images])
-        found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta,
-                                     max(cfg.batch_size, 256))
-        if found is not None:
-            start_schedule = found.best
-            static.warm_start(selector, start_schedule, cfg.warm_start)
+    start_schedule = _warm_start(meta, selector, cfg, budget_gflops, train) if cfg.warm_start > 0 and resume is None else None
     policy = selector.policy
     actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
@@ -174,36 +222,7 @@ def train_selector(
     for it in bar:
         idx = torch.randperm(xs.shape[0], generator=gen)[: cfg.rollout_images]
         x, y = xs[idx], ys[idx]
-        b = x.shape[0]
-        budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, lo, hi, gen)
-        with torch.no_grad():
-            full = full_logits(meta, x, cfg.amp)
-            full_pred = full.argmax(dim=-1)
-            ep = selector.run(meta, x.to(dev), budgets, greedy=False, generator=gen, rtg=True, amp=cfg.amp)
-            preds = ep.cont_logits.argmax(dim=-1)  # (B, S)
-            correct = reward.correctness(preds, y[:, None], full_pred[:, None], cfg.correctness, ep.cont_logits)
-            bmacs = budgets[:, None] * 1e9
-            results = result_of(cfg, lam, correct, ep.cont_macs, bmacs, ep.cont_token_ratio)
-            baseline = result_of(
-                cfg,
-                lam,
-                reward.correctness(full_pred, y, full_pred, cfg.correctness, full),
-                torch.full((b,), selector.table.full_macs, dtype=torch.float64),
-                budgets * 1e9,
-                torch.ones(b),
-            )
-            rewards = reward.rtg_rewards(results, baseline)
-            values = policy.value(ep.obs.view(b * S, -1)).view(b, S)
-            adv, ret = ppo.gae_episodes(rewards, values, cfg.gamma, cfg.gae_lambda)
-        buffer.add(
-            ep.obs.view(b * S, -1),
-            ep.actions.view(b * S, -1),
-            [m.view(b * S, -1) for m in ep.masks],
-            active[None].expand(b, S, -1).reshape(b * S, -1),
-            ep.logp.view(b * S),
-            adv.view(b * S),
-            ret.view(b * S),
-        )
+        ep, preds, results, budgets = _rollout(meta, selector, cfg, budget_gflops, lam, x, y, lo, hi, active, buffer, gen)
         stats = ppo.update(policy, actor_opt, critic_opt, buffer, settings, gen)
         use = float((ep.macs / (budgets * 1e9)).mean())
         if cfg.reward_form == "constrained":
