@@ -1,23 +1,28 @@
 """DeiT-style optimisation: AdamW without weight decay on norms, biases and embeddings
-(timm's convention), linear warm-up then cosine decay, per step."""
+(timm's ``param_groups_weight_decay``), linear warm-up then cosine decay, per step.
+
+The schedule stays a closed form here rather than timm's ``CosineLRScheduler``: timm's
+warm-up starts from ``warmup_lr_init`` and its step count includes the warm-up unless
+``warmup_prefix``, so it would not reproduce the learning rates the shipped checkpoint was
+trained with, and a resumed run needs only ``lr_at(step)``, no scheduler state."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token")
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over timm's weight-decay groups (no decay on 1-D parameters, biases and the
+    named embeddings), the decaying group first, as checkpoints written before store it."""
+    names = [n for n, _ in model.named_parameters() if n.split(".")[-1] in NO_DECAY_NAMES]
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=names)
+    groups.sort(key=lambda g: -g["weight_decay"])
     return torch.optim.AdamW(groups, lr=lr)
 
 
