@@ -29,7 +29,12 @@ DENSE = "dense"
 
 
 @dataclass(frozen=True)
-class Combo:
+class BudgetStrategy:
+    """One sweep strategy at one budget. ``SweepPlan.combos`` holds one per budget x
+    strategy cell, reachable or not; ``SweepPlan.schedule`` holds one per *trial* (the dense
+    trial first, a selector cell once per ``trials_per_combo``), so the same cell may stand
+    there several times."""
+
     method: str  # dense | training_free | static | selector
     strategy: str  # the sweep's name: dense, free_prune, prune, ...
     token_strategy: str  # none, prune, merge, prune_merge, ppt
@@ -55,11 +60,11 @@ class SweepPlan:
     model: str
     dense_gflops: float
     budgets: dict[str, float]  # as written -> GFLOPs
-    combos: list[Combo]  # every budget x strategy, reachable or not (not dense)
-    schedule: list[Combo] = field(default_factory=list)  # trial number -> combo
+    combos: list[BudgetStrategy]  # every budget x strategy, reachable or not (not dense)
+    schedule: list[BudgetStrategy] = field(default_factory=list)  # trial number -> combo
 
     @property
-    def unreachable(self) -> list[Combo]:
+    def unreachable(self) -> list[BudgetStrategy]:
         return [c for c in self.combos if not c.reachable]
 
     def counts(self) -> dict[str, int]:
@@ -150,7 +155,7 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
                 f"reaches on {header.get('model', 'this model')}: the lowest is {floor:.4g} GFLOPs ({100 * floor / dense:.1f}%, {best})"
             )
 
-    combos: list[Combo] = []
+    combos: list[BudgetStrategy] = []
     for text, g in budgets.items():
         for name in cfg.strategies:
             method, token = SWEEP_STRATEGIES[name]
@@ -160,10 +165,10 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             if ok and method == "training_free":
                 c = calibrate(StrategyConfig(token), model.arch, g)
                 param = f"{'r' if c.config.r is not None else 'keep'}={c.config.param_value:.4g}"
-            combos.append(Combo(method, name, token, text, g, ok, note, param))
+            combos.append(BudgetStrategy(method, name, token, text, g, ok, note, param))
 
     plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
-    plan.schedule = [Combo("dense", DENSE, "none", "100%", dense)]
+    plan.schedule = [BudgetStrategy("dense", DENSE, "none", "100%", dense)]
     plan.schedule += [c for c in combos if c.reachable and c.method == "training_free"]
     plan.schedule += [c for c in combos if c.reachable and c.method == "static"]
     selector = [c for c in combos if c.reachable and c.method == "selector"]

@@ -39,7 +39,7 @@ class DefineByRun:
     combos, the suggested hyper-parameters (captured by OptunaSearch)."""
 
     def __init__(self, schedule: list[dict], space: dict[str, dict], fixed: dict[str, Any]):
-        self.schedule = schedule  # Combo.as_config() per trial number
+        self.schedule = schedule  # BudgetStrategy.as_config() per trial number
         self.space = space  # name -> ParamSpace.model_dump()
         self.fixed = fixed  # the selector settings every trial shares (for `when` on fixed keys)
 
