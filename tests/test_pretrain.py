@@ -252,6 +252,8 @@ def test_resume_with_another_architecture_is_refused(smoke_run):
         (["--preset", "smoke", "--set", "dataset=imagefolder:/nonexistent"], "does not exist"),
         (["--preset", "smoke", "--num-workers", "8"], "the cluster has"),
         (["--preset", "smoke", "--set", "epoch=1"], "unknown key"),
+        (["--preset", "smoke", "--set", "init_from=/nonexistent.safetensors"], "not found"),
+        (["--preset", "smoke", "--set", "init_from=checkpoints/prance_vit_fmnist.safetensors"], "is a prance_vit_fmnist"),
     ],
 )
 def test_bad_input_is_one_line_before_training(tmp_path, args, message):
@@ -261,3 +263,27 @@ def test_bad_input_is_one_line_before_training(tmp_path, args, message):
     assert lines[-1].startswith("pretrain: error:") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("*/checkpoint_*"))
+
+
+@pytest.mark.slow
+def test_init_from_starts_the_run_from_the_given_weights(tmp_path):
+    """``init_from`` (OFA-style shrinking): the run starts from the checkpoint's weights,
+    not from the seeded initialisation; with a vanishing learning rate they come back."""
+    from prance.checkpoint import save_checkpoint
+
+    torch.manual_seed(123)  # not the run's seed: a fresh initialisation would differ
+    start = create_meta("prance_vit_micro")
+    init = save_checkpoint(tmp_path / "start.safetensors", start, "prance_vit_micro")
+    proc = _run("--preset", "smoke", "--storage", str(tmp_path / "runs"), "--num-workers", "1", "--epochs", "1",
+                "--set", f"init_from={init}", "--set", "lr=1e-12", "--set", "min_lr=0", "--set", "weight_decay=0",
+                "--set", "best_by=top1_sandwich")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained, header = load_checkpoint(tmp_path / "runs" / "smoke" / "best.safetensors")
+    assert header["info"]["config"]["init_from"] == str(init)
+    assert "top1_sandwich" in header["info"]["metrics"]
+    torch.manual_seed(0)
+    fresh = create_meta("prance_vit_micro").vit.state_dict()
+    got = trained.vit.state_dict()
+    for name, value in start.vit.state_dict().items():
+        assert torch.allclose(got[name], value, atol=1e-6), name
+    assert any(not torch.allclose(got[k], fresh[k]) for k in got)

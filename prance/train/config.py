@@ -40,6 +40,7 @@ class PretrainConfig(Strict):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False  # start from timm's weights (needs internet)
     reorder: bool = False  # sort channels by importance first (useful for pretrained weights)
+    init_from: str | None = None  # a prance checkpoint of the same model whose weights start the run (OFA-style shrinking)
     dataset: str = "fashion-mnist"
     train_limit: int | None = Field(default=None, ge=1)  # seeded subset of the train split
     holdout_fraction: float = Field(default=0.0, ge=0, lt=1)  # of the train split, never trained on (prance.data.pretrain_holdout)
@@ -72,6 +73,7 @@ class PretrainConfig(Strict):
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
     seed: int = 0
     keep_checkpoints: int = Field(default=2, ge=1)
+    best_by: Literal["top1_largest", "top1_sandwich"] = "top1_largest"  # sandwich: mean of largest and smallest
     max_failures: int = Field(default=2, ge=0)
     storage: str = "runs/pretrain"  # local folder or s3://, gs://, an NFS path
     name: str = "default"

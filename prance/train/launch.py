@@ -4,6 +4,7 @@ a Ray Train ``TorchTrainer``, and exports the best checkpoint."""
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,6 @@ def latest_good(checkpoints: list[Path]) -> Path:
     """The newest checkpoint folder whose files read back whole (a node lost while writing
     one, a truncated copy): older ones are fallen back to with a warning naming what was
     skipped and why; PranceError when none reads."""
-    import sys
 
     from prance.checkpoint import load_state, verify_safetensors
 
@@ -74,6 +74,32 @@ def run_dir_of(cfg: PretrainConfig) -> Path:
     return run_dir
 
 
+def _arch(name, kwargs) -> str:
+    return f"{name}{kwargs}" if kwargs else f"{name}"
+
+
+def _same_architecture(header: dict, cfg: PretrainConfig) -> bool:
+    return header.get("model") == cfg.model and header.get("model_kwargs", {}) == cfg.model_kwargs
+
+
+def _check_init_from(cfg: PretrainConfig) -> None:
+    """``init_from`` must be a prance checkpoint of the configured model; a warning when it
+    was trained on the images this run holds out (they no longer validate cleanly)."""
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise PranceError(f"init_from: checkpoint {path} not found")
+    header = read_header(path)
+    if not _same_architecture(header, cfg):
+        raise PranceError(
+            f"init_from: {path} is a {_arch(header.get('model'), header.get('model_kwargs'))}, "
+            f"the config asks for {_arch(cfg.model, cfg.model_kwargs)}"
+        )
+    seen = header.get("info", {}).get("config", {}).get("holdout_fraction", 0.0)
+    if cfg.holdout_fraction and seen < cfg.holdout_fraction:
+        print(f"warning: {path} was trained on (some of) the {cfg.holdout_fraction:.0%} hold-out this run keeps out: "
+              "validation on those images will be optimistic (test-split numbers stay clean)", file=sys.stderr, flush=True)
+
+
 def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
     """Everything that can be checked before Ray starts; returns the checkpoint to resume."""
     from prance.data import build_dataset, input_spec_for_model
@@ -81,6 +107,8 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
 
     vit = create_vit(cfg.model, pretrained=False, **cfg.model_kwargs)  # unknown model -> PranceError
     build_dataset(cfg.dataset, "test", input_spec_for_model(vit))  # missing dataset -> PranceError
+    if cfg.init_from and not resume:
+        _check_init_from(cfg)
     if is_remote(cfg.storage):
         return None  # Ray Train restores runs on remote storage itself
     run_dir = local_path(cfg.storage) / cfg.name
@@ -93,13 +121,10 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
         raise PranceError(f"nothing to resume: no checkpoint in {run_dir}")
     latest = latest_good(existing)
     header = read_header(latest / MODEL_FILE)
-    if header.get("model") != cfg.model or header.get("model_kwargs", {}) != cfg.model_kwargs:
-        def arch(name, kwargs):
-            return f"{name}{kwargs}" if kwargs else f"{name}"
-
+    if not _same_architecture(header, cfg):
         raise PranceError(
-            f"cannot resume {run_dir}: its checkpoint is a {arch(header.get('model'), header.get('model_kwargs'))}, "
-            f"the config asks for {arch(cfg.model, cfg.model_kwargs)}"
+            f"cannot resume {run_dir}: its checkpoint is a {_arch(header.get('model'), header.get('model_kwargs'))}, "
+            f"the config asks for {_arch(cfg.model, cfg.model_kwargs)}"
         )
     return latest
 
@@ -128,6 +153,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     resume_from = check_inputs(cfg, resume)
+    if cfg.init_from:  # workers may run in another folder
+        cfg = cfg.model_copy(update={"init_from": str(Path(cfg.init_from).resolve())})
     storage = absolute(cfg.storage)
     run_dir = Path(storage) / cfg.name
     local_store = storage if not is_remote(storage) else str(Path("runs").resolve())
@@ -165,7 +192,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             name=cfg.name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="top1_largest", checkpoint_score_order="max"
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.best_by, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -173,7 +200,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     ok = False
     try:
         result = trainer.fit()
-        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("top1_largest", -1)) if result.best_checkpoints else None
+        best = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.best_by, -1)) if result.best_checkpoints else None
         if best is None:
             raise PranceError("training finished without a checkpoint")
         checkpoint, metrics = best

@@ -102,6 +102,9 @@ def train_loop_per_worker(config: dict) -> None:
             model.vit.load_state_dict(restored.vit.state_dict())
             state = load_train_state(folder)
             optimizer_state, start_epoch, step = state["optimizer"], state["epoch"] + 1, state["step"]
+    elif cfg.init_from:  # checked by launch.check_inputs: same architecture
+        restored, _ = load_checkpoint(cfg.init_from)
+        model.vit.load_state_dict(restored.vit.state_dict())
     elif cfg.reorder:
         reorder_by_importance(model.vit)
     model.train()
@@ -185,6 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
             "loss": loss_sum / max(1, n_steps),
             "top1_largest": top1["largest"],
             "top1_smallest": top1["smallest"],
+            "top1_sandwich": (top1["largest"] + top1["smallest"]) / 2,
             "images_per_s": n_img * world / train_seconds,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": epoch_times[-1],
