@@ -2,6 +2,9 @@
 the best static configuration"). On an otherwise idle machine:
 
     .venv/bin/python scripts/bench_static.py [--budgets 25% 35% 45%] [--iterations 20]
+    .venv/bin/python scripts/bench_static.py --checkpoint checkpoints/prance_vit_fmnist_supernet.safetensors \
+        --rollouts-from train_holdout --val-limit 2000 --train-limit 4000 \
+        --output docs/results/bench_static_supernet_cpu.json
 
 For each budget, on the shipped meta-network and the selector's image split (validation
 images for every choice, held-out test images for every reported number):
@@ -47,10 +50,17 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--merge-spread", choices=["true", "false"], default="true",
                     help="merge / prune_merge selectors merge in every block (the default sweep's setting) or once per stage")
+    ap.add_argument("--checkpoint", default=SelectorConfig().checkpoint)
+    ap.add_argument("--rollouts-from", choices=["holdout", "train_holdout"], default="holdout",
+                    help="train_holdout: validation and rollouts on the checkpoint's held-out train images, the whole test split for numbers")
+    ap.add_argument("--val-limit", type=int, default=SelectorConfig().val_limit)
+    ap.add_argument("--train-limit", type=int, default=SelectorConfig().train_limit)
     ap.add_argument("--output", default=str(ROOT / "docs" / "results" / "bench_static_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    base = SelectorConfig(iterations=args.iterations, test_limit=100_000, merge_spread=args.merge_spread == "true")  # test: every image left after val and rollouts
+    base = SelectorConfig(checkpoint=args.checkpoint, rollouts_from=args.rollouts_from, val_limit=args.val_limit,
+                          train_limit=args.train_limit, iterations=args.iterations, test_limit=100_000,
+                          merge_spread=args.merge_spread == "true")  # test: every image left after val and rollouts
     meta, _ = load_checkpoint(base.checkpoint)
     meta.eval()
     data = load_data(meta, base)
@@ -86,6 +96,8 @@ def main() -> None:
         "command": "python scripts/bench_static.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "checkpoint": base.checkpoint,
+        "rollouts_from": base.rollouts_from,
         "merge_spread": base.merge_spread,
         "images": {"val": int(data["val"][1].shape[0]), "rollouts": int(data["train"][1].shape[0]), "test": int(data["test"][1].shape[0])},
         "rows": rows,

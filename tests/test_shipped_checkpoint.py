@@ -1,5 +1,6 @@
-"""The default meta-network shipped in checkpoints/: it loads, and its Top-1 on the fixed
-test subset is what the record beside it says (so the record was made from this file)."""
+"""The meta-networks shipped in checkpoints/ (the default and the supernet): each loads,
+and its Top-1 on the fixed test subset is what the record beside it says (so the record
+was made from this file)."""
 
 import json
 from pathlib import Path
@@ -10,13 +11,16 @@ from prance.checkpoint import load_checkpoint
 from prance.data import build_dataset, input_spec_for_model, seeded_subset
 from prance.train.export import subnet_top1
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "prance_vit_fmnist.safetensors"
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
-@pytest.mark.skipif(not CHECKPOINT.is_file(), reason="the default checkpoint has not been shipped yet")
-def test_shipped_checkpoint_matches_its_record():
-    record = json.loads(CHECKPOINT.with_suffix(".json").read_text())
-    model, header = load_checkpoint(CHECKPOINT)
+@pytest.mark.parametrize("name", ["prance_vit_fmnist", "prance_vit_fmnist_supernet"])
+def test_shipped_checkpoint_matches_its_record(name):
+    checkpoint = SHIPPED / f"{name}.safetensors"
+    if not checkpoint.is_file():
+        pytest.skip(f"{checkpoint.name} has not been shipped yet")
+    record = json.loads(checkpoint.with_suffix(".json").read_text())
+    model, header = load_checkpoint(checkpoint)
     assert header["model"] == record["model"] == "prance_vit_fmnist"
     fixed = record["fixed_subset"]
     test = build_dataset("fashion-mnist", "test", input_spec_for_model(model.vit))
