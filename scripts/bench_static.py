@@ -45,16 +45,17 @@ SELECTORS = ("prune", "merge", "prune_merge")
 
 
 def main() -> None:
+    defaults = SelectorConfig()
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", nargs="+", default=["25%", "35%", "45%"])
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--merge-spread", choices=["true", "false"], default="true",
                     help="merge / prune_merge selectors merge in every block (the default sweep's setting) or once per stage")
-    ap.add_argument("--checkpoint", default=SelectorConfig().checkpoint)
+    ap.add_argument("--checkpoint", default=defaults.checkpoint)
     ap.add_argument("--rollouts-from", choices=["holdout", "train_holdout"], default="holdout",
                     help="train_holdout: validation and rollouts on the checkpoint's held-out train images, the whole test split for numbers")
-    ap.add_argument("--val-limit", type=int, default=SelectorConfig().val_limit)
-    ap.add_argument("--train-limit", type=int, default=SelectorConfig().train_limit)
+    ap.add_argument("--val-limit", type=int, default=defaults.val_limit)
+    ap.add_argument("--train-limit", type=int, default=defaults.train_limit)
     ap.add_argument("--output", default=str(ROOT / "docs" / "results" / "bench_static_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

@@ -4,8 +4,8 @@ a Ray Train ``TorchTrainer``, and exports the best checkpoint."""
 from __future__ import annotations
 
 import json
-import sys
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +78,11 @@ def _arch(name, kwargs) -> str:
     return f"{name}{kwargs}" if kwargs else f"{name}"
 
 
-def _same_architecture(header: dict, cfg: PretrainConfig) -> bool:
-    return header.get("model") == cfg.model and header.get("model_kwargs", {}) == cfg.model_kwargs
+def _check_architecture(header: dict, cfg: PretrainConfig, what: str) -> None:
+    """PranceError naming ``what`` when the checkpoint behind ``header`` is another model."""
+    if header.get("model") != cfg.model or header.get("model_kwargs", {}) != cfg.model_kwargs:
+        raise PranceError(f"{what} is a {_arch(header.get('model'), header.get('model_kwargs'))}, "
+                          f"the config asks for {_arch(cfg.model, cfg.model_kwargs)}")
 
 
 def _check_init_from(cfg: PretrainConfig) -> None:
@@ -89,11 +92,7 @@ def _check_init_from(cfg: PretrainConfig) -> None:
     if not path.is_file():
         raise PranceError(f"init_from: checkpoint {path} not found")
     header = read_header(path)
-    if not _same_architecture(header, cfg):
-        raise PranceError(
-            f"init_from: {path} is a {_arch(header.get('model'), header.get('model_kwargs'))}, "
-            f"the config asks for {_arch(cfg.model, cfg.model_kwargs)}"
-        )
+    _check_architecture(header, cfg, f"init_from: {path}")
     seen = header.get("info", {}).get("config", {}).get("holdout_fraction", 0.0)
     if cfg.holdout_fraction and seen < cfg.holdout_fraction:
         print(f"warning: {path} was trained on (some of) the {cfg.holdout_fraction:.0%} hold-out this run keeps out: "
@@ -120,12 +119,7 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
     if not existing:
         raise PranceError(f"nothing to resume: no checkpoint in {run_dir}")
     latest = latest_good(existing)
-    header = read_header(latest / MODEL_FILE)
-    if not _same_architecture(header, cfg):
-        raise PranceError(
-            f"cannot resume {run_dir}: its checkpoint is a {_arch(header.get('model'), header.get('model_kwargs'))}, "
-            f"the config asks for {_arch(cfg.model, cfg.model_kwargs)}"
-        )
+    _check_architecture(read_header(latest / MODEL_FILE), cfg, f"cannot resume {run_dir}: its checkpoint")
     return latest
 
 
