@@ -294,6 +294,10 @@ def test_interrupted_training_resumes_where_it_stopped(micro_checkpoint, tmp_pat
     assert {k: resumed.get(k) for k in final_keys} == {k: final.get(k) for k in final_keys}
     a, b = load_file(str(tmp_path / "whole" / SELECTOR_FILE)), load_file(str(tmp_path / "cut" / SELECTOR_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from prance.selector.store import read_selector_header
+
+    # the run's action space was anchored at a static configuration, and resuming rebuilt it
+    assert read_selector_header(tmp_path / "cut" / SELECTOR_FILE)["actions"]["anchor"]["name"] == "merge"
 
     # a truncated training state is refused in one line, never unpickled into garbage
     state = tmp_path / "cut" / STATE_FILE

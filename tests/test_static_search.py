@@ -1,6 +1,6 @@
 """The static baselines: successive halving, the search over sub-network widths x
 calibrated token strategies against brute force, and the selector's warm start from the
-best static schedule of its own action space."""
+best static schedule of its own action space, anchored at the best static configuration."""
 
 from __future__ import annotations
 
@@ -104,11 +104,70 @@ def test_warm_started_selector_runs_the_static_schedule_on_every_image(micro, im
     assert torch.allclose(ep.logits, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["prune", "merge", "prune_merge"])
+def test_anchored_selector_runs_the_best_static_configuration_exactly(micro, images, strategy):
+    """The anchor is the best static configuration of the selector's strategy at the
+    budget less the selector's own cost; warm started at it, the selector runs exactly
+    that configuration on every image (same logits), within the budget."""
+    make = lambda anchor: Selector.create(micro, strategy, [1, 2, 3], hidden=16, seed=2, anchor=anchor)  # noqa: E731
+    plain = make(None)
+    budget = 0.6 * plain.full_gflops()
+    sel, sched, found = static.find_anchor(micro, make, budget, images, first_images=len(images[1]))
+    assert sel.actions.anchor == found.best.strategy and sched.label == f"static {found.best.describe()}"
+    margin = plain.overhead_macs + flops.embed_macs(micro.arch, micro.arch.embed_dim) - flops.embed_macs(micro.arch, min(micro.space.embed))
+    exhaustive = static_search.search(micro, budget - margin / 1e9, images, [strategy], first_images=len(images[1]))
+    assert found.best.describe() == exhaustive.best.describe() and found.top1 == exhaustive.top1
+    assert sched.subnet == found.best.subnet and sched.macs <= budget * 1e9
+    static.warm_start(sel, sched, 8.0)
+    ep = sel.run(micro, images[0], budget)
+    assert torch.equal(ep.actions, torch.tensor(sched.indices).expand_as(ep.actions))
+    with torch.no_grad():
+        ref = micro(images[0], found.best.subnet, found.best.plan)
+    assert torch.allclose(ep.logits, ref, atol=1e-4)
+    assert torch.allclose(ep.macs, torch.full_like(ep.macs, sched.macs))
+    # the grid schedules of the anchored space are still there, with the grid's choice
+    assert all(idx[-1] == 0 for c in static.schedules(sel, budget) for idx in c.indices)
+
+
+def test_anchored_selector_survives_save_and_load(micro, images, tmp_path):
+    from prance.selector.store import load_selector, save_selector
+
+    make = lambda anchor: Selector.create(micro, "merge", [1, 2, 3], hidden=16, anchor=anchor)  # noqa: E731
+    sel, sched, _ = static.find_anchor(micro, make, 0.6 * make(None).full_gflops(), images, first_images=16)
+    static.warm_start(sel, sched, 8.0)
+    save_selector(tmp_path / "s.safetensors", sel)
+    back, header = load_selector(tmp_path / "s.safetensors", micro)
+    assert back.actions.anchor == sel.actions.anchor and header["actions"]["anchor"]["name"] == "merge"
+    budget = sched.gflops
+    assert torch.equal(back.run(micro, images[0], budget).logits, sel.run(micro, images[0], budget).logits)
+
+
+def test_training_that_does_not_beat_the_anchored_warm_start_returns_it(micro, images):
+    """As below, with the default anchored warm start: the kept selector is the warm
+    start, which is the static configuration when that ranks best."""
+    cfg = SelectorConfig(strategy="merge", decision_blocks=[1, 2, 3], hidden=16, iterations=2, rollout_images=32,
+                         minibatch=16, ppo_epochs=2, eval_every=1, actor_lr=0.05, warm_start=6.0, static_first_images=60)
+    plain = Selector.for_config(micro, cfg)
+    budget = 0.6 * plain.full_gflops()
+    sel, sched, _ = static.find_anchor(micro, lambda a: Selector.for_config(micro, cfg, a), budget, images, first_images=60)
+    found = static.best_schedule(micro, sel, budget, images, first_images=60, extra=[sched])
+    x, _ = images
+    with torch.no_grad():
+        y_val = micro(x, found.best.subnet, found.best.plan).argmax(-1)
+    result = train_selector(micro, cfg, budget, images, (x, y_val), progress=False, selector=plain)
+    assert result.selector.actions.anchor == sel.actions.anchor
+    assert result.best["iteration"] == 0 and result.best["top1"] == 100.0
+    assert result.best["warm_start"] == found.best.describe()
+    ep = result.selector.run(micro, x, budget)
+    assert torch.equal(ep.actions, torch.tensor(found.best.indices).expand_as(ep.actions))
+
+
 def test_training_that_does_not_beat_the_warm_start_returns_it(micro, images):
     """Validation labels are the warm start's own predictions: it scores 100%, so no
     trained policy can beat it and the warm start must come back unchanged."""
     cfg = SelectorConfig(strategy="merge", decision_blocks=[1, 2, 3], hidden=16, iterations=2, rollout_images=32,
-                         minibatch=16, ppo_epochs=2, eval_every=1, actor_lr=0.05, warm_start=6.0, static_first_images=60)
+                         minibatch=16, ppo_epochs=2, eval_every=1, actor_lr=0.05, warm_start=6.0, static_first_images=60,
+                         static_anchor=False)
     sel = Selector.for_config(micro, cfg)
     budget = 0.6 * sel.full_gflops()
     found = static.best_schedule(micro, Selector.for_config(micro, cfg), budget, images, first_images=60)

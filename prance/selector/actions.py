@@ -29,7 +29,7 @@ from prance.errors import PranceError
 from prance.models.arch import ArchSpec
 from prance.models.subnet import SubNet, SubnetSpace
 from prance.tokens.merge import merge_keep_op
-from prance.tokens.strategies import REGISTRY, SELECTOR_STRATEGIES
+from prance.tokens.strategies import REGISTRY, SELECTOR_STRATEGIES, StrategyConfig, build_plan
 from prance.tokens.prune import prune_op
 from prance.tokens.state import TokenOp, TokenPlan, chain
 
@@ -51,6 +51,7 @@ class StageDecision:
     mlp: int
     embed: int
     keeps: tuple[float, ...]
+    static: bool = False  # the anchor plan's token operations instead of ``keeps``
 
 
 class ActionSpace:
@@ -64,6 +65,7 @@ class ActionSpace:
         decision_blocks: list[int] | tuple[int, ...],
         joint_widths: bool = True,
         merge_spread: bool = False,
+        anchor: StrategyConfig | None = None,
     ):
         if strategy not in SELECTOR_STRATEGIES:
             raise PranceError(f"the selector supports strategies {', '.join(SELECTOR_STRATEGIES)}; got {strategy!r}")
@@ -86,6 +88,13 @@ class ActionSpace:
         self.num_width_dims = len(widths)
         self.dims: tuple[Dim, ...] = (*widths, *keep_dims)
         self.num_keep_dims = len(keep_dims)
+        self.anchor = anchor
+        self.anchor_plan = None
+        if anchor is not None:
+            if anchor.name != strategy:
+                raise PranceError(f"the anchor of a {strategy!r} selector must be a {strategy!r} configuration, got {anchor.name!r}")
+            self.anchor_plan = build_plan(anchor, arch)
+            self.dims = (*self.dims, Dim("static", (False, True)))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -113,14 +122,17 @@ class ActionSpace:
 
     def decision(self, idx: tuple[int, ...] | list[int]) -> StageDecision:
         vals = [d.choices[int(i)] for d, i in zip(self.dims, idx)]
+        static = bool(vals.pop()) if self.anchor is not None else False
         if self.joint:
             vals = [*vals[0], *vals[1:]]
-        return StageDecision(vals[0], vals[1], vals[2], tuple(vals[3:]))
+        return StageDecision(vals[0], vals[1], vals[2], tuple(vals[3:]), static)
 
     def stage_ops(self, stage: int, dec: StageDecision) -> list[TokenOp | None]:
         start, stop = self.stages[stage]
         ops: list[TokenOp | None] = [None] * (stop - start)
         p = self.arch.num_prefix_tokens
+        if dec.static:
+            return list(self.anchor_plan.ops[start:stop])
         if self.merge_spread:
             # the stage's merge keep is spread over its blocks: each merges to keep**(1/L)
             # of the patches entering it, so the stage leaves about `keep` of them (ToMe-like)
@@ -158,7 +170,22 @@ class ActionSpace:
             "merge_spread": self.merge_spread,
             "stages": [list(s) for s in self.stages],
             "dims": {d.name: [list(c) if isinstance(c, tuple) else c for c in d.choices] for d in self.dims},
+            **({"anchor": anchor_dict(self.anchor)} if self.anchor is not None else {}),
         }
+
+
+def anchor_dict(cfg: StrategyConfig) -> dict:
+    """An anchor as plain JSON data (selector checkpoints store it; :func:`anchor_of` reads it)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+
+
+def anchor_of(data: dict | None) -> StrategyConfig | None:
+    if data is None:
+        return None
+    try:
+        return StrategyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in dict(data).items()})
+    except (TypeError, ValueError):
+        raise PranceError(f"not an anchor configuration: {data!r}") from None
 
 
 class CostTable:
@@ -185,7 +212,14 @@ class CostTable:
         dense = TokenPlan.dense(a.depth)
         decisions = [actions.decision(k) for k in combos]
         for t, (start, stop) in enumerate(actions.stages):
+            done: dict[tuple, int] = {}  # decisions that run the same operations (static ignores the keeps)
             for j, dec in enumerate(decisions):
+                key = (dec.heads, dec.mlp, dec.embed, None if dec.static else dec.keeps, dec.static)
+                if key in done:
+                    self.cost[t, :, j] = self.cost[t, :, done[key]]
+                    self.n_out[t, :, j] = self.n_out[t, :, done[key]]
+                    continue
+                done[key] = j
                 sub = SubNet((dec.heads,) * a.depth, (dec.mlp,) * a.depth, (dec.embed,) * a.depth)
                 ops = [None] * a.depth
                 ops[start:stop] = actions.stage_ops(t, dec)
@@ -207,7 +241,13 @@ class CostTable:
         # later block, no further token reduction (indexed by the tokens *leaving* stage t)
         self.cont_rest = torch.zeros(S, n0 + 1, c, dtype=torch.float64)
         for t, (_, stop) in enumerate(actions.stages[:-1]):
+            done = {}  # the continuation depends on the widths only
             for j, dec in enumerate(decisions):
+                key = (dec.heads, dec.mlp, dec.embed)
+                if key in done:
+                    self.cont_rest[t, :, j] = self.cont_rest[t, :, done[key]]
+                    continue
+                done[key] = j
                 sub = SubNet((dec.heads,) * a.depth, (dec.mlp,) * a.depth, (dec.embed,) * a.depth)
                 for n in range(a.num_prefix_tokens + 1, n0 + 1):
                     macs, _ = flops.span_macs(a, sub, dense, stop, a.depth, n)

@@ -49,6 +49,7 @@ class SelectorConfig(Strict):
     static_first_images: int = Field(default=64, ge=1)  # warm-start search: rollout images every static schedule is scored on first
     static_eta: int = Field(default=3, ge=2)  # warm-start search: successive-halving factor
     static_images: int = Field(default=2048, ge=1)  # warm-start search: rollout images it ranks on, at most
+    static_anchor: bool = True  # warm start: also the best static configuration of the strategy, its token plan added as a per-stage choice
 
     # reward
     reward_form: Literal["penalty", "constrained"] = "penalty"

@@ -20,6 +20,7 @@ from prance.selector import execute
 from prance.selector.actions import ActionSpace, CostTable
 from prance.selector.features import obs_dim, stage_slice
 from prance.selector.policy import ActorCritic
+from prance.tokens.strategies import StrategyConfig
 
 
 def meta_fingerprint(meta: MetaViT) -> str:
@@ -41,18 +42,20 @@ class Selector:
     @classmethod
     def create(
         cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None,
-        merge_spread: bool = False,
+        merge_spread: bool = False, anchor: StrategyConfig | None = None,
     ) -> "Selector":
-        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths, merge_spread)
+        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths, merge_spread, anchor)
         torch.manual_seed(seed)
         e, n_st = meta.arch.embed_dim, actions.num_stages
         policy = ActorCritic(obs_dim(e, n_st), actions.sizes, hidden, stage_slice(e, n_st))
         return cls(policy, actions, CostTable(actions), fingerprint or meta_fingerprint(meta))
 
     @classmethod
-    def for_config(cls, meta: MetaViT, cfg) -> "Selector":
-        """A fresh selector as a :class:`prance.selector.config.SelectorConfig` describes it."""
-        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, merge_spread=cfg.merge_spread)
+    def for_config(cls, meta: MetaViT, cfg, anchor: StrategyConfig | None = None, fingerprint: str | None = None) -> "Selector":
+        """A fresh selector as a :class:`prance.selector.config.SelectorConfig` describes it
+        (``anchor``: see :class:`prance.selector.actions.ActionSpace`)."""
+        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, fingerprint,
+                          merge_spread=cfg.merge_spread, anchor=anchor)
 
     @property
     def overhead_macs(self) -> int:

@@ -1,6 +1,14 @@
-"""The selector's warm start: the best *static* schedule of its own action space at the
+"""The selector's warm start: the best *static* schedule of its action space at the
 budget -- the same decisions for every image -- found by successive halving
 (:func:`prance.static_search.rank`) on held-out images.
+
+With ``SelectorConfig.static_anchor`` (the default) the action space is first given an
+anchor: the best static configuration of the selector's own strategy
+(:func:`prance.static_search.search`, at the budget less what the selector itself costs),
+whose token plan becomes a per-stage choice; :func:`anchor_schedule` is that
+configuration as a schedule, a candidate for the warm start beside the grid schedules
+below. So the warm start is never worse (on the images it is ranked on) than the best
+static configuration of the strategy the selector is for.
 
 A static schedule picks a width level per stage and one keep choice applied at every
 stage after the first (for ``prune_merge``, one pair). Of those that fit the budget
@@ -24,7 +32,10 @@ from torch import Tensor
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet
 from prance.selector.selector import Selector
-from prance.static_search import SearchResult, rank
+from prance import flops
+from prance.errors import PranceError
+from prance.static_search import SearchResult, StaticConfig, num_levels, rank, search
+from prance.tokens.strategies import StrategyConfig
 from prance.tokens.state import TokenPlan
 
 
@@ -39,13 +50,14 @@ class Schedule:
     subnet: SubNet
     plan: TokenPlan
     macs: float  # per image, the selector's own cost included
+    label: str = ""  # what it is, where the indices do not say it (the anchor's static configuration)
 
     @property
     def gflops(self) -> float:
         return self.macs / 1e9
 
     def describe(self) -> str:
-        return " | ".join(",".join(map(str, idx)) for idx in self.indices)
+        return self.label or " | ".join(",".join(map(str, idx)) for idx in self.indices)
 
     def to_dict(self) -> dict:
         return {"indices": [list(i) for i in self.indices], "subnet": self.subnet.to_dict(), "gflops": self.gflops,
@@ -63,13 +75,74 @@ def _cost(selector: Selector, indices: list[tuple[int, ...]]) -> float:
     return total
 
 
+def anchor_schedule(selector: Selector, config: StaticConfig) -> Schedule | None:
+    """The static configuration ``config`` as a schedule of ``selector``'s anchored action
+    space (its width levels as width choices, the anchor's token operations in every
+    stage); None when the action space cannot express it (other stages, another anchor)."""
+    actions = selector.actions
+    space = actions.space
+    if actions.anchor_plan is None or actions.anchor.name != config.strategy.name:
+        return None
+    if [s for s, _ in actions.stages] != list(space.stage_starts):
+        return None
+    top = num_levels(space) - 1
+
+    def at(n: int, level: int) -> int:
+        return round(level * (n - 1) / top) if top else 0
+
+    w_dims = actions.num_width_dims
+    indices = []
+    for level in config.levels:
+        widths = (level,) if actions.joint else tuple(at(len(d.choices), level) for d in actions.dims[:w_dims])
+        keeps = tuple(actions.fixed_index(d) for d in range(w_dims, w_dims + actions.num_keep_dims))
+        indices.append((*widths, *keeps, 1))
+    sub, plan = actions.compose([actions.decision(i) for i in indices])
+    if sub != config.subnet or [op is None for op in plan.ops] != [op is None for op in config.plan.ops]:
+        return None
+    return Schedule(tuple(indices), sub, plan, _cost(selector, indices), f"static {config.describe()}")
+
+
+def find_anchor(
+    meta: MetaViT,
+    make: Callable[[StrategyConfig | None], Selector],
+    budget_gflops: float,
+    images: tuple[Tensor, Tensor],
+    first_images: int = 64,
+    eta: int = 3,
+    batch_size: int = 256,
+) -> tuple[Selector, Schedule, SearchResult] | None:
+    """The best static configuration of the selector's strategy that the selector can run
+    within ``budget_gflops`` -- its own cost included: its policy, and the patch embedding
+    at the full width it reads before it picks one -- as (the selector ``make(anchor)``
+    builds around it, its schedule, the search); None when no configuration fits or the
+    action space cannot express it. ``make(None)`` is the selector without an anchor."""
+    plain = make(None)
+    arch, space = meta.arch, meta.space
+    margin = plain.overhead_macs + flops.embed_macs(arch, arch.embed_dim) - flops.embed_macs(arch, min(space.embed))
+    for _ in range(3):  # the anchor's own dimension makes the policy a little dearer: re-search if it no longer fits
+        try:
+            found = search(meta, budget_gflops - margin / 1e9, images, [plain.actions.strategy], first_images=first_images,
+                           eta=eta, batch_size=batch_size)
+        except PranceError:
+            return None
+        selector = make(found.best.strategy)
+        sched = anchor_schedule(selector, found.best)
+        if sched is None:
+            return None
+        if sched.macs <= budget_gflops * 1e9 + 1e-6:
+            return selector, sched, found
+        margin += sched.macs - budget_gflops * 1e9
+    return None
+
+
 def schedules(selector: Selector, budget_gflops: float) -> list[Schedule]:
     """The maximal static schedules within the budget (see the module docstring)."""
     actions = selector.actions
     S = actions.num_stages
     w_dims = actions.num_width_dims
     width_sizes = actions.sizes[:w_dims]
-    keep_sizes = actions.sizes[w_dims:]
+    keep_sizes = actions.sizes[w_dims : w_dims + actions.num_keep_dims]
+    grid = (0,) if actions.anchor is not None else ()  # the keep grid, not the anchor's plan
     limit = budget_gflops * 1e9 + 1e-6
     per_stage_widths = list(itertools.product(*(range(n) for n in width_sizes)))
 
@@ -77,7 +150,7 @@ def schedules(selector: Selector, budget_gflops: float) -> list[Schedule]:
         out = []
         for t in range(S):
             on = actions.active(t)
-            out.append(tuple(widths[t]) + tuple(k if on[w_dims + d] else actions.fixed_index(w_dims + d) for d, k in enumerate(keep)))
+            out.append(tuple(widths[t]) + tuple(k if on[w_dims + d] else actions.fixed_index(w_dims + d) for d, k in enumerate(keep)) + grid)
         return out
 
     def fits(widths, keep) -> bool:
@@ -118,9 +191,11 @@ def best_schedule(
     eta: int = 3,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
+    extra: list[Schedule] = (),
 ) -> SearchResult | None:
-    """The best maximal static schedule by Top-1 on ``images``; None when none fits."""
-    cands = schedules(selector, budget_gflops)
+    """The best of the maximal static schedules and ``extra`` ones by Top-1 on
+    ``images``; None when none fits."""
+    cands = [*extra, *schedules(selector, budget_gflops)]
     if not cands:
         return None
     return rank(meta, cands, images, first_images, eta, batch_size, progress)

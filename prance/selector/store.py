@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from prance.errors import PranceError
 from prance.models.meta import MetaViT
+from prance.selector.actions import anchor_of
 from prance.selector.selector import Selector, meta_fingerprint
 
 SELECTOR_FILE = "selector.safetensors"  # the file name in run and trial folders
@@ -75,7 +76,7 @@ def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
     strategy = header["actions"]["strategy"]
     selector = Selector.create(
         meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found,
-        merge_spread=header["actions"].get("merge_spread", False),
+        merge_spread=header["actions"].get("merge_spread", False), anchor=anchor_of(header["actions"].get("anchor")),
     )
     if selector.actions.signature() != header["actions"]:
         raise PranceError(f"selector {path}: its action space does not match this meta-network's sub-network space")

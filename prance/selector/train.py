@@ -17,6 +17,7 @@ from prance.selector.config import SelectorConfig
 from prance.device import autocast_for, of as device_of
 from prance.models.meta import MetaViT
 from prance.selector import ppo, reward, static
+from prance.selector.actions import anchor_dict, anchor_of
 from prance.selector.selector import Selector, evaluate_selector
 
 
@@ -64,14 +65,14 @@ def _config_key(cfg: SelectorConfig) -> str:
 
 def training_state(cfg: SelectorConfig, budget_gflops: float, iteration: int, policy: dict, best_policy: dict | None,
                    best: dict | None, actor_opt, critic_opt, gen: torch.Generator, lam: float, history: list, start: dict,
-                   elapsed_s: float) -> dict:
+                   elapsed_s: float, anchor: dict | None = None) -> dict:
     """Everything PPO carries past ``iteration``: plain data and tensors (``weights_only``)."""
     return {
         "format": STATE_FORMAT, "config": _config_key(cfg), "budget_gflops": float(budget_gflops),
         "iteration": int(iteration), "policy": policy, "best_policy": best_policy, "best": best,
         "actor_opt": copy.deepcopy(actor_opt.state_dict()), "critic_opt": copy.deepcopy(critic_opt.state_dict()),
         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "lagrange": float(lam),
-        "history": list(history), "start": dict(start), "elapsed_s": float(elapsed_s),
+        "history": list(history), "start": dict(start), "elapsed_s": float(elapsed_s), "anchor": anchor,
     }
 
 
@@ -101,17 +102,26 @@ def sample_budgets(n: int, target: float, spread: float, lo: float, hi: float, g
 
 
 def _warm_start(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float,
-                train: tuple[Tensor, Tensor]):
-    """The best static schedule of the action space at the budget (on the first
-    ``static_images`` rollout images), with the policy's initial logits moved towards it;
-    None (and the policy untouched) when no schedule fits."""
+                train: tuple[Tensor, Tensor]) -> tuple[Selector, "static.Schedule | None"]:
+    """The best static schedule at the budget (on the first ``static_images`` rollout
+    images) -- with ``static_anchor``, of the action space anchored at the best static
+    configuration of the strategy, that configuration included (:mod:`prance.selector.static`)
+    -- and the selector (anchored or ``selector``) with its policy's initial logits moved
+    towards it; the schedule is None (and the policy untouched) when none fits."""
     images = (train[0][: cfg.static_images], train[1][: cfg.static_images])
-    found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta,
-                                 max(cfg.batch_size, 256))
+    batch = max(cfg.batch_size, 256)
+    extra = []
+    if cfg.static_anchor:
+        make = lambda anchor: selector if anchor is None else Selector.for_config(meta, cfg, anchor, selector.fingerprint)  # noqa: E731
+        anchored = static.find_anchor(meta, make, budget_gflops, images, cfg.static_first_images, cfg.static_eta, batch)
+        if anchored is not None:
+            selector, sched, _ = anchored
+            extra = [sched]
+    found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta, batch, extra=extra)
     if found is None:
-        return None
+        return selector, None
     static.warm_start(selector, found.best, cfg.warm_start)
-    return found.best
+    return selector, found.best
 
 
 def _rollout(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float, lam: float,
@@ -182,7 +192,12 @@ def train_selector(
     selector.check_budget(budget_gflops)
     if resume is not None:
         check_resumable(resume, cfg, budget_gflops)
-    start_schedule = _warm_start(meta, selector, cfg, budget_gflops, train) if cfg.warm_start > 0 and resume is None else None
+    start_schedule = None
+    if resume is not None and resume.get("anchor") is not None:  # the action space the state was trained in
+        selector = Selector.for_config(meta, cfg, anchor_of(resume["anchor"]), selector.fingerprint)
+    elif resume is None and cfg.warm_start > 0:
+        selector, start_schedule = _warm_start(meta, selector, cfg, budget_gflops, train)
+    anchor = anchor_dict(selector.actions.anchor) if selector.actions.anchor is not None else None
     policy = selector.policy
     actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
@@ -254,7 +269,7 @@ def train_selector(
                         "current_top1": metrics["top1"], "elapsed_s": metrics["elapsed_s"], "lagrange": lam}
                 current = copy.deepcopy(policy.state_dict())
                 state = training_state(cfg, budget_gflops, it, current, best_state, best, actor_opt, critic_opt, gen, lam,
-                                       history, start, time.perf_counter() - t_start)
+                                       history, start, time.perf_counter() - t_start, anchor)
                 policy.load_state_dict(best_state)
                 callback(kept, selector, state)
                 policy.load_state_dict(current)
