@@ -79,6 +79,18 @@ def test_presets_and_config_errors():
             load_config(SweepConfig, "sweep", "tiny", overrides)
 
 
+def test_default_plan_has_static_rows_at_every_budget_and_needs_tokens_at_the_lowest_two():
+    """Issue 11: the default sweep sets the selectors beside the static baselines at every
+    budget, at budgets where the smallest sub-network alone does not fit (the lowest two)."""
+    default = load_config(SweepConfig, "sweep", "default")
+    plan = plan_sweep(default)
+    labels = {c.label for c in plan.schedule}
+    for b in default.budgets:
+        assert {f"static_merge@{b}", f"static_prune_merge@{b}", f"merge@{b}", f"prune_merge@{b}"} <= labels, b
+    low = sorted(default.budgets, key=lambda b: float(b.rstrip("%")))[:2]
+    assert {f"static@{b}" for b in low} <= {c.label for c in plan.unreachable}
+
+
 def test_plan_orders_trials_and_marks_unreachable_combos(micro_checkpoint):
     cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%", "75%"], strategies=["prune", "merge", "free_prune", "free_ppt", "static_merge"],
                       trials_per_combo=2, selector={"decision_blocks": [1, 2, 3]})
