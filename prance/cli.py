@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
-    p.add_argument("--checkpoint", help="the meta-network (default: the shipped checkpoints/prance_vit_fmnist.safetensors)")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
     p.add_argument("--strategy", help="prune, merge or prune_merge")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.04) or share of the full sub-network (e.g. 50%%)")
     p.add_argument("--iterations", type=int, help="PPO updates")
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_selector)
 
     p = sub.add_parser("search-static", help="the best static sub-network x token strategy at a budget")
-    p.add_argument("--checkpoint", help="the meta-network (default: the shipped checkpoints/prance_vit_fmnist.safetensors)")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.03) or share of the full sub-network (e.g. 30%%)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies to combine with the widths")
     p.add_argument("--uniform-only", action="store_true", help="only the same width level in every stage")

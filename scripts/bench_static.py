@@ -1,10 +1,10 @@
 """Selector against the static baseline a user would pick (docs/benchmarks.md, "Selector vs
 the best static configuration"). On an otherwise idle machine:
 
-    .venv/bin/python scripts/bench_static.py [--budgets 25% 35% 45%] [--iterations 20]
-    .venv/bin/python scripts/bench_static.py --checkpoint checkpoints/prance_vit_fmnist_supernet.safetensors \
-        --rollouts-from train_holdout --val-limit 2000 --train-limit 4000 \
-        --output docs/results/bench_static_supernet_cpu.json
+    .venv/bin/python scripts/bench_static.py --checkpoint checkpoints/prance_vit_fmnist.safetensors \
+        [--budgets 25% 35% 45%] [--iterations 20]
+    .venv/bin/python scripts/bench_static.py --val-limit 2000 --train-limit 4000 \
+        --output docs/results/bench_static_supernet_cpu.json   # the default: the supernet
 
 For each budget, on the shipped meta-network and the selector's image split (validation
 images for every choice, held-out test images for every reported number):
@@ -38,7 +38,7 @@ from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
-from prance.selector.run import budget_of, load_data, run_selector  # noqa: E402
+from prance.selector.run import budget_of, load_data, rollouts_source, run_selector  # noqa: E402
 from prance.selector.train import batches  # noqa: E402
 
 SELECTORS = ("prune", "merge", "prune_merge")
@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--merge-spread", choices=["true", "false"], default="true",
                     help="merge / prune_merge selectors merge in every block (the default sweep's setting) or once per stage")
     ap.add_argument("--checkpoint", default=defaults.checkpoint)
-    ap.add_argument("--rollouts-from", choices=["holdout", "train_holdout"], default="holdout",
-                    help="train_holdout: validation and rollouts on the checkpoint's held-out train images, the whole test split for numbers")
+    ap.add_argument("--rollouts-from", choices=["auto", "holdout", "train_holdout"], default=defaults.rollouts_from,
+                    help="train_holdout: validation and rollouts on the checkpoint's held-out train images, the whole test split "
+                         "for numbers; auto (default): train_holdout when the checkpoint held out train images, else holdout")
     ap.add_argument("--val-limit", type=int, default=defaults.val_limit)
     ap.add_argument("--train-limit", type=int, default=defaults.train_limit)
     ap.add_argument("--output", default=str(ROOT / "docs" / "results" / "bench_static_cpu.json"))
@@ -98,7 +99,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "checkpoint": base.checkpoint,
-        "rollouts_from": base.rollouts_from,
+        "rollouts_from": rollouts_source(base),
         "merge_spread": base.merge_spread,
         "images": {"val": int(data["val"][1].shape[0]), "rollouts": int(data["train"][1].shape[0]), "test": int(data["test"][1].shape[0])},
         "rows": rows,

@@ -329,3 +329,12 @@ def test_train_holdout_data_comes_from_the_images_pretraining_held_out(tmp_path)
     plain = save_checkpoint(tmp_path / "n.safetensors", meta, "prance_vit_micro")
     with pytest.raises(PranceError, match="held out no train images"):
         load_data(meta, cfg.model_copy(update={"checkpoint": str(plain)}))
+    # auto (the default): the held-out train images when the checkpoint has them, else the test split's holdout
+    from prance.selector.run import rollouts_source
+    auto = cfg.model_copy(update={"rollouts_from": "auto"})
+    assert rollouts_source(auto) == "train_holdout" and torch.equal(load_data(meta, auto)["val"][0], data["val"][0])
+    plain_auto = auto.model_copy(update={"checkpoint": str(plain), "train_limit": 1500, "test_limit": 100})
+    assert rollouts_source(plain_auto) == "holdout"
+    by_holdout = load_data(meta, plain_auto.model_copy(update={"rollouts_from": "holdout"}))
+    assert torch.equal(load_data(meta, plain_auto)["val"][0], by_holdout["val"][0])
+    assert SelectorConfig().rollouts_from == "auto" and rollouts_source(SelectorConfig()) == "train_holdout"  # the shipped supernet

@@ -14,7 +14,7 @@ class SelectorConfig(Strict):
     """PRANCE selector: PPO over the stage MDP with Result-to-Go rewards (docs/selector.md)."""
 
     # what to select
-    checkpoint: str = "checkpoints/prance_vit_fmnist.safetensors"
+    checkpoint: str = "checkpoints/prance_vit_fmnist_supernet.safetensors"
     dataset: str = "fashion-mnist"
     strategy: Literal[SELECTOR_STRATEGIES] = "prune"
     budget: str = "50%"  # GFLOPs ("0.04") or a share of the full sub-network ("50%")
@@ -26,8 +26,9 @@ class SelectorConfig(Strict):
     # data: rollouts on images the meta-network never trained on (a part of the test split,
     # disjoint from validation and test images; or, for a checkpoint pretrained with
     # holdout_fraction, its held-out train images, the whole test split left for test)
-    # or on the train split; see docs/selector.md
-    rollouts_from: Literal["holdout", "train_holdout", "train"] = "holdout"
+    # or on the train split; ``auto``: train_holdout when the checkpoint held out train
+    # images (the shipped supernet does), else holdout; see docs/selector.md
+    rollouts_from: Literal["auto", "holdout", "train_holdout", "train"] = "auto"
     train_limit: int | None = Field(default=4000, ge=1)  # rollout images
     val_limit: int = Field(default=1000, ge=1)  # validation images (what a sweep optimises)
     test_limit: int | None = Field(default=None, ge=1)  # final test images (the rest of the test split)

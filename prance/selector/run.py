@@ -48,16 +48,17 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
     """Rollout, validation and (with ``test_limit``) test images, disjoint. The test split
     is permuted once (fixed seed): the first ``val_limit`` images validate, with
     ``rollouts_from: holdout`` the next ``train_limit`` are the rollout images, the rest
-    are test images. With ``rollouts_from: train_holdout`` validation and rollout images
+    are test images. With ``rollouts_from: train_holdout`` (``auto``'s choice for a
+    checkpoint that held out train images) validation and rollout images
     come from the train images the checkpoint's pretraining held out, and test images from
     the whole test split."""
     spec = input_spec_for_model(meta.vit)
-    if cfg.rollouts_from == "train_holdout":
+    if rollouts_source(cfg) == "train_holdout":
         return _train_holdout_data(spec, cfg)
     test = build_dataset(cfg.dataset, "test", spec)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED)).tolist()
     v_idx, rest = perm[: cfg.val_limit], perm[cfg.val_limit :]
-    if cfg.rollouts_from == "holdout":
+    if rollouts_source(cfg) == "holdout":
         n = cfg.train_limit or len(rest) // 2
         r_idx, rest = rest[:n], rest[n:]
         rollouts = _tensors(test, r_idx)
@@ -75,8 +76,20 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
     return out
 
 
+def _holdout_fraction(checkpoint: str) -> float:
+    return float((read_header(checkpoint).get("info") or {}).get("config", {}).get("holdout_fraction") or 0.0)
+
+
+def rollouts_source(cfg: SelectorConfig) -> str:
+    """``cfg.rollouts_from`` with ``auto`` resolved: ``train_holdout`` when the checkpoint's
+    pretraining held out train images, else ``holdout``."""
+    if cfg.rollouts_from != "auto":
+        return cfg.rollouts_from
+    return "train_holdout" if _holdout_fraction(cfg.checkpoint) > 0 else "holdout"
+
+
 def _train_holdout_data(spec, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Tensor]]:
-    fraction = (read_header(cfg.checkpoint).get("info") or {}).get("config", {}).get("holdout_fraction") or 0.0
+    fraction = _holdout_fraction(cfg.checkpoint)
     if not fraction:
         raise PranceError(f"rollouts_from: train_holdout needs a checkpoint pretrained with holdout_fraction > 0; "
                           f"{cfg.checkpoint} held out no train images (use rollouts_from: holdout)")

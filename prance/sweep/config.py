@@ -66,9 +66,9 @@ class SweepConfig(Strict):
     hyper-parameters (docs/sweep.md)."""
 
     # what to compress, on which images
-    checkpoint: str = "checkpoints/prance_vit_fmnist.safetensors"
+    checkpoint: str = "checkpoints/prance_vit_fmnist_supernet.safetensors"
     dataset: str = "fashion-mnist"
-    budgets: list[str] = Field(default_factory=lambda: ["40%", "55%", "70%"], min_length=1)  # GFLOPs or % of dense
+    budgets: list[str] = Field(default_factory=lambda: ["15%", "20%", "35%"], min_length=1)  # GFLOPs or % of dense
     strategies: list[str] = Field(default_factory=lambda: list(SWEEP_STRATEGIES), min_length=1)
 
     # the search

@@ -70,7 +70,8 @@ def _model(checkpoint: str):
 
 def validation_images(ctx: TrialContext, model):
     """The selector's validation images (``prance.selector.run.load_data``: a seeded part
-    of the test split), as (x, y) tensors, so both methods are scored on the same images."""
+    of the test split, or of the checkpoint's held-out train images), as (x, y) tensors,
+    so both methods are scored on the same images."""
     from prance.selector.run import load_data
 
     key = (ctx.dataset, ctx.checkpoint, repr(sorted(ctx.selector.items())))

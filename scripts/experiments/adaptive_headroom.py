@@ -1,0 +1,150 @@
+"""How much per-image adaptivity can buy on the supernet, measured with signals simpler than
+a PPO policy (docs/benchmarks.md, "Where the per-image headroom goes"):
+
+    .venv/bin/python scripts/experiments/adaptive_headroom.py [--budgets 15% 20% 35%]
+
+Static configurations: the best static configuration (``prance.static_search``, all
+strategies, successive halving on the 2,000 validation images) at each of a ladder of
+budgets. Every configuration's logits on the validation images (the supernet's held-out
+train images) and the whole test split. Then, per target budget, on the test split:
+
+* ``static``: the best static configuration at the budget;
+* ``oracle``: each image gets the cheapest ladder configuration that classifies it right
+  (the widest if none does), cheapest-first until the mean GFLOPs reach the budget --
+  the issue's headroom, unreachable by any real selector (it looks at the label);
+* ``cascade``: run a cheap configuration; when its top softmax probability is below a
+  threshold, also run a more expensive one and answer with it (its cost added). The pair
+  and threshold are chosen on validation to maximise Top-1 with mean GFLOPs <= budget.
+  A cascade sees the cheap configuration's *output*, more than a selector sees at its
+  decision points, so it bounds from above what a confidence-driven selector can reach.
+
+Writes docs/results/adaptive_headroom_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prance import flops, static_search  # noqa: E402
+from prance.checkpoint import load_checkpoint  # noqa: E402
+from prance.selector.config import SelectorConfig  # noqa: E402
+from prance.selector.run import budget_of, load_data  # noqa: E402
+
+LADDER = ["11%", "12%", "15%", "20%", "25%", "35%", "50%"]
+
+
+@torch.inference_mode()
+def logits_of(meta, cfg, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([meta(x[i : i + batch], cfg.subnet, cfg.plan).float() for i in range(0, len(x), batch)])
+
+
+def oracle(correct: torch.Tensor, cost: torch.Tensor, budget: float) -> tuple[float, float]:
+    """(top1 %, mean cost) when images move cheapest-first to the cheapest right config."""
+    n, k = correct.shape
+    order = cost.argsort()
+    first_right = torch.full((n,), -1)
+    for j in reversed(order.tolist()):
+        first_right[correct[:, j]] = j
+    # start everyone on the cheapest configuration; upgrade the images that need the least
+    base = int(order[0])
+    need = torch.where(first_right >= 0, cost[first_right.clamp(min=0)] - cost[base], torch.full((n,), float("inf")))
+    spent, right = float(cost[base]) * n, correct[:, base].clone()
+    for i in need.argsort().tolist():
+        extra = float(need[i])
+        if extra == float("inf") or spent + extra > budget * n:
+            break
+        if extra > 0:
+            spent += extra
+            right[i] = True
+    return 100.0 * float(right.float().mean()), spent / n
+
+
+def cascade_curve(lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, c_lo: float, c_hi: float, thresholds):
+    conf = lo.softmax(-1).amax(-1)
+    out = []
+    for t in thresholds:
+        up = conf < t
+        pred = torch.where(up, hi.argmax(-1), lo.argmax(-1))
+        out.append((float(t), 100.0 * float((pred == y).float().mean()), c_lo + float(up.float().mean()) * c_hi))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", nargs="+", default=["15%", "20%", "35%"])
+    ap.add_argument("--checkpoint", default="checkpoints/prance_vit_fmnist_supernet.safetensors")
+    ap.add_argument("--output", default=str(ROOT / "docs" / "results" / "adaptive_headroom_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = SelectorConfig(checkpoint=args.checkpoint, rollouts_from="train_holdout", val_limit=2000, train_limit=4000, test_limit=100_000)
+    meta, _ = load_checkpoint(cfg.checkpoint)
+    meta.eval()
+    data = load_data(meta, cfg)
+    dense = flops.gflops(meta.arch)
+    ladder = []
+    for b in LADDER:
+        found = static_search.search(meta, budget_of(meta, b), data["val"])
+        if any(c.describe() == found.best.describe() for c in ladder):
+            continue
+        ladder.append(found.best)
+        print(f"{b:>4} {found.best.describe():<34} {found.best.gflops / dense:.3f} val {found.top1:.2f}", flush=True)
+    full = SimpleNamespace(subnet=None, plan=None, gflops=dense)  # the full sub-network, no token reduction
+    ladder.append(full)
+    cost = torch.tensor([c.gflops / dense for c in ladder])
+    logits = {s: torch.stack([logits_of(meta, c, data[s][0]) for c in ladder], dim=1) for s in ("val", "test")}  # (N, K, classes)
+    y = {s: data[s][1] for s in ("val", "test")}
+    correct = {s: logits[s].argmax(-1) == y[s][:, None] for s in ("val", "test")}
+    configs = [{"configuration": c.describe() if c is not full else "full", "share": float(cost[i]),
+                "val_top1": 100.0 * float(correct["val"][:, i].float().mean()),
+                "test_top1": 100.0 * float(correct["test"][:, i].float().mean())} for i, c in enumerate(ladder)]
+    thresholds = torch.linspace(0.3, 1.0, 71).tolist() + [1.01]
+    rows = []
+    for b in args.budgets:
+        share = budget_of(meta, b) / dense
+        fits = [i for i in range(len(ladder)) if cost[i] <= share + 1e-9]
+        st = max(fits, key=lambda i: (configs[i]["val_top1"], -cost[i]))
+        row = {"budget": b, "static": configs[st]}
+        top1, mean = oracle(correct["test"], cost, share)
+        row["oracle"] = {"test_top1": top1, "share": mean}
+        best = None
+        for i in range(len(ladder)):
+            for j in range(len(ladder)):
+                if cost[j] <= cost[i]:
+                    continue
+                for t, acc, c in cascade_curve(logits["val"][:, i], logits["val"][:, j], y["val"], float(cost[i]), float(cost[j]), thresholds):
+                    if c <= share and (best is None or acc > best[0]):
+                        best = (acc, i, j, t)
+        if best is not None:
+            acc, i, j, t = best
+            (_, test_acc, test_share), = cascade_curve(logits["test"][:, i], logits["test"][:, j], y["test"], float(cost[i]), float(cost[j]), [t])
+            row["cascade"] = {"cheap": configs[i]["configuration"], "expensive": configs[j]["configuration"], "threshold": t,
+                              "val_top1": acc, "test_top1": test_acc, "share": test_share}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    record = {
+        "command": "python scripts/experiments/adaptive_headroom.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "checkpoint": cfg.checkpoint,
+        "images": {"val": int(y["val"].shape[0]), "test": int(y["test"].shape[0])},
+        "ladder": configs,
+        "rows": rows,
+    }
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written {args.output}")
+
+
+if __name__ == "__main__":
+    main()
