@@ -198,16 +198,13 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     return summary
 
 
-def cmd_search_static(args: argparse.Namespace) -> dict:
-    """The best static configuration at a budget, chosen on the selector's validation
-    images and reported on its held-out test images (the same images ``train-selector``
-    uses, so the numbers compare)."""
-    from prance import static_search
+def _search_inputs(args: argparse.Namespace, command: str):
+    """(meta-network, budget GFLOPs, the selector's image split, strategy names, progress)
+    for ``search-static`` and ``search-cascade``: the same images ``train-selector`` uses."""
+    from prance.checkpoint import load_checkpoint
     from prance.config import validate
     from prance.selector.config import SelectorConfig
-    from prance.evaluate import evaluate
     from prance.selector.run import budget_of, load_data
-    from prance.selector.train import batches
     from prance.tokens.strategies import check_strategy
 
     if args.budget is None:
@@ -226,13 +223,24 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
         fields["checkpoint"] = args.checkpoint
     if args.dataset:
         fields["dataset"] = args.dataset
-    cfg = validate(SelectorConfig, fields, "search-static")
-    from prance.checkpoint import load_checkpoint
-
+    cfg = validate(SelectorConfig, fields, command)
     model, _ = load_checkpoint(cfg.checkpoint)
     budget = budget_of(model, args.budget)
     data = load_data(model, cfg)
-    say = None if args.json else (lambda text: print(f"[static] {text}", file=sys.stderr))
+    tag = command.split("-")[-1]
+    say = None if args.json else (lambda text: print(f"[{tag}] {text}", file=sys.stderr))
+    return model, budget, data, names, say
+
+
+def cmd_search_static(args: argparse.Namespace) -> dict:
+    """The best static configuration at a budget, chosen on the selector's validation
+    images and reported on its held-out test images (the same images ``train-selector``
+    uses, so the numbers compare)."""
+    from prance import static_search
+    from prance.evaluate import evaluate
+    from prance.selector.train import batches
+
+    model, budget, data, names, say = _search_inputs(args, "search-static")
     found = static_search.search(model, budget, data["val"], names, args.uniform_only, args.first_images, args.eta,
                                  base=_strategy_config(args, "none"), progress=say)
     best = found.best
@@ -242,6 +250,35 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
     out.update({f"test_{k}": v for k, v in test.items()})
     out.update({"val_images": val["n_images"], "candidates": found.candidates, "forwards": found.forwards,
                 "static": best.to_dict(), "ranked": found.to_dict()["ranked"]})
+    return out
+
+
+def cmd_search_cascade(args: argparse.Namespace) -> dict:
+    """The best confidence cascade (cheap static configuration, then an expensive one for
+    the images it is unsure of) at a mean budget, chosen on the selector's validation
+    images, reported on its test images beside the best static configuration."""
+    from prance import cascade
+    from prance.evaluate import evaluate
+    from prance.selector.train import batches
+
+    try:
+        rungs = list(cascade.RUNGS) if args.rungs is None else [float(v) for v in args.rungs.split(",") if v.strip()]
+    except ValueError:
+        raise PranceError(f"--rungs must be comma-separated multiples of the budget, got {args.rungs!r}") from None
+    if not rungs or min(rungs) <= 0:
+        raise PranceError(f"--rungs must be positive multiples of the budget, got {args.rungs!r}")
+    model, budget, data, names, say = _search_inputs(args, "search-cascade")
+    found = cascade.search(model, budget, data["val"], names, rungs, first_images=args.first_images, eta=args.eta,
+                           batch_size=args.batch_size, progress=say)
+    test = cascade.evaluate(model, found.best, *data["test"], batch_size=args.batch_size)
+    st = found.static
+    static_test = evaluate(model, batches(*data["test"], args.batch_size), st.subnet, st.plan, progress=False)
+    out = {"budget_gflops": budget, "configuration": found.best.describe(), "top1": found.top1, "gflops": found.gflops,
+           "escalated": found.escalated, "val_images": int(data["val"][1].shape[0])}
+    out.update({f"test_{k}": v for k, v in test.items()})
+    out.update({"static_configuration": st.describe(), "static_top1": found.static_top1,
+                "static_test_top1": static_test["top1"], "static_test_gflops": static_test["gflops"],
+                "static_test_throughput_img_s": static_test["throughput_img_s"], "cascade": found.to_dict()})
     return out
 
 
@@ -398,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search_static)
 
+    p = sub.add_parser("search-cascade", help="the best confidence cascade of two static configurations at a mean budget")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
+    p.add_argument("--budget", help="mean GFLOPs per image (e.g. 0.015) or share of the full sub-network (e.g. 20%%)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies of the ladder's static configurations")
+    p.add_argument("--rungs", help="the ladder: the best static configuration at each of these multiples of the budget "
+                                   "(default 0.5,0.65,0.8,1,1.6,2.5,4)")
+    p.add_argument("--first-images", type=int, default=64, help="successive halving of each rung's search: images every candidate is scored on first")
+    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
+    p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
+    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
+    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
+    p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search_cascade)
+
     p = sub.add_parser("bench", help="throughput of token strategies against the dense model")
     _add_model_args(p)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated strategies")
@@ -447,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     elif isinstance(result, list):
         _print_table(result, ["strategy", "params", "gflops", "flops_speedup", "throughput_img_s", "speedup", "final_token_ratio"])
     else:
-        for k, v in result.items():
-            print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")
+        for k, v in result.items():  # nested records (the configurations in full) are in --json
+            if not isinstance(v, (dict, list)):
+                print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")
     return 0

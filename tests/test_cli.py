@@ -380,3 +380,36 @@ def test_search_static_bad_input(micro_checkpoint: Path, capsys: pytest.CaptureF
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("prance: error: ") and err.count("\n") == 1 and message in err, err
+
+
+# ---------------------------------------------------------------------- search-cascade
+
+
+@needs_fmnist
+def test_search_cascade_json(micro_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    """The best cascade at a mean budget, beside the best static configuration, on test images."""
+    from prance.cli import main
+
+    args = ["search-cascade", "--checkpoint", str(micro_checkpoint), "--budget", "50%", "--strategies", "none,merge",
+            "--rungs", "0.6,2", "--first-images", 30, "--val-limit", 120, "--train-limit", 50, "--test-limit", 200, "--json"]
+    assert main([str(a) for a in args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gflops"] <= out["budget_gflops"] * (1 + 1e-9) and out["top1"] >= out["static_top1"]
+    assert out["val_images"] == 120 and out["test_n_images"] == 200 and 0 <= out["test_escalated"] <= 1
+    assert out["static_test_gflops"] <= out["budget_gflops"] and out["configuration"] == out["cascade"]["best"]["description"]
+    assert len(out["cascade"]["ladder"]) >= 2 and out["test_throughput_img_s"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--budget is required"),
+    (["--budget", "60%", "--rungs", "a,b"], "--rungs"),
+    (["--budget", "60%", "--rungs", "0,1"], "--rungs"),
+    (["--budget", "1%"], "no static configuration"),
+])
+def test_search_cascade_bad_input(micro_checkpoint: Path, capsys: pytest.CaptureFixture, extra, message) -> None:
+    from prance.cli import main
+
+    args = ["search-cascade", "--checkpoint", str(micro_checkpoint), "--val-limit", 50, "--train-limit", 50, "--test-limit", 50, *extra]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prance: error: ") and err.count("\n") == 1 and message in err, err
