@@ -14,7 +14,9 @@ train images) and the whole test split. Then, per target budget, on the test spl
   the issue's headroom, unreachable by any real selector (it looks at the label);
 * ``cascade``: run a cheap configuration; when its top softmax probability is below a
   threshold, also run a more expensive one and answer with it (its cost added). The pair
-  and threshold are chosen on validation to maximise Top-1 with mean GFLOPs <= budget.
+  and threshold are chosen on validation to maximise Top-1 with mean GFLOPs <= budget
+  (``prance.cascade.choose`` over this fixed ladder; ``python -m prance search-cascade``
+  builds its ladder from multiples of the budget instead).
   A cascade sees the cheap configuration's *output*, more than a selector sees at its
   decision points, so it bounds from above what a confidence-driven selector can reach.
 
@@ -37,17 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prance import flops, static_search  # noqa: E402
+from prance import cascade, flops, static_search  # noqa: E402
 from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.selector.run import budget_of, load_data  # noqa: E402
 
 LADDER = ["11%", "12%", "15%", "20%", "25%", "35%", "50%"]
-
-
-@torch.inference_mode()
-def logits_of(meta, cfg, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([meta(x[i : i + batch], cfg.subnet, cfg.plan).float() for i in range(0, len(x), batch)])
 
 
 def oracle(correct: torch.Tensor, cost: torch.Tensor, budget: float) -> tuple[float, float]:
@@ -69,16 +66,6 @@ def oracle(correct: torch.Tensor, cost: torch.Tensor, budget: float) -> tuple[fl
             spent += extra
             right[i] = True
     return 100.0 * float(right.float().mean()), spent / n
-
-
-def cascade_curve(lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, c_lo: float, c_hi: float, thresholds):
-    conf = lo.softmax(-1).amax(-1)
-    out = []
-    for t in thresholds:
-        up = conf < t
-        pred = torch.where(up, hi.argmax(-1), lo.argmax(-1))
-        out.append((float(t), 100.0 * float((pred == y).float().mean()), c_lo + float(up.float().mean()) * c_hi))
-    return out
 
 
 def main() -> None:
@@ -103,13 +90,12 @@ def main() -> None:
     full = SimpleNamespace(subnet=None, plan=None, gflops=dense)  # the full sub-network, no token reduction
     ladder.append(full)
     cost = torch.tensor([c.gflops / dense for c in ladder])
-    logits = {s: torch.stack([logits_of(meta, c, data[s][0]) for c in ladder], dim=1) for s in ("val", "test")}  # (N, K, classes)
+    logits = {s: torch.stack([cascade.logits_of(meta, c, data[s][0]) for c in ladder], dim=1) for s in ("val", "test")}  # (N, K, classes)
     y = {s: data[s][1] for s in ("val", "test")}
     correct = {s: logits[s].argmax(-1) == y[s][:, None] for s in ("val", "test")}
     configs = [{"configuration": c.describe() if c is not full else "full", "share": float(cost[i]),
                 "val_top1": 100.0 * float(correct["val"][:, i].float().mean()),
                 "test_top1": 100.0 * float(correct["test"][:, i].float().mean())} for i, c in enumerate(ladder)]
-    thresholds = torch.linspace(0.3, 1.0, 71).tolist() + [1.01]
     rows = []
     for b in args.budgets:
         share = budget_of(meta, b) / dense
@@ -118,19 +104,15 @@ def main() -> None:
         row = {"budget": b, "static": configs[st]}
         top1, mean = oracle(correct["test"], cost, share)
         row["oracle"] = {"test_top1": top1, "share": mean}
-        best = None
-        for i in range(len(ladder)):
-            for j in range(len(ladder)):
-                if cost[j] <= cost[i]:
-                    continue
-                for t, acc, c in cascade_curve(logits["val"][:, i], logits["val"][:, j], y["val"], float(cost[i]), float(cost[j]), thresholds):
-                    if c <= share and (best is None or acc > best[0]):
-                        best = (acc, i, j, t)
+        best = cascade.choose(logits["val"], y["val"], cost.tolist(), share)
         if best is not None:
-            acc, i, j, t = best
-            (_, test_acc, test_share), = cascade_curve(logits["test"][:, i], logits["test"][:, j], y["test"], float(cost[i]), float(cost[j]), [t])
+            i, j, t = best.cheap, best.expensive, best.threshold
+            up = cascade.escalates(logits["test"][:, i], t) if j != i else torch.zeros(len(y["test"]), dtype=torch.bool)
+            pred = torch.where(up, logits["test"][:, j].argmax(-1), logits["test"][:, i].argmax(-1))
             row["cascade"] = {"cheap": configs[i]["configuration"], "expensive": configs[j]["configuration"], "threshold": t,
-                              "val_top1": acc, "test_top1": test_acc, "share": test_share}
+                              "val_top1": best.top1, "test_top1": 100.0 * float((pred == y["test"]).float().mean()),
+                              "share": float(cost[i]) + float(up.float().mean()) * float(cost[j]),
+                              "escalated": float(up.float().mean())}
         rows.append(row)
         print(json.dumps(row), flush=True)
     record = {
