@@ -49,6 +49,20 @@ def _add_strategy_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention for merged tokens")
 
 
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    """What ``search-static`` and ``search-cascade`` share: the meta-network, the
+    selector's image split, the successive halving of the static searches."""
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
+    p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
+    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
+    p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
+    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
+    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
+    p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+
 def _strategy_config(args: argparse.Namespace, name: str | None = None):
     from prance.tokens.strategies import StrategyConfig, check_strategy
 
@@ -420,35 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_selector)
 
     p = sub.add_parser("search-static", help="the best static sub-network x token strategy at a budget")
-    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.03) or share of the full sub-network (e.g. 30%%)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies to combine with the widths")
     p.add_argument("--uniform-only", action="store_true", help="only the same width level in every stage")
-    p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
-    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
-    p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
-    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
-    p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
-    p.add_argument("--batch-size", type=int, default=256)
+    _add_search_args(p)
     _add_strategy_args(p, single=False)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search_static)
 
     p = sub.add_parser("search-cascade", help="the best confidence cascade of two static configurations at a mean budget")
-    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
     p.add_argument("--budget", help="mean GFLOPs per image (e.g. 0.015) or share of the full sub-network (e.g. 20%%)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies of the ladder's static configurations")
     p.add_argument("--rungs", help="the ladder: the best static configuration at each of these multiples of the budget "
                                    "(default 0.5,0.65,0.8,1,1.6,2.5,4)")
-    p.add_argument("--first-images", type=int, default=64, help="successive halving of each rung's search: images every candidate is scored on first")
-    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
-    p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
-    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
-    p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--json", action="store_true")
+    _add_search_args(p)
     p.set_defaults(func=cmd_search_cascade)
 
     p = sub.add_parser("bench", help="throughput of token strategies against the dense model")

@@ -36,6 +36,20 @@ def random_images():
     return make
 
 
+@pytest.fixture(scope="module")
+def decisive_micro():
+    """A micro meta-network with decisive weights (x3), so that static configurations
+    disagree on images; one per test module."""
+    from prance.models import create_meta
+
+    torch.manual_seed(0)
+    m = create_meta("prance_vit_micro").eval()
+    with torch.no_grad():
+        for p in m.vit.parameters():
+            p.mul_(3.0)
+    return m
+
+
 @pytest.fixture(scope="session")
 def micro_checkpoint(tmp_path_factory) -> Path:
     """A freshly initialised micro meta-network (4 blocks, 16 patches) as a checkpoint."""

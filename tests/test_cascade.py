@@ -12,7 +12,6 @@ import torch
 
 from prance import cascade, flops, static_search
 from prance.data import FASHION_MNIST_SPEC, fashion_mnist
-from prance.models import create_meta
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
@@ -22,13 +21,8 @@ needs_fmnist = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def micro():
-    torch.manual_seed(0)
-    m = create_meta("prance_vit_micro").eval()
-    with torch.no_grad():  # decisive weights, so that configurations disagree on images
-        for p in m.vit.parameters():
-            p.mul_(3.0)
-    return m
+def micro(decisive_micro):
+    return decisive_micro
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,14 @@ import torch
 
 from prance import flops, static_search
 from prance.config import SelectorConfig
-from prance.models import create_meta
 from prance.selector import static
 from prance.selector.selector import Selector
 from prance.selector.train import train_selector
 
 
 @pytest.fixture(scope="module")
-def micro():
-    torch.manual_seed(0)
-    m = create_meta("prance_vit_micro").eval()
-    with torch.no_grad():  # decisive weights, so that configurations disagree on images
-        for p in m.vit.parameters():
-            p.mul_(3.0)
-    return m
+def micro(decisive_micro):
+    return decisive_micro
 
 
 @pytest.fixture(scope="module")
