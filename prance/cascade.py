@@ -191,7 +191,7 @@ def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], stra
            batch_size: int = 256, progress: Callable[[str], None] | None = None) -> CascadeResult:
     """The best cascade at ``budget_gflops`` (mean GFLOPs per image) by Top-1 on ``val``."""
     x, y = val
-    rungs = list(rungs)
+    strategies, rungs = list(strategies), list(rungs)  # both used twice below
     if 1.0 not in rungs:
         rungs.append(1.0)  # the best static configuration at the budget is always a rung
     configs = ladder(meta, budget_gflops, val, rungs, strategies, first_images, eta, batch_size, progress)

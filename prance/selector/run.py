@@ -53,12 +53,13 @@ def load_data(meta: MetaViT, cfg: SelectorConfig) -> dict[str, tuple[Tensor, Ten
     come from the train images the checkpoint's pretraining held out, and test images from
     the whole test split."""
     spec = input_spec_for_model(meta.vit)
-    if rollouts_source(cfg) == "train_holdout":
+    source = rollouts_source(cfg)  # reads the checkpoint's header for auto: once
+    if source == "train_holdout":
         return _train_holdout_data(spec, cfg)
     test = build_dataset(cfg.dataset, "test", spec)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED)).tolist()
     v_idx, rest = perm[: cfg.val_limit], perm[cfg.val_limit :]
-    if rollouts_source(cfg) == "holdout":
+    if source == "holdout":
         n = cfg.train_limit or len(rest) // 2
         r_idx, rest = rest[:n], rest[n:]
         rollouts = _tensors(test, r_idx)

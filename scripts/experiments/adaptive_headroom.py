@@ -3,9 +3,9 @@ a PPO policy (docs/benchmarks.md, "Where the per-image headroom goes"):
 
     .venv/bin/python scripts/experiments/adaptive_headroom.py [--budgets 15% 20% 35%]
 
-Static configurations: the best static configuration (``prance.static_search``, all
-strategies, successive halving on the 2,000 validation images) at each of a ladder of
-budgets. Every configuration's logits on the validation images (the supernet's held-out
+Static configurations: the best static configuration (``prance.cascade.ladder``:
+``prance.static_search``, all strategies, successive halving on the 2,000 validation
+images) at each of a ladder of budgets. Every configuration's logits on the validation images (the supernet's held-out
 train images) and the whole test split. Then, per target budget, on the test split:
 
 * ``static``: the best static configuration at the budget;
@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prance import cascade, flops, static_search  # noqa: E402
+from prance import cascade, flops  # noqa: E402
 from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.selector.run import budget_of, load_data  # noqa: E402
@@ -80,13 +80,9 @@ def main() -> None:
     meta.eval()
     data = load_data(meta, cfg)
     dense = flops.gflops(meta.arch)
-    ladder = []
-    for b in LADDER:
-        found = static_search.search(meta, budget_of(meta, b), data["val"])
-        if any(c.describe() == found.best.describe() for c in ladder):
-            continue
-        ladder.append(found.best)
-        print(f"{b:>4} {found.best.describe():<34} {found.best.gflops / dense:.3f} val {found.top1:.2f}", flush=True)
+    # the best static configuration at each share of dense, duplicates dropped, cheapest first
+    ladder = cascade.ladder(meta, dense, data["val"], rungs=[budget_of(meta, b) / dense for b in LADDER],
+                            progress=lambda text: print(text, flush=True))
     full = SimpleNamespace(subnet=None, plan=None, gflops=dense)  # the full sub-network, no token reduction
     ladder.append(full)
     cost = torch.tensor([c.gflops / dense for c in ladder])
@@ -107,7 +103,7 @@ def main() -> None:
         best = cascade.choose(logits["val"], y["val"], cost.tolist(), share)
         if best is not None:
             i, j, t = best.cheap, best.expensive, best.threshold
-            up = cascade.escalates(logits["test"][:, i], t) if j != i else torch.zeros(len(y["test"]), dtype=torch.bool)
+            up = cascade.escalates(logits["test"][:, i], t)  # none when the choice is one rung alone (t = 0)
             pred = torch.where(up, logits["test"][:, j].argmax(-1), logits["test"][:, i].argmax(-1))
             row["cascade"] = {"cheap": configs[i]["configuration"], "expensive": configs[j]["configuration"], "threshold": t,
                               "val_top1": best.top1, "test_top1": 100.0 * float((pred == y["test"]).float().mean()),
