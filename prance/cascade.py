@@ -81,9 +81,15 @@ class Cascade:
         return {"rungs": [c.to_dict() for c in self.rungs], "thresholds": list(self.thresholds), "description": self.describe()}
 
 
+def confidence(logits: Tensor) -> Tensor:
+    """Each image's top-1 softmax probability (float64: thresholds compare the same way
+    wherever they are applied)."""
+    return logits.float().softmax(-1).amax(-1).double()
+
+
 def escalates(logits: Tensor, threshold: float) -> Tensor:
     """Which images go on to the next rung: top-1 probability < ``threshold``."""
-    return logits.float().softmax(-1).amax(-1) < threshold
+    return confidence(logits) < threshold
 
 
 @torch.inference_mode()
@@ -164,28 +170,26 @@ def choose(logits: Tensor, y: Tensor, costs: Sequence[float], budget_gflops: flo
     if len(costs) != k:
         raise ValueError(f"{k} rungs of logits but {len(costs)} costs")
     right = (logits.argmax(-1) == y[:, None]).double()  # (n, k)
-    conf = logits.float().softmax(-1).amax(-1)  # (n, k)
+    conf = confidence(logits)  # (n, k)
     c = [float(v) for v in costs]
-    ts = torch.tensor(sorted(set(float(t) for t in thresholds)), dtype=torch.float32)
+    ts = torch.tensor(sorted(set(float(t) for t in thresholds)), dtype=torch.float64)
     best: Choice | None = None
 
-    def consider(rungs: tuple, prefix: tuple, last: Tensor | None, top1, gflops, share) -> None:
-        """Candidates that differ only in their last threshold (``last``), as vectors over it."""
+    def consider(rungs: tuple, ths: Tensor, top1: Tensor, gflops: Tensor, share: Tensor) -> None:
+        """Candidates of one chain of rungs, one per row of ``ths`` (their thresholds)."""
         nonlocal best
-        top1, gflops, share = (torch.atleast_1d(torch.as_tensor(v, dtype=torch.float64)) for v in (top1, gflops, share))
         ok = gflops <= budget_gflops * (1 + 1e-9)
         if not bool(ok.any()):
             return
-        # best Top-1, then the cheaper mean: lexicographic through a tuple comparison per candidate
-        order = sorted((i for i in range(len(ok)) if ok[i]), key=lambda i: (float(top1[i]), -float(gflops[i])))
-        i = order[-1]
-        ths = prefix + ((float(last[i]),) if last is not None else ())
-        cand = Choice(rungs, ths, 100.0 * float(top1[i]), float(gflops[i]), float(share[i]))
+        top = torch.where(ok, top1, torch.tensor(-1.0, dtype=torch.float64)).max()  # best Top-1, then the cheaper mean
+        i = int(torch.where(ok & (top1 == top), gflops, torch.tensor(float("inf"), dtype=torch.float64)).argmin())
+        cand = Choice(rungs, tuple(float(t) for t in ths[i]), 100.0 * float(top1[i]), float(gflops[i]), float(share[i]))
         if best is None or (cand.top1, -cand.gflops) > (best.top1, -best.gflops):
             best = cand
 
+    one = torch.zeros(1, 0, dtype=torch.float64)
     for i in range(k):
-        consider((i,), (), None, right[:, i].mean(), c[i], 0.0)
+        consider((i,), one, right[:, i].mean().view(1), torch.tensor([c[i]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
     if max_rungs < 2 or len(ts) == 0:
         return best
     for i, j in itertools.combinations(range(k), 2):
@@ -194,21 +198,23 @@ def choose(logits: Tensor, y: Tensor, costs: Sequence[float], budget_gflops: flo
         up = conf[:, i, None] < ts[None, :]  # (n, T)
         top1 = torch.where(up, right[:, j, None], right[:, i, None]).mean(0)
         share = up.double().mean(0)
-        consider((i, j), (), ts, top1, c[i] + share * c[j], share)
+        consider((i, j), ts[:, None], top1, c[i] + share * c[j], share)
     if max_rungs < 3:
         return best
     ts3 = ts[::2]
+    t0, t1 = torch.meshgrid(ts3, ts3, indexing="ij")
+    grid = torch.stack([t0.reshape(-1), t1.reshape(-1)], dim=1)  # (T*T, 2)
     for i, j, l in itertools.combinations(range(k), 3):
         if not c[i] < c[j] < c[l]:
             continue
-        for t0 in ts3.tolist():
-            up0 = conf[:, i] < t0  # (n,)
-            if not bool(up0.any()):
-                continue
-            up1 = up0[:, None] & (conf[:, j, None] < ts3[None, :])  # (n, T)
-            top1 = torch.where(up1, right[:, l, None], torch.where(up0, right[:, j], right[:, i])[:, None]).mean(0)
-            s0, s1 = float(up0.double().mean()), up1.double().mean(0)
-            consider((i, j, l), (t0,), ts3, top1, c[i] + s0 * c[j] + s1 * c[l], torch.full_like(s1, s0))
+        up0 = conf[:, i, None] < ts3[None, :]  # (n, T): past rung i
+        past_j = conf[:, j, None] < ts3[None, :]  # (n, T): rung j unsure
+        up1 = up0[:, :, None] & past_j[:, None, :]  # (n, T, T): past rung j
+        mid = torch.where(up0, right[:, j, None], right[:, i, None])  # (n, T)
+        top1 = torch.where(up1, right[:, l, None, None], mid[:, :, None]).mean(0).reshape(-1)
+        s0 = up0.double().mean(0)[:, None].expand(-1, len(ts3)).reshape(-1)
+        s1 = up1.double().mean(0).reshape(-1)
+        consider((i, j, l), grid, top1, c[i] + s0 * c[j] + s1 * c[l], s0)
     return best
 
 
@@ -285,7 +291,7 @@ def fit_margin(logits: Tensor, y: Tensor, costs: Sequence[float], budget_gflops:
 
 def _mean_cost(logits: Tensor, costs: Sequence[float], c: Choice) -> float:
     """Mean GFLOPs per image of the chain ``c`` on images whose ladder logits are ``logits``."""
-    conf = logits.float().softmax(-1).amax(-1)
+    conf = confidence(logits)
     active = torch.ones(logits.shape[0], dtype=torch.bool)
     total = torch.full((logits.shape[0],), float(costs[c.rungs[0]]), dtype=torch.float64)
     for prev, nxt, t in zip(c.rungs[:-1], c.rungs[1:], c.thresholds):

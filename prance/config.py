@@ -10,7 +10,6 @@ read through :mod:`importlib.resources`), so an installed prance has them too.
 
 from __future__ import annotations
 
-import importlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,25 +22,6 @@ from prance.errors import PranceError
 CONFIG_ROOT = resources.files("prance") / "presets"  # <kind>/<name>.yaml
 
 T = TypeVar("T", bound=BaseModel)
-
-# Where each configuration lives; ``prance.config.<name>`` still finds it (PEP 562).
-_HOMES = {
-    "WidthFractions": "prance.train.config",
-    "PretrainConfig": "prance.train.config",
-    "SelectorConfig": "prance.selector.config",
-    "SWEEP_STRATEGIES": "prance.sweep.config",
-    "SWEEP_OWNED": "prance.sweep.config",
-    "StaticSearchSettings": "prance.sweep.config",
-    "ParamSpace": "prance.sweep.config",
-    "SweepConfig": "prance.sweep.config",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'prance.config' has no attribute {name!r}")
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

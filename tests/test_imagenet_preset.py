@@ -18,7 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
-from prance.config import CONFIG_ROOT, SWEEP_STRATEGIES, PretrainConfig, SweepConfig, load_config
+from prance.config import CONFIG_ROOT, load_config
+from prance.sweep.config import SWEEP_STRATEGIES, SweepConfig
+from prance.train.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "sweeps" / "budget_sweep.py"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from prance.checkpoint import load_checkpoint
-from prance.config import PretrainConfig, load_config
+from prance.config import load_config
+from prance.train.config import PretrainConfig
 from prance.data import FASHION_MNIST_SPEC, fashion_mnist, make_loader, seeded_subset
 from prance.errors import PranceError
 from prance.evaluate import evaluate

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prance import flops
-from prance.config import SelectorConfig
+from prance.selector.config import SelectorConfig
 from prance.errors import PranceError
 from prance.models import create_meta
 from prance.selector import execute, ppo, reward
@@ -213,6 +213,9 @@ def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tm
     kept = [m["top1"] for m in seen]  # each report is the selector that would be kept: never below the start, never falling
     assert kept == sorted(kept) and kept[0] >= final["warm_start_top1"] and kept[-1] == final["top1"]
     assert final["test_gflops"] <= final["budget_gflops"] * (1 + 1e-9)
+    # a cap result: not one image over the budget (its most expensive image), on validation and test
+    assert final["gflops_p95"] <= final["gflops_max"] <= final["budget_gflops"] * (1 + 1e-9)
+    assert final["test_gflops_max"] <= final["budget_gflops"] * (1 + 1e-9)
     assert (tmp_path / SELECTOR_FILE).is_file()
 
 

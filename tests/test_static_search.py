@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prance import flops, static_search
-from prance.config import SelectorConfig
+from prance.selector.config import SelectorConfig
 from prance.selector import static
 from prance.selector.selector import Selector
 from prance.selector.train import train_selector

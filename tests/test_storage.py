@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from prance import storage
-from prance.config import PretrainConfig
+from prance.train.config import PretrainConfig
 from prance.errors import PranceError
 from prance.sweep import store
 from prance.train import launch

@@ -6,7 +6,9 @@ import torch
 
 from prance import flops
 from prance.budget import calibrate
-from prance.config import SWEEP_STRATEGIES, PretrainConfig, SelectorConfig, SweepConfig
+from prance.selector.config import SelectorConfig
+from prance.sweep.config import SWEEP_STRATEGIES, SweepConfig
+from prance.train.config import PretrainConfig
 from prance.evaluate import evaluate
 from prance.models import create_meta
 from prance.selector.actions import ActionSpace

@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
-from prance.config import ParamSpace, SweepConfig, load_config
+from prance.config import load_config
+from prance.sweep.config import ParamSpace, SweepConfig
 from prance.errors import PranceError
 from prance.sweep import report as rep
 from prance.sweep.plan import plan_sweep
@@ -175,7 +176,7 @@ def test_score_and_report_pick_the_best_within_budget(tmp_path):
 
 def test_training_free_trials_use_the_selectors_validation_images(micro_checkpoint):
     from prance.checkpoint import load_checkpoint
-    from prance.config import SelectorConfig
+    from prance.selector.config import SelectorConfig
     from prance.splits import SplitSpec, load
 
     selector = SelectorConfig(val_limit=50, train_limit=20, seed=3).model_dump()

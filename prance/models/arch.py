@@ -131,7 +131,7 @@ def stem_macs(vit: nn.Module) -> int:
         return 0
     import torch
 
-    from prance.flops import flop_counter
+    from prance.flop_reference import flop_counter
 
     pe = vit.patch_embed
     was_training = backbone.training

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from prance.budget import spread
 from prance.device import of as device_of, synchronize
 from prance.errors import PranceError
 from prance.models.meta import MetaViT
@@ -96,14 +97,15 @@ def evaluate_selector(
     reward_fn: Callable[[Tensor, Tensor, execute.Episode], Tensor] | None = None,
     amp: bool = False,
 ) -> dict:
-    """Top-1 (%), mean GFLOPs per image (selector included), token ratios, images/s of
+    """Top-1 (%), GFLOPs per image (selector included: mean, p95, max), token ratios, images/s of
     the adaptive forward (data loading excluded), the mean distinct schedules per batch
     and, with ``reward_fn(x, y, episode)``, the mean reward (computed outside the timing).
     Runs on the meta-network's device; ``amp``: its forwards in mixed precision."""
     meta.eval()
     dev = device_of(meta)
     correct = n = 0
-    macs = tok = final = 0.0
+    tok = final = 0.0
+    per_image: list[Tensor] = []
     seconds = 0.0
     groups = []
     rewards = 0.0
@@ -116,7 +118,7 @@ def evaluate_selector(
         seconds += time.perf_counter() - t0
         correct += int((ep.logits.argmax(dim=-1) == y).sum())
         n += len(y)
-        macs += float(ep.macs.sum())
+        per_image.append(ep.macs.double().cpu() / 1e9)
         tok += float(ep.token_ratio.sum())
         final += float(ep.final_token_ratio.sum())
         groups.append(ep.groups)
@@ -126,7 +128,7 @@ def evaluate_selector(
         raise PranceError("no images to evaluate")
     return {
         "top1": 100.0 * correct / n,
-        "gflops": macs / n / 1e9,
+        **spread(torch.cat(per_image).tolist()),  # gflops (mean), gflops_p95, gflops_max
         "token_ratio": tok / n,
         "final_token_ratio": final / n,
         "throughput_img_s": n / seconds,
