@@ -18,13 +18,11 @@ from tqdm import tqdm
 from prance import flops, tracking
 from prance.budget import calibrate
 from prance.device import autocast_for, resolve, synchronize
+from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet
 from prance.tokens.state import TokenPlan
 from prance.tokens.strategies import StrategyConfig, build_plan
-
-METRICS = (tracking.TOP1, tracking.GFLOPS, tracking.TOKEN_RATIO, tracking.FINAL_TOKEN_RATIO, tracking.THROUGHPUT, tracking.REWARD)
-
 
 def plan_for(model: MetaViT, cfg: StrategyConfig, budget_gflops: float | None = None, subnet: SubNet | None = None) -> tuple[StrategyConfig, TokenPlan]:
     """The plan of ``cfg``, calibrated to ``budget_gflops`` when one is given."""
@@ -62,13 +60,13 @@ def evaluate(
         correct += int((logits.argmax(dim=-1).cpu() == y).sum())
         n += len(y)
     if n == 0:
-        raise ValueError("no images to evaluate")
+        raise PranceError("no images to evaluate")
     return {
-        "top1": 100.0 * correct / n,
-        "gflops": report.gflops,
-        "token_ratio": report.token_ratio,
-        "final_token_ratio": report.final_token_ratio,
-        "throughput_img_s": n / seconds,
+        tracking.TOP1: 100.0 * correct / n,
+        tracking.GFLOPS: report.gflops,
+        tracking.TOKEN_RATIO: report.token_ratio,
+        tracking.FINAL_TOKEN_RATIO: report.final_token_ratio,
+        tracking.THROUGHPUT: n / seconds,
         "n_images": n,
     }
 

@@ -90,10 +90,3 @@ def gflops(arch: ArchSpec, subnet: SubNet | None = None, plan: TokenPlan | None 
     return count(arch, subnet, plan).gflops
 
 
-def mean_report(reports: list[FlopsReport], weights: list[float]) -> FlopsReport:
-    """Mean over images of per-image schedules: ``weights[i]`` images ran ``reports[i]``."""
-    total = float(sum(weights))
-    macs = sum(r.macs * w for r, w in zip(reports, weights)) / total
-    ratio = sum(r.token_ratio * w for r, w in zip(reports, weights)) / total
-    final = sum(r.final_token_ratio * w for r, w in zip(reports, weights)) / total
-    return FlopsReport(round(macs), ratio, final)

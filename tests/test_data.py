@@ -92,13 +92,13 @@ def test_read_idx_rejects_truncated_and_corrupt_files(tmp_path: Path) -> None:
     for name, content in bad.items():
         path = tmp_path / name
         path.write_bytes(content)
-        with pytest.raises(PranceError):
+        with pytest.raises(PranceError, match=name):  # the message names the file
             read_idx(path)
     cut_gzip = tmp_path / "cut.gz"
     cut_gzip.write_bytes((DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()[:500])
     with pytest.raises(PranceError, match="cut.gz"):
         read_idx(cut_gzip)
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="cannot read IDX file .*missing.idx"):
         read_idx(tmp_path / "missing.idx")
 
 
@@ -205,9 +205,9 @@ def test_colour_images_to_grey_and_bad_channels() -> None:
     two = TensorImageDataset(images, torch.zeros(4), InputSpec(2, (8, 8), (0.0,), (1.0,)))
     with pytest.raises(PranceError, match="channels"):
         two.batch([0])
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="mean has 2 values for 3 channels"):
         InputSpec(3, (8, 8), (0.1, 0.2), (1.0,))
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="images must be uint8"):
         TensorImageDataset(images.float(), torch.zeros(4), SPEC_1x28)
 
 
@@ -243,7 +243,7 @@ def test_seeded_subset_is_deterministic() -> None:
     state = torch.get_rng_state()
     seeded_subset(base, 10, 9)
     assert torch.equal(state, torch.get_rng_state())
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="subset size must be at least 1"):
         seeded_subset(base, 0, 0)
 
 
@@ -256,7 +256,7 @@ def test_train_val_split_is_disjoint_and_covering() -> None:
     again = train_val_split(base, 0.1, seed=1)
     assert again[1].indices == val.indices and train_val_split(base, 0.1, 2)[1].indices != val.indices
     for bad in (0.0, 1.0, -0.5, 1.5):
-        with pytest.raises(PranceError):
+        with pytest.raises(PranceError, match=r"val_fraction must be in \(0, 1\)"):
             train_val_split(base, bad, 0)
 
 
@@ -291,7 +291,7 @@ def test_make_loader_generic_dataset_and_bad_batch_size() -> None:
     assert [len(y) for _, y in batches] == [4, 4, 2]
     again = list(make_loader(base, 4, shuffle=True, seed=1))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="batch_size must be at least 1"):
         make_loader(base, 0)
 
 

@@ -148,9 +148,9 @@ def test_space_sampling_and_subnet_checks():
             stop = space.stage_starts[st + 1] if st + 1 < len(space.stage_starts) else arch.depth
             assert len(set(s.embed[start:stop])) == 1
     assert space.largest() == SubNet.full(arch)
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="heads value 99 outside"):
         SubNet((99,) * 12, (10,) * 12, (10,) * 12).check(arch)
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="heads has 3 entries, the model has 12 blocks"):
         SubNet((1,) * 3, (10,) * 3, (10,) * 3).check(arch)
     assert SubNet.from_dict(subs[0].to_dict()) == subs[0]
 

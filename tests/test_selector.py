@@ -183,7 +183,7 @@ def test_checkpoint_round_trip_and_refusal_of_another_meta_network(micro, tmp_pa
         load_selector(path, other)
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"not a checkpoint")
-    with pytest.raises(PranceError):
+    with pytest.raises(PranceError, match="is not a safetensors selector checkpoint"):
         load_selector(bogus, micro)
 
 

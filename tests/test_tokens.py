@@ -255,14 +255,18 @@ def test_calibration_meets_budget_most_closely(fmnist_model, name):
 
 def test_bad_parameters_and_budgets():
     m = create_meta("prance_vit_micro")
-    for cfg in [StrategyConfig("merge", r=100), StrategyConfig("prune", keep=1.5), StrategyConfig("prune", keep=0.0),
-                StrategyConfig("prune", r=3), StrategyConfig("ppt", locs=(9,)), StrategyConfig("nope")]:
-        with pytest.raises(PranceError):
+    for cfg, message in [(StrategyConfig("merge", r=100), "r must be an integer in 0..8"),
+                         (StrategyConfig("prune", keep=1.5), r"keep must be in \(0, 1\]"),
+                         (StrategyConfig("prune", keep=0.0), r"keep must be in \(0, 1\]"),
+                         (StrategyConfig("prune", r=3), "takes --keep, not --r"),
+                         (StrategyConfig("ppt", locs=(9,)), r"reduction blocks \[9\] outside"),
+                         (StrategyConfig("nope"), "unknown token strategy 'nope'")]:
+        with pytest.raises(PranceError, match=message):
             build_plan(cfg, m.arch)
     assert parse_budget("50%", 2.0) == pytest.approx(1.0)
     assert parse_budget("1.5", 2.0) == 1.5
-    for bad in ["abc", "-1", "0%"]:
-        with pytest.raises(PranceError):
+    for bad, message in [("abc", "is neither GFLOPs"), ("-1", "positive finite"), ("0%", "positive finite")]:
+        with pytest.raises(PranceError, match=message):
             parse_budget(bad, 2.0)
 
 

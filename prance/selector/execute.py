@@ -420,7 +420,3 @@ def _completions(vit, actions: ActionSpace, table: CostTable, groups: list[Group
         ran += 1
     return ran
 
-
-def decisions_of(actions: ActionSpace, episode: Episode, i: int) -> list[StageDecision]:
-    """The per-stage decisions image ``i`` ran."""
-    return [actions.decision(episode.actions[i, t].tolist()) for t in range(actions.num_stages)]

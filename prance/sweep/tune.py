@@ -259,11 +259,9 @@ def _slots(cfg: SweepConfig) -> int:
     if cfg.use_gpu:
         gpus = float(res.get("GPU", 0))
         if gpus < cfg.gpus_per_trial:
-            try:
-                from prance.train.placement import autoscaler_max_nodes
-            except ImportError:
-                autoscaler_max_nodes = None
-            if not (autoscaler_max_nodes and autoscaler_max_nodes() > 1):
+            from prance.train.placement import autoscaler_max_nodes
+
+            if not autoscaler_max_nodes() > 1:
                 raise PranceError(f"--use-gpu: a trial needs {cfg.gpus_per_trial} GPU, the Ray cluster has {gpus:g}")
             return cfg.max_concurrent_trials or 1  # the autoscaler brings GPU nodes once trials wait
         return cfg.max_concurrent_trials or max(1, int(gpus // cfg.gpus_per_trial))
@@ -427,12 +425,9 @@ def _start_ray(address: str | None, storage: str, uri: str) -> None:
     _init_ray(address)
     for logger in ("ray.tune", "ray.train", "mlflow"):  # their INFO lines drown the progress lines
         logging.getLogger(logger).setLevel(logging.WARNING)
-    try:
-        from prance.train.placement import check_shared_locations
-    except ImportError:
-        check_shared_locations = None
-    if check_shared_locations is not None:
-        check_shared_locations(storage, uri)
+    from prance.train.placement import check_shared_locations
+
+    check_shared_locations(storage, uri)
 
 
 def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: str, command: str,
