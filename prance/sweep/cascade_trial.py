@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prance.sweep.trial import Report, TrialContext, _fixed, _model, _threads, baseline_top1, validation_images
+from prance.sweep.trial import Report, TrialContext, baseline_top1, begin, finish_fixed, model_of, validation_images
 
 _LADDERS: dict = {}
 LADDER_CALLS = {"computed": 0}  # how many ladders this process computed (the sharing is tested on it)
@@ -31,7 +31,7 @@ def shared_ladder(ctx: TrialContext, budget_gflops: float) -> list:
 
     key = ladder_key(ctx, budget_gflops)
     if key not in _LADDERS:
-        model = _model(ctx.checkpoint)
+        model = model_of(ctx.checkpoint)
         c = ctx.cascade
         rungs = sorted(set(list(c.get("rungs", cascade.RUNGS)) + [1.0]))
         _LADDERS[key] = cascade.ladder(model, budget_gflops, validation_images(ctx, model), rungs,
@@ -46,9 +46,9 @@ def run_cascade(config: dict, ctx: TrialContext, report: Report, workdir: Path, 
     """The best cascade at the trial's (mean) budget, evaluated on the validation images."""
     from prance import cascade
 
-    start = _threads(ctx)
+    start = begin(ctx)
     budget = float(config["budget_gflops"])
-    model = _model(ctx.checkpoint)
+    model = model_of(ctx.checkpoint)
     x, y = validation_images(ctx, model)
     c = ctx.cascade
     found = cascade.search(model, budget, (x, y), c.get("strategies", ["none", "merge", "prune_merge"]),
@@ -56,4 +56,4 @@ def run_cascade(config: dict, ctx: TrialContext, report: Report, workdir: Path, 
     m = cascade.evaluate(model, found.best, x, y, batch_size=max(ctx.selector.get("batch_size", 64), 256))
     m.pop("n_images", None)
     m.update({"param": found.best.describe(), "margin": found.margin, "ladder_rungs": len(found.ladder)})
-    return _fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
+    return finish_fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)

@@ -60,7 +60,7 @@ _IMAGES: dict = {}
 _TOP1: dict = {}
 
 
-def _model(checkpoint: str):
+def model_of(checkpoint: str):
     if checkpoint not in _MODELS:
         from prance.checkpoint import load_checkpoint
 
@@ -102,7 +102,7 @@ def evaluate_fixed(ctx: TrialContext, token_strategy: str, budget_gflops: float 
     from prance.evaluate import evaluate, plan_for
     from prance.tokens.strategies import StrategyConfig
 
-    model = _model(ctx.checkpoint)
+    model = model_of(ctx.checkpoint)
     plan = None
     param = ""
     if budget_gflops is not None and token_strategy != "none":
@@ -124,7 +124,7 @@ def evaluate_static(ctx: TrialContext, token_strategy: str, budget_gflops: float
     from prance import static_search
     from prance.evaluate import evaluate
 
-    model = _model(ctx.checkpoint)
+    model = model_of(ctx.checkpoint)
     x, y = validation_images(ctx, model)
     size = ctx.selector.get("batch_size", 64)
     settings = {"first_images": 64, "eta": 3, "uniform_only": False, **ctx.static}
@@ -178,7 +178,7 @@ def budget_of(config: dict):
                   str(config.get("budget", "")))
 
 
-def _fixed(config: dict, ctx: TrialContext, report: Report, m: dict, base: float, start: float) -> dict:
+def finish_fixed(config: dict, ctx: TrialContext, report: Report, m: dict, base: float, start: float) -> dict:
     """The final report of a trial that evaluates one configuration."""
     budget = float(config["budget_gflops"])
     found = m.pop("param")
@@ -191,7 +191,8 @@ def _fixed(config: dict, ctx: TrialContext, report: Report, m: dict, base: float
     return final
 
 
-def _threads(ctx: TrialContext) -> float:
+def begin(ctx: TrialContext) -> float:
+    """Start a trial: its torch threads set; returns the start time."""
     import torch
 
     torch.set_num_threads(ctx.threads)
@@ -200,27 +201,27 @@ def _threads(ctx: TrialContext) -> float:
 
 def run_dense(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
     """The full meta-network, no token reduction: the reference point of the plot."""
-    start = _threads(ctx)
+    start = begin(ctx)
     m = evaluate_fixed(ctx, "none", None)
     m["param"] = ""
-    return _fixed(config, ctx, report, m, m[tracking.TOP1], start)
+    return finish_fixed(config, ctx, report, m, m[tracking.TOP1], start)
 
 
 def run_training_free(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
     """The full meta-network with the token strategy calibrated to the budget."""
-    start = _threads(ctx)
+    start = begin(ctx)
     budget = float(config["budget_gflops"])
     m = evaluate_fixed(ctx, config["token_strategy"], budget)
     m["param"] = ""  # the plan's calibrated value is in the row already
-    return _fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
+    return finish_fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
 
 
 def run_static(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
     """The best static configuration of the token strategy at the budget."""
-    start = _threads(ctx)
+    start = begin(ctx)
     budget = float(config["budget_gflops"])
     m = evaluate_static(ctx, config["token_strategy"], budget)
-    return _fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
+    return finish_fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
 
 
 def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
@@ -232,13 +233,13 @@ def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir:
     from prance.selector.store import SELECTOR_FILE
     from prance.splits import SplitSpec
 
-    start = _threads(ctx)
+    start = begin(ctx)
     budget = float(config["budget_gflops"])
     penalty = ctx.overshoot_penalty
     cfg = selector_config(config, ctx)
     base = baseline_top1(ctx, budget)
     workdir.mkdir(parents=True, exist_ok=True)
-    model = _model(ctx.checkpoint)
+    model = model_of(ctx.checkpoint)
     spec = SplitSpec.of(cfg.model_copy(update={"test_limit": None}))  # a trial's own suggestions may change its split
     data = {part: split_images(model, spec, part) for part in ("val", "train")}
 
