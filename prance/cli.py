@@ -167,7 +167,7 @@ def _selector_config(args: argparse.Namespace):
     from prance.selector.config import SelectorConfig
 
     overrides = parse_overrides(args.set)
-    for key in ("checkpoint", "strategy", "budget", "iterations", "seed", "dataset", "device"):
+    for key in ("checkpoint", "strategy", "budget", "budget_kind", "iterations", "seed", "dataset", "device"):
         v = getattr(args, key, None)
         if v is not None:
             overrides[key] = v
@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
     p.add_argument("--strategy", help="prune, merge or prune_merge")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.04) or share of the full sub-network (e.g. 50%%)")
+    p.add_argument("--budget-kind", choices=["mean", "cap"], help="mean (default): the average GFLOPs per image within the budget; "
+                                                                   "cap: every image within it")
     p.add_argument("--iterations", type=int, help="PPO updates")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
     p.add_argument("--seed", type=int)

@@ -122,7 +122,7 @@ def test_grouped_execution_equals_each_image_alone(micro, strategy, spread, join
         assert ep.sub_batches == sum(widths) + sum(widths[:-1])
     overhead = policy.actor_macs() * actions.num_stages
     for i in range(24):
-        decs = execute.decisions_of(actions, ep, i)
+        decs = [actions.decision(ep.actions[i, t].tolist()) for t in range(actions.num_stages)]  # what image i ran
         sub, plan = actions.compose(decs)
         with torch.no_grad():
             alone = micro(x[i : i + 1], sub, plan)[0]
@@ -145,6 +145,41 @@ def test_batch_mates_do_not_change_an_images_result(micro):
     part = sel.run(micro, x[5:9], budget)
     assert torch.allclose(whole.logits[5:9], part.logits, atol=1e-5)
     assert torch.equal(whole.actions[5:9], part.actions)
+
+
+def test_a_mean_budget_masks_no_image_below_the_full_sub_network(micro):
+    """cap: every image within the budget; mean: the same policy may spend more on some
+    images (the mean is held by the reward, not by the mask)."""
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for kind in ("cap", "mean"):
+        sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16, seed=3, budget_kind=kind)
+        budget = 1.15 * sel.min_gflops()
+        runs[kind] = sel.run(micro, x, budget, greedy=False, generator=torch.Generator().manual_seed(1))
+    assert (runs["cap"].macs <= budget * 1e9 + 1e-3).all()
+    assert (runs["mean"].macs > budget * 1e9).any() and (runs["mean"].macs <= sel.table.full_macs + sel.overhead_macs + 1e-3).all()
+
+
+def test_a_mean_budget_selector_keeps_the_mean_and_never_falls_below_its_start(micro_checkpoint, tmp_path):
+    from prance.selector.run import run_selector
+    from prance.selector.store import SELECTOR_FILE
+
+    cfg = SelectorConfig(checkpoint=str(micro_checkpoint), strategy="prune", budget="55%", budget_kind="mean",
+                         reward_form="constrained", flops_weight=0.05, decision_blocks=[1, 2, 3], hidden=16, iterations=3,
+                         eval_every=1, rollout_images=32, minibatch=16, ppo_epochs=2, train_limit=128, val_limit=64,
+                         static_images=64, static_first_images=32, rollouts_from="holdout")
+    seen = []
+    final = run_selector(cfg, seen.append, tmp_path, progress=False)
+    for m in seen + [final]:  # what is kept: its mean GFLOPs within the budget on validation, never below the start
+        assert m["gflops"] <= m["budget_gflops"] * (1 + 1e-9) and m["top1"] >= final["warm_start_top1"]
+    selector, header = load_selector(tmp_path / SELECTOR_FILE, load_checkpoint_meta(micro_checkpoint))
+    assert selector.budget_kind == "mean" and header["config"]["budget_kind"] == "mean"
+
+
+def load_checkpoint_meta(path):
+    from prance.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)[0]
 
 
 def test_selector_config_takes_device_names():
@@ -199,7 +234,7 @@ def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tm
     from prance.selector.store import SELECTOR_FILE
 
     cfg = SelectorConfig(
-        checkpoint=str(SHIPPED), strategy="prune", budget="45%", iterations=4, rollout_images=96,
+        checkpoint=str(SHIPPED), strategy="prune", budget="45%", budget_kind="cap", iterations=4, rollout_images=96,
         minibatch=48, ppo_epochs=2, eval_every=2, train_limit=2000, val_limit=300, test_limit=300,
     )
     seen = []

@@ -18,6 +18,10 @@ class SelectorConfig(Strict):
     dataset: str = "fashion-mnist"
     strategy: Literal[SELECTOR_STRATEGIES] = "prune"
     budget: str = "50%"  # GFLOPs ("0.04") or a share of the full sub-network ("50%")
+    # mean: the average GFLOPs per image is held at the budget (the constrained reward's
+    # multiplier does it; no image is capped below the full sub-network); cap: every image
+    # within the budget (the policy's actions are masked per image)
+    budget_kind: Literal["mean", "cap"] = "mean"
     budget_spread: float = Field(default=0.25, ge=0, lt=1)  # train on budgets in budget*(1 +- spread)
     decision_blocks: list[int] = Field(default_factory=lambda: [3, 6, 9])
     joint_widths: bool = True  # heads, MLP and embedding widths move together (one level per stage)

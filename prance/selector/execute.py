@@ -272,10 +272,13 @@ def run(
     rtg: bool = False,
     amp: bool = False,
     call_macs: float | None | str = "auto",
+    *,
+    cap_macs: Tensor | None = None,
 ) -> Episode:
     """Run ``images`` adaptively with a per-image MACs budget ``budget_macs`` (B,) on
     ``images``' device (the meta-network must be there); the episode's tensors are on
-    the CPU. ``call_macs``: what one more sub-batch per block is worth in padded MACs
+    the CPU. The policy sees the budget; its actions are masked to ``cap_macs`` (B,)
+    per image (default: the budget itself). ``call_macs``: what one more sub-batch per block is worth in padded MACs
     (``"auto"``: :data:`CALL_MACS` of the device; 0: never pad, None: never split a width)."""
     arch = meta.arch
     vit = meta.vit
@@ -291,6 +294,7 @@ def run(
     if call_macs == "auto":
         call_macs = CALL_MACS.get(dev.type, CALL_MACS["cuda"])
     budget_macs = budget_macs.cpu()
+    cap_macs = budget_macs if cap_macs is None else cap_macs.cpu()
 
     def net():  # the meta-network's own computation: on the device, mixed precision with amp
         return autocast_for(dev, amp)
@@ -314,7 +318,7 @@ def run(
     for t, (start, stop) in enumerate(actions.stages):
         # one policy call for every image, each masked by its own feasibility
         obs = torch.cat([observe(g.state, t, S, budget_frac[g.idx], spent[g.idx] / table.full_macs, n0, D, g.n) for g in groups])
-        feas = torch.cat([_feasible(table, t, g, spent[g.idx] + overhead, budget_macs[g.idx]) for g in groups])
+        feas = torch.cat([_feasible(table, t, g, spent[g.idx] + overhead, cap_macs[g.idx]) for g in groups])
         dec = policy.act(obs, feas, actions.active(t), fixed, greedy, generator)
         order = torch.cat([g.idx for g in groups])
         all_actions[order, t] = dec.actions

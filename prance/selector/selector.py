@@ -39,24 +39,25 @@ class Selector:
     actions: ActionSpace
     table: CostTable
     fingerprint: str  # of the meta-network it belongs to
+    budget_kind: str = "cap"  # cap: each image's actions masked to its budget; mean: only to the full sub-network
 
     @classmethod
     def create(
         cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None,
-        merge_spread: bool = False, anchor: StrategyConfig | None = None,
+        merge_spread: bool = False, anchor: StrategyConfig | None = None, budget_kind: str = "cap",
     ) -> "Selector":
         actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths, merge_spread, anchor)
         torch.manual_seed(seed)
         e, n_st = meta.arch.embed_dim, actions.num_stages
         policy = ActorCritic(obs_dim(e, n_st), actions.sizes, hidden, stage_slice(e, n_st))
-        return cls(policy, actions, CostTable(actions), fingerprint or meta_fingerprint(meta))
+        return cls(policy, actions, CostTable(actions), fingerprint or meta_fingerprint(meta), budget_kind)
 
     @classmethod
     def for_config(cls, meta: MetaViT, cfg, anchor: StrategyConfig | None = None, fingerprint: str | None = None) -> "Selector":
         """A fresh selector as a :class:`prance.selector.config.SelectorConfig` describes it
         (``anchor``: see :class:`prance.selector.actions.ActionSpace`)."""
         return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, fingerprint,
-                          merge_spread=cfg.merge_spread, anchor=anchor)
+                          merge_spread=cfg.merge_spread, anchor=anchor, budget_kind=cfg.budget_kind)
 
     @property
     def overhead_macs(self) -> int:
@@ -84,7 +85,9 @@ class Selector:
         b = images.shape[0]
         budget = torch.as_tensor(budget_gflops, dtype=torch.float64) * 1e9
         budget = budget.expand(b) if budget.dim() == 0 else budget
-        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg, amp)
+        # a mean budget caps no image below the full sub-network (its policy and all)
+        cap = budget if self.budget_kind == "cap" else torch.full((b,), float(self.table.full_macs + self.overhead_macs), dtype=torch.float64)
+        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg, amp, cap_macs=cap)
 
 
 @torch.inference_mode()

@@ -77,6 +77,7 @@ def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
     selector = Selector.create(
         meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found,
         merge_spread=header["actions"].get("merge_spread", False), anchor=anchor_of(header["actions"].get("anchor")),
+        budget_kind=(header.get("config") or {}).get("budget_kind", "cap"),  # selectors saved before budget kinds: cap
     )
     if selector.actions.signature() != header["actions"]:
         raise PranceError(f"selector {path}: its action space does not match this meta-network's sub-network space")

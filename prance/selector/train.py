@@ -259,7 +259,8 @@ def train_selector(
             metrics["elapsed_s"] = time.perf_counter() - t_start
             metrics["lagrange"] = lam
             history.append(metrics)
-            if best is None or metrics["top1"] > best["top1"]:
+            meets = metrics["gflops"] <= budget_gflops * (1 + 1e-9)  # the mean (a cap selector meets it by its mask)
+            if meets and (best is None or metrics["top1"] > best["top1"]):
                 best, best_state = dict(metrics), copy.deepcopy(policy.state_dict())
             if callback is not None:
                 # report the selector that would be kept (best so far, the warm start

@@ -49,7 +49,7 @@ class CascadeSettings(Strict):
 
 
 # SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
-SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "device")
+SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "budget_kind", "device")
 
 
 class ParamSpace(Strict):
@@ -130,7 +130,7 @@ class SweepConfig(Strict):
             raise ValueError("a budget is listed twice")
         owned = sorted(set(SWEEP_OWNED) & self.selector.model_fields_set)
         if owned:
-            raise ValueError(f"selector.{owned[0]} is set by the sweep: use the top-level keys checkpoint, dataset, strategies, budgets, use_gpu")
+            raise ValueError(f"selector.{owned[0]} is set by the sweep: use the top-level keys checkpoint, dataset, strategies, budgets, budget_kind, use_gpu")
         tunable = [k for k in SelectorConfig.model_fields if k not in SWEEP_OWNED]
         seen: list[str] = []
         for key, spec in self.space.items():

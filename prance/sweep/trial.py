@@ -166,7 +166,7 @@ def selector_config(config: dict, ctx: TrialContext):
     data = dict(ctx.selector)
     data.update({k: v for k, v in config.items() if k in SelectorConfig.model_fields})
     data.update(checkpoint=ctx.checkpoint, dataset=ctx.dataset, strategy=config["token_strategy"],
-                budget=repr(float(config["budget_gflops"])), device=ctx.device)
+                budget=repr(float(config["budget_gflops"])), budget_kind=config.get("budget_kind", "mean"), device=ctx.device)
     return SelectorConfig.model_validate(data)
 
 
