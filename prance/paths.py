@@ -21,12 +21,14 @@ def _reason(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
-def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+def check_output_dir(path: str | os.PathLike, what: str, shown: str | os.PathLike | None = None) -> Path:
     """``path`` is (or can become) a folder this process can write files in; PranceError
-    naming ``what`` (e.g. ``--output``) when not. Returns the absolute path."""
+    naming ``what`` (e.g. ``--output``) and ``shown`` (default ``path``) when not.
+    Returns the absolute path."""
     folder = Path(path).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
-        raise PranceError(f"{what} {path}: is a file, not a folder")
+        raise PranceError(f"{what} {path}: is a file, not a folder" if shown is None else f"{what} {shown}: {folder} is a file, not a folder")
+    path = path if shown is None else shown
     missing: list[Path] = []
     probe_root = folder
     while not probe_root.exists():
@@ -59,7 +61,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     file = Path(path).expanduser().absolute()
     if file.is_dir():
         raise PranceError(f"{what} {path}: is a folder, not a file")
-    check_output_dir(file.parent, what)
+    check_output_dir(file.parent, what, shown=path)
     if file.exists() and not os.access(file, os.W_OK):
         raise PranceError(f"{what} {path} is not writable (permission denied)")
     return file
