@@ -247,6 +247,13 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     else:
         out_dir, name = out, SELECTOR_FILE
 
+    if args.resume:
+        from prance.selector.store import STATE_FILE
+
+        if not (out_dir / STATE_FILE).is_file():
+            raise PranceError(f"nothing to resume: no training state {out_dir / STATE_FILE} (what an interrupted "
+                              f"train-selector --output {args.output} leaves)")
+
     def report(m: dict) -> None:
         print(
             f"[selector] it {m['iteration']:3d}: kept (it {m['best_iteration']}) val top1 {m['top1']:.2f}%  gflops {m['gflops']:.4f} "
@@ -254,7 +261,7 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
 
-    result = run_selector(cfg, report, out_dir, progress=True)
+    result = run_selector(cfg, report, out_dir, progress=True, resume_from=out_dir if args.resume else None)
     if name != SELECTOR_FILE:
         (out_dir / SELECTOR_FILE).replace(out_dir / name)
     keys = ("top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward")
@@ -487,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of SelectorConfig keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any SelectorConfig key (repeatable)")
     p.add_argument("--output", default="runs/selector", help="folder (or .safetensors path) for the selector")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the training state an interrupted run left in --output's folder (selector_state.pt)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_selector)
 

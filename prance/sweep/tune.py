@@ -302,6 +302,8 @@ def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
     settings = store.read_settings(storage, name)
     if settings is None:
         raise PranceError(f"nothing to resume: no sweep {name!r} in {store.absolute_storage(storage)}")
+    if not store.is_remote(storage) and not store.has_tune_state(storage, name):
+        raise PranceError(f"nothing to resume in {store.experiment_path(storage, name)}: the sweep never started its trials")
     try:
         cfg = SweepConfig.model_validate({**settings["config"], "name": name, "storage": storage})
     except ValidationError as e:
@@ -340,8 +342,6 @@ def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | 
     tracking.check_store(uri)
     if resume:
         store.check_tune_state(storage, name)
-        if not store.is_remote(storage) and not store.has_tune_state(storage, name):
-            raise PranceError(f"nothing to resume in {exp_path}: the sweep never started its trials")
 
     return plan, name, storage, exp_path, uri
 
