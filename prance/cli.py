@@ -77,7 +77,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
     p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
+    p.add_argument("--val-limit", type=int, default=2000,
+                   help="validation images the choice is made on (default 2000, the default sweep's: the same defaults give its static rows)")
     p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
     p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
     p.add_argument("--batch-size", type=int, default=256)
