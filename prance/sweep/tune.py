@@ -406,7 +406,7 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.csv"
     df.to_csv(results, index=False)
-    plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs on {plan.model}")
+    plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs of {Path(str(plan.checkpoint)).name}")
     timing = store.append_timing(folder, {"resumed": resume, "slots": slots, "fit_s": round(fit_s, 2),
                                           "session_s": round(time.monotonic() - t_start, 2), "trials": len(progress.wall)})
     store.publish(storage, name, [results, plot, timing])
