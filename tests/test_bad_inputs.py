@@ -245,3 +245,31 @@ def test_resume_picks_the_latest_sweep_that_started(tmp_path: Path) -> None:
     store.remove_unstarted(str(tmp_path), "old-interrupted")  # has Tune state: kept
     store.remove_unstarted(str(tmp_path), "new-halfmade")
     assert (tmp_path / "old-interrupted" / store.TUNE_STATE).is_file() and not (tmp_path / "new-halfmade").exists()
+
+
+# ------------------------------------------------------- what the commands now do
+
+
+def test_train_selector_shows_progress_with_json_and_resumes(files: Path) -> None:
+    """Progress (the warm-start search included) on stderr also with --json; the output
+    folder keeps the training state, which --resume continues from."""
+    out = files / "selector-run"
+    args = ["train-selector", "--checkpoint", str(files / "micro.safetensors"), "--strategy", "merge", "--budget", "60%",
+            *[x for kv in ("decision_blocks=[1,2,3]", "hidden=16", "iterations=2", "eval_every=1", "rollout_images=32", "minibatch=16",
+                           "ppo_epochs=2", "train_limit=128", "val_limit=64", "static_images=64", "static_first_images=32", "test_limit=64")
+               for x in ("--set", kv)], "--output", str(out), "--json"]
+    try:
+        code, stdout, err = run_entry("prance", args)
+        assert code == 0, err
+        first = json.loads(stdout)
+        assert "[selector] warm start: searching" in err and "[selector] it   2:" in err
+        assert (out / "selector.safetensors").is_file() and (out / "selector_state.pt").is_file()
+        code, stdout, err = run_entry("prance", [*args, "--resume"])
+        assert code == 0, err
+        again = json.loads(stdout)
+        assert again["top1"] == first["top1"] and again["best_iteration"] == first["best_iteration"]
+        assert "warm start: searching" not in err  # continued from the state, not started again
+    finally:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # the module's fixture folder is compared by the table's cases
