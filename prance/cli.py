@@ -410,7 +410,10 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
         progress=True,
     )
     if args.output:
-        _write_record(args.output, rows, args.device)
+        try:
+            _write_record(args.output, rows, args.device)
+        except OSError as e:  # checked writable before; the disk filled up or went away since: keep the rows
+            args.deferred_error = f"could not write --output {args.output} ({e.strerror or type(e).__name__}); the measured rows are above"
     return rows
 
 
@@ -579,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prance: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prance: interrupted", file=sys.stderr)
+        hint = " (add --resume to continue from the last evaluation saved in --output)" if args.command == "train-selector" else ""
+        print(f"prance: interrupted{hint}", file=sys.stderr)
         return 130
     if getattr(args, "random_weights", None) and args.command in ("eval", "bench"):
         print(f"prance: warning: {args.random_weights} has no shipped checkpoint and none was given: these are the "
@@ -594,4 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 v = ",".join(f"{name}={x:.4g}" if isinstance(x, float) else f"{name}={x}" for name, x in v.items()) or "-"
             if not isinstance(v, (dict, list)):
                 print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")
+    if getattr(args, "deferred_error", None):  # the work is done and printed; only saving it failed
+        print(f"prance: error: {args.deferred_error}", file=sys.stderr)
+        return 1
     return 0

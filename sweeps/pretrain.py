@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             check_output_dir(cfg.storage, "--storage")
         if args.export:
             check_output_file(args.export, "--export")
+        if cfg.use_gpu and not args.export_only:
+            from prance.rayinit import starts_local_cluster
+
+            if starts_local_cluster(None):  # a Ray this script starts has this machine's GPUs: count them before it starts
+                import torch
+
+                if torch.cuda.device_count() < max(1, cfg.num_workers):
+                    raise PranceError(f"--use-gpu: {max(1, cfg.num_workers)} GPU worker(s) requested, this machine has {torch.cuda.device_count()} GPUs")
         from prance.train.export import export_run
         from prance.train.launch import pretrain, run_dir_of
 

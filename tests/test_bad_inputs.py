@@ -166,6 +166,8 @@ CASES = {
 }
 if torch.cuda.device_count() == 0:
     CASES["sweep_use_gpu_without_gpu"] = (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--use-gpu"], r"--use-gpu: a trial needs 1 GPU, this machine has 0")
+    CASES["pretrain_use_gpu_without_gpu"] = ("pretrain", ["--preset", "smoke", "--storage", "{tmp}/pt", "--use-gpu"],
+                                              r"--use-gpu: \d+ GPU worker\(s\) requested, this machine has 0 GPUs")
 
 
 @pytest.mark.parametrize("case", CASES)
