@@ -1,25 +1,30 @@
-"""A two-configuration confidence cascade of a meta-network: per-image adaptivity without
-training, the baseline to beat for a selector that spends more on hard images.
+"""A confidence cascade of a meta-network's static configurations: per-image adaptivity
+without training, the baseline to beat for a selector that spends more on hard images.
 
-Every image first runs a *cheap* static configuration (:mod:`prance.static_search`);
-when the cheap configuration's top softmax probability is below a threshold, the image
-also runs an *expensive* one, whose answer is taken. An image costs the cheap
-configuration's GFLOPs, plus the expensive one's when it escalates, so a cascade meets
-its budget on average over images (a *mean* budget), not on every image. This is the
-big/little scheme of Park et al. (2015, "Big/little deep neural network for ultra low
-power inference") with the top-1 softmax score as the confidence, on the configurations
-of one weight-sharing meta-network.
+Every image first runs the cheapest *rung* (a static configuration,
+:mod:`prance.static_search`); while the answer's top softmax probability is below the
+rung's threshold, the image runs the next rung too, whose answer is taken. An image costs
+the GFLOPs of every rung it ran, so a cascade meets its budget on average over images (a
+*mean* budget), not on every image. With two rungs this is the big/little scheme of Park
+et al. (2015, "Big/little deep neural network for ultra low power inference"); with
+more it is the confidence cascade of Jitkrittum et al. (NeurIPS 2023, "When does
+confidence-based cascade deferral suffice?"), on the configurations of one
+weight-sharing meta-network. Each pass starts from the image again (no features are
+reused: the probes in docs/benchmarks.md found that continuing a narrow prefix wider
+does not help this supernet).
 
 :func:`search` picks the cascade for a budget on validation images: a ladder of static
-configurations (the best static configuration at several multiples of the budget), every
-rung's logits on the validation images, then every (cheap, expensive) pair and threshold
-(:func:`choose`, exhaustive and cheap once the logits exist) by Top-1 with the mean GFLOPs
-within the budget. Never escalating is one of the choices, so on validation the cascade is
-never below the best static configuration at the budget.
+configurations (the best static configuration at several multiples of the budget, and the
+full sub-network), every rung's logits on the validation images, then every chain of up to
+``max_rungs`` rungs in GFLOPs order and its thresholds (:func:`choose`, exhaustive and
+cheap once the logits exist) by Top-1 with the mean GFLOPs within the budget. Never
+escalating is one of the choices, so on validation the cascade is never below the best
+static configuration at the budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -28,6 +33,7 @@ import torch
 from torch import Tensor
 
 from prance import flops, static_search
+from prance.budget import spread, within
 from prance.device import of as device_of, synchronize
 from prance.errors import PranceError
 from prance.models.meta import MetaViT
@@ -36,31 +42,48 @@ from prance.tokens.strategies import STRATEGIES
 
 RUNGS = (0.5, 0.65, 0.8, 1.0, 1.6, 2.5, 4.0)  # ladder budgets as multiples of the cascade's budget
 THRESHOLDS = tuple(round(0.3 + 0.01 * i, 2) for i in range(71))  # top-1 softmax probability, 0.30 .. 1.00
+MAX_RUNGS = 3
 
 
 @dataclass(frozen=True)
 class Cascade:
-    cheap: StaticConfig
-    expensive: StaticConfig
-    threshold: float  # escalate an image when the cheap configuration's top-1 probability is below this
+    rungs: tuple[StaticConfig, ...]  # cheapest first
+    thresholds: tuple[float, ...]  # one per rung but the last: go on past rung i when its top-1 probability is below
 
-    def gflops(self, escalated: float) -> float:
-        """Mean GFLOPs per image when a share ``escalated`` of the images escalates."""
-        return self.cheap.gflops + escalated * self.expensive.gflops
+    def __post_init__(self):
+        if len(self.thresholds) != len(self.rungs) - 1 or not self.rungs:
+            raise ValueError(f"{len(self.rungs)} rungs need {len(self.rungs) - 1} thresholds, got {len(self.thresholds)}")
+
+    @classmethod
+    def pair(cls, cheap: StaticConfig, expensive: StaticConfig, threshold: float) -> "Cascade":
+        return cls((cheap, expensive), (threshold,))
+
+    @property
+    def cheap(self) -> StaticConfig:
+        return self.rungs[0]
+
+    def costs(self) -> list[float]:
+        """GFLOPs of an image that stops after rung i (the rungs it ran, summed)."""
+        return list(itertools.accumulate(c.gflops for c in self.rungs))
 
     def describe(self) -> str:
-        if self.threshold <= 0 or self.expensive is self.cheap:
-            return f"{self.cheap.describe()} (never escalates)"
-        return f"{self.cheap.describe()} -> {self.expensive.describe()} below p={self.threshold:.2f}"
+        used = self.used()
+        if len(used.rungs) == 1:
+            return f"{used.cheap.describe()} (never escalates)"
+        return " -> ".join([used.rungs[0].describe()] + [f"[p<{t:.2f}] {c.describe()}" for c, t in zip(used.rungs[1:], used.thresholds)])
+
+    def used(self) -> "Cascade":
+        """The rungs an image can reach: a threshold of 0 ends the chain there."""
+        k = next((i for i, t in enumerate(self.thresholds) if t <= 0), len(self.thresholds))
+        return Cascade(self.rungs[: k + 1], self.thresholds[:k])
 
     def to_dict(self) -> dict:
-        return {"cheap": self.cheap.to_dict(), "expensive": self.expensive.to_dict(), "threshold": self.threshold,
-                "description": self.describe()}
+        return {"rungs": [c.to_dict() for c in self.rungs], "thresholds": list(self.thresholds), "description": self.describe()}
 
 
-def escalates(cheap_logits: Tensor, threshold: float) -> Tensor:
-    """Which images go on to the expensive configuration: top-1 probability < ``threshold``."""
-    return cheap_logits.float().softmax(-1).amax(-1) < threshold
+def escalates(logits: Tensor, threshold: float) -> Tensor:
+    """Which images go on to the next rung: top-1 probability < ``threshold``."""
+    return logits.float().softmax(-1).amax(-1) < threshold
 
 
 @torch.inference_mode()
@@ -74,93 +97,140 @@ def logits_of(meta: MetaViT, config: StaticConfig, x: Tensor, batch_size: int = 
 
 @torch.inference_mode()
 def run(meta: MetaViT, cascade: Cascade, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(logits, escalated mask) of the cascade on the images ``x``: the expensive
-    configuration runs only on the images that escalate."""
-    logits = logits_of(meta, cascade.cheap, x, batch_size)
-    up = escalates(logits, cascade.threshold)
-    if bool(up.any()):
-        logits[up] = logits_of(meta, cascade.expensive, x[up], batch_size)
-    return logits, up
+    """(logits, passes) of the cascade on the images ``x``: each rung runs only on the
+    images still unsure after the one before; ``passes`` is how many rungs each image ran."""
+    logits = logits_of(meta, cascade.rungs[0], x, batch_size)
+    passes = torch.ones(x.shape[0], dtype=torch.long)
+    active = torch.ones(x.shape[0], dtype=torch.bool)
+    for rung, t in zip(cascade.rungs[1:], cascade.thresholds):
+        active = active & escalates(logits, t)
+        if not bool(active.any()):
+            break
+        logits[active] = logits_of(meta, rung, x[active], batch_size)
+        passes[active] += 1
+    return logits, passes
 
 
 def evaluate(meta: MetaViT, cascade: Cascade, x: Tensor, y: Tensor, batch_size: int = 256) -> dict:
-    """Top-1 (%), mean GFLOPs per image, the share that escalated and images/s of the
-    cascade run batch by batch (each batch's escalating images as a second, smaller batch)."""
+    """Top-1 (%), GFLOPs per image (mean, p95, max), the share of images that went past the
+    first rung, the token ratios of the rung that answered (mean over images) and images/s
+    of the cascade run batch by batch (each rung on the images of the batch that reach it)."""
     dev = device_of(meta)
-    correct = escalated = 0
+    correct = 0
     seconds = 0.0
+    passes = []
     for i in range(0, x.shape[0], batch_size):
         synchronize(dev)
         t0 = time.perf_counter()
-        logits, up = run(meta, cascade, x[i : i + batch_size], batch_size)
+        logits, p = run(meta, cascade, x[i : i + batch_size], batch_size)
         synchronize(dev)
         seconds += time.perf_counter() - t0
         correct += int((logits.argmax(-1) == y[i : i + batch_size]).sum())
-        escalated += int(up.sum())
+        passes.append(p)
     n = x.shape[0]
     if n == 0:
-        raise ValueError("no images to evaluate")
-    return {"top1": 100.0 * correct / n, "gflops": cascade.gflops(escalated / n), "escalated": escalated / n,
-            "throughput_img_s": n / seconds, "n_images": n}
+        raise PranceError("no images to evaluate the cascade on")
+    p = torch.cat(passes)
+    cost = torch.tensor(cascade.costs(), dtype=torch.float64)[p - 1]
+    answered = [cascade.rungs[int(k) - 1].report for k in p]  # the rung whose answer an image got
+    out = {"top1": 100.0 * correct / n, **spread(cost.tolist()), "escalated": float((p > 1).double().mean()),
+           "token_ratio": sum(r.token_ratio for r in answered) / n, "final_token_ratio": sum(r.final_token_ratio for r in answered) / n,
+           "throughput_img_s": n / seconds, "n_images": n}
+    out.update({f"reached_rung_{k + 1}": float((p > k).double().mean()) for k in range(1, len(cascade.rungs))})
+    return out
 
 
 @dataclass(frozen=True)
 class Choice:
-    cheap: int  # ladder indices
-    expensive: int
-    threshold: float
+    rungs: tuple[int, ...]  # ladder indices, cheapest first
+    thresholds: tuple[float, ...]
     top1: float  # %
     gflops: float  # mean per image
-    escalated: float  # share of the images
+    escalated: float  # share of the images that went past the first rung
+
+    @property
+    def cheap(self) -> int:
+        return self.rungs[0]
 
 
 def choose(logits: Tensor, y: Tensor, costs: Sequence[float], budget_gflops: float,
-           thresholds: Iterable[float] = THRESHOLDS) -> Choice | None:
-    """The best (cheap, expensive, threshold) over a ladder, by Top-1 on ``y`` with the
-    mean GFLOPs <= ``budget_gflops``; ties go to the cheaper mean. ``logits`` is (images,
-    rungs, classes), ``costs`` each rung's GFLOPs. A rung alone (never escalating) is a
-    choice too (``expensive == cheap``, threshold 0). ``None`` when no rung fits."""
+           thresholds: Iterable[float] = THRESHOLDS, max_rungs: int = MAX_RUNGS) -> Choice | None:
+    """The best chain of up to ``max_rungs`` ladder rungs (GFLOPs increasing) and its
+    thresholds, by Top-1 on ``y`` with the mean GFLOPs <= ``budget_gflops``; ties go to the
+    cheaper mean. ``logits`` is (images, rungs, classes), ``costs`` each rung's GFLOPs. A
+    rung alone (never escalating) is a choice too. Three-rung chains search every second
+    threshold (the grid squared is large). ``None`` when no rung fits."""
     n, k, _ = logits.shape
     if len(costs) != k:
         raise ValueError(f"{k} rungs of logits but {len(costs)} costs")
-    right = logits.argmax(-1) == y[:, None]  # (n, k)
+    right = (logits.argmax(-1) == y[:, None]).double()  # (n, k)
     conf = logits.float().softmax(-1).amax(-1)  # (n, k)
+    c = [float(v) for v in costs]
+    ts = torch.tensor(sorted(set(float(t) for t in thresholds)), dtype=torch.float32)
     best: Choice | None = None
 
-    def consider(c: Choice) -> None:
+    def consider(rungs: tuple, prefix: tuple, last: Tensor | None, top1, gflops, share) -> None:
+        """Candidates that differ only in their last threshold (``last``), as vectors over it."""
         nonlocal best
-        if c.gflops <= budget_gflops * (1 + 1e-9) and (best is None or (c.top1, -c.gflops) > (best.top1, -best.gflops)):
-            best = c
+        top1, gflops, share = (torch.atleast_1d(torch.as_tensor(v, dtype=torch.float64)) for v in (top1, gflops, share))
+        ok = gflops <= budget_gflops * (1 + 1e-9)
+        if not bool(ok.any()):
+            return
+        # best Top-1, then the cheaper mean: lexicographic through a tuple comparison per candidate
+        order = sorted((i for i in range(len(ok)) if ok[i]), key=lambda i: (float(top1[i]), -float(gflops[i])))
+        i = order[-1]
+        ths = prefix + ((float(last[i]),) if last is not None else ())
+        cand = Choice(rungs, ths, 100.0 * float(top1[i]), float(gflops[i]), float(share[i]))
+        if best is None or (cand.top1, -cand.gflops) > (best.top1, -best.gflops):
+            best = cand
 
-    ts = sorted(set(float(t) for t in thresholds))
     for i in range(k):
-        consider(Choice(i, i, 0.0, 100.0 * float(right[:, i].float().mean()), float(costs[i]), 0.0))
-        for j in range(k):
-            if costs[j] <= costs[i]:
+        consider((i,), (), None, right[:, i].mean(), c[i], 0.0)
+    if max_rungs < 2 or len(ts) == 0:
+        return best
+    for i, j in itertools.combinations(range(k), 2):
+        if c[j] <= c[i]:
+            continue
+        up = conf[:, i, None] < ts[None, :]  # (n, T)
+        top1 = torch.where(up, right[:, j, None], right[:, i, None]).mean(0)
+        share = up.double().mean(0)
+        consider((i, j), (), ts, top1, c[i] + share * c[j], share)
+    if max_rungs < 3:
+        return best
+    ts3 = ts[::2]
+    for i, j, l in itertools.combinations(range(k), 3):
+        if not c[i] < c[j] < c[l]:
+            continue
+        for t0 in ts3.tolist():
+            up0 = conf[:, i] < t0  # (n,)
+            if not bool(up0.any()):
                 continue
-            for t in ts:
-                up = conf[:, i] < t
-                share = float(up.float().mean())
-                top1 = 100.0 * float(torch.where(up, right[:, j], right[:, i]).float().mean())
-                consider(Choice(i, j, t, top1, float(costs[i]) + share * float(costs[j]), share))
+            up1 = up0[:, None] & (conf[:, j, None] < ts3[None, :])  # (n, T)
+            top1 = torch.where(up1, right[:, l, None], torch.where(up0, right[:, j], right[:, i])[:, None]).mean(0)
+            s0, s1 = float(up0.double().mean()), up1.double().mean(0)
+            consider((i, j, l), (t0,), ts3, top1, c[i] + s0 * c[j] + s1 * c[l], torch.full_like(s1, s0))
     return best
 
 
 def ladder(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], rungs: Iterable[float] = RUNGS,
            strategies: Iterable[str] = STRATEGIES, first_images: int = 64, eta: int = 3, batch_size: int = 256,
-           progress: Callable[[str], None] | None = None) -> list[StaticConfig]:
+           progress: Callable[[str], None] | None = None, full: bool = True, uniform_only: bool = False) -> list[StaticConfig]:
     """The best static configuration at each ``rung x budget_gflops`` (capped at the full
-    sub-network's GFLOPs; rungs below the cheapest configuration skipped), duplicates
-    dropped, cheapest first."""
+    sub-network's GFLOPs; rungs below the cheapest configuration skipped) and, with
+    ``full``, the full sub-network itself; duplicates dropped, cheapest first.
+    ``uniform_only``: each rung searches the same width level in every stage only."""
     dense = flops.gflops(meta.arch)
     strategies = list(strategies)
     out: dict[str, StaticConfig] = {}
+    if full:
+        widest = static_search.full(meta)
+        out[widest.describe()] = widest
     for rung in sorted(set(float(r) for r in rungs)):
         if rung <= 0:
             raise PranceError(f"cascade rungs are positive multiples of the budget, got {rung:g}")
         target = min(rung * budget_gflops, dense)
         try:
-            found = static_search.search(meta, target, val, strategies, first_images=first_images, eta=eta,
+            found = static_search.search(meta, target, val, strategies, uniform_only, first_images=first_images, eta=eta,
                                          batch_size=batch_size)
         except PranceError:  # nothing fits this rung
             continue
@@ -179,30 +249,74 @@ class CascadeResult:
     static: StaticConfig  # the best single rung within the budget (never escalating)
     static_top1: float
     ladder: list[StaticConfig] = field(default_factory=list)
+    margin: float = 0.0  # the share of the budget held back so the mean holds on unseen images
 
     def to_dict(self) -> dict:
         return {"best": self.best.to_dict(), "val_top1": self.top1, "val_gflops": self.gflops,
                 "val_escalated": self.escalated, "static": self.static.to_dict(), "static_val_top1": self.static_top1,
-                "ladder": [c.describe() for c in self.ladder]}
+                "ladder": [c.describe() for c in self.ladder], "margin": self.margin}
+
+
+MARGINS = tuple(round(0.02 * i, 2) for i in range(11))  # shares of the budget held back, 0 .. 20%
+
+
+def fit_margin(logits: Tensor, y: Tensor, costs: Sequence[float], budget_gflops: float,
+               thresholds: Iterable[float] = THRESHOLDS, max_rungs: int = MAX_RUNGS) -> float:
+    """The least share of the budget to hold back so that a cascade chosen on one half of
+    the validation images keeps its mean GFLOPs within the budget on the other half (and
+    the other way round): the thresholds are fitted on images, and on new images the
+    share that escalates drifts."""
+    n = logits.shape[0]
+    halves = (torch.arange(n) % 2 == 0, torch.arange(n) % 2 == 1)
+    thresholds = list(thresholds)
+    for m in MARGINS:
+        ok = True
+        for fit, check in (halves, halves[::-1]):
+            c = choose(logits[fit], y[fit], costs, budget_gflops * (1 - m), thresholds, max_rungs)
+            if c is None:
+                return m
+            if not within(_mean_cost(logits[check], costs, c), budget_gflops):
+                ok = False
+                break
+        if ok:
+            return m
+    return MARGINS[-1]
+
+
+def _mean_cost(logits: Tensor, costs: Sequence[float], c: Choice) -> float:
+    """Mean GFLOPs per image of the chain ``c`` on images whose ladder logits are ``logits``."""
+    conf = logits.float().softmax(-1).amax(-1)
+    active = torch.ones(logits.shape[0], dtype=torch.bool)
+    total = torch.full((logits.shape[0],), float(costs[c.rungs[0]]), dtype=torch.float64)
+    for prev, nxt, t in zip(c.rungs[:-1], c.rungs[1:], c.thresholds):
+        active = active & (conf[:, prev] < t)
+        total += active.double() * float(costs[nxt])
+    return float(total.mean())
 
 
 def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], strategies: Iterable[str] = STRATEGIES,
            rungs: Iterable[float] = RUNGS, thresholds: Iterable[float] = THRESHOLDS, first_images: int = 64, eta: int = 3,
-           batch_size: int = 256, progress: Callable[[str], None] | None = None) -> CascadeResult:
-    """The best cascade at ``budget_gflops`` (mean GFLOPs per image) by Top-1 on ``val``."""
+           batch_size: int = 256, progress: Callable[[str], None] | None = None, *, max_rungs: int = MAX_RUNGS,
+           configs: list[StaticConfig] | None = None, margin: bool = True) -> CascadeResult:
+    """The best cascade at ``budget_gflops`` (mean GFLOPs per image) by Top-1 on ``val``.
+    ``configs``: a ladder already computed (:func:`ladder`), shared by callers that need
+    the same one; ``margin``: hold back the share of the budget :func:`fit_margin` finds."""
     x, y = val
     strategies, rungs = list(strategies), list(rungs)  # both used twice below
     if 1.0 not in rungs:
         rungs.append(1.0)  # the best static configuration at the budget is always a rung
-    configs = ladder(meta, budget_gflops, val, rungs, strategies, first_images, eta, batch_size, progress)
-    if not configs:
+    if configs is None:
+        configs = ladder(meta, budget_gflops, val, rungs, strategies, first_images, eta, batch_size, progress)
+    if not any(within(c.gflops, budget_gflops) for c in configs):
         raise PranceError(f"no static configuration of strategies {', '.join(strategies)} fits "
                           f"{budget_gflops:.4g} GFLOPs on this meta-network: no cascade either")
     logits = torch.stack([logits_of(meta, c, x, batch_size) for c in configs], dim=1)
     costs = [c.gflops for c in configs]
-    best = choose(logits, y, costs, budget_gflops, thresholds)
-    alone = choose(logits, y, costs, budget_gflops, thresholds=())
-    if best is None or alone is None:
-        raise PranceError(f"no rung of the cascade ladder fits {budget_gflops:.4g} GFLOPs")
-    cascade = Cascade(configs[best.cheap], configs[best.expensive], best.threshold)
-    return CascadeResult(cascade, best.top1, best.gflops, best.escalated, configs[alone.cheap], alone.top1, configs)
+    thresholds = list(thresholds)
+    alone = choose(logits, y, costs, budget_gflops, thresholds=(), max_rungs=1)
+    held = fit_margin(logits, y, costs, budget_gflops, thresholds, max_rungs) if margin else 0.0
+    best = choose(logits, y, costs, budget_gflops * (1 - held), thresholds, max_rungs) or alone
+    if best.top1 < alone.top1:  # the margin cost more than escalating gains: the best rung alone
+        best, held = alone, 0.0
+    cascade = Cascade(tuple(configs[i] for i in best.rungs), best.thresholds)
+    return CascadeResult(cascade, best.top1, best.gflops, best.escalated, configs[alone.cheap], alone.top1, configs, held)

@@ -138,12 +138,11 @@ def _load_model(args: argparse.Namespace):
 
 
 def _budget(args: argparse.Namespace, model) -> float | None:
-    from prance import flops
-    from prance.budget import parse_budget
+    from prance.budget import Budget
 
     if getattr(args, "budget", None) is None:
         return None
-    return parse_budget(args.budget, flops.gflops(model.arch))
+    return Budget.of(args.budget, model.arch).gflops
 
 
 def _images(args: argparse.Namespace, model, n: int):
@@ -278,8 +277,9 @@ def _search_inputs(args: argparse.Namespace, command: str):
     for ``search-static`` and ``search-cascade``: the same images ``train-selector`` uses."""
     from prance.checkpoint import load_checkpoint
     from prance.config import validate
+    from prance import splits
+    from prance.budget import Budget
     from prance.selector.config import SelectorConfig
-    from prance.selector.run import budget_of, load_data
     from prance.tokens.strategies import check_strategy
 
     if args.budget is None:
@@ -300,8 +300,8 @@ def _search_inputs(args: argparse.Namespace, command: str):
         fields["dataset"] = args.dataset
     cfg = validate(SelectorConfig, fields, command)
     model, _ = load_checkpoint(cfg.checkpoint)
-    budget = budget_of(model, args.budget)
-    data = load_data(model, cfg)
+    budget = Budget.of(args.budget, model.arch).gflops
+    data = splits.load(model, splits.SplitSpec.of(cfg), parts=("val", "test"))
     tag = command.split("-")[-1]
     say = lambda text: print(f"[{tag}] {text}", file=sys.stderr, flush=True)  # noqa: E731 -- stderr, also with --json
     return model, budget, data, names, say
@@ -343,14 +343,17 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
     if not rungs or min(rungs) <= 0:
         raise PranceError(f"--rungs must be positive multiples of the budget, got {args.rungs!r}")
     model, budget, data, names, say = _search_inputs(args, "search-cascade")
+    if args.max_rungs < 1:
+        raise PranceError(f"--max-rungs must be at least 1, got {args.max_rungs}")
     found = cascade.search(model, budget, data["val"], names, rungs, first_images=args.first_images, eta=args.eta,
-                           batch_size=args.batch_size, progress=say)
+                           batch_size=args.batch_size, progress=say, max_rungs=args.max_rungs, margin=not args.no_margin)
     test = cascade.evaluate(model, found.best, *data["test"], batch_size=args.batch_size)
     st = found.static
     static_test = evaluate(model, batches(*data["test"], args.batch_size), st.subnet, st.plan, progress=False)
-    out = {"budget_gflops": budget, "configuration": found.best.describe(), "top1": found.top1, "gflops": found.gflops,
-           "escalated": found.escalated, "val_images": int(data["val"][1].shape[0])}
+    out = {"budget_gflops": budget, "budget_kind": "mean", "configuration": found.best.describe(), "top1": found.top1,
+           "gflops": found.gflops, "escalated": found.escalated, "margin": found.margin, "val_images": int(data["val"][1].shape[0])}
     out.update({f"test_{k}": v for k, v in test.items()})
+    out["test_gflops_over_budget"] = test["gflops"] / budget
     out.update({"static_configuration": st.describe(), "static_top1": found.static_top1,
                 "static_test_top1": static_test["top1"], "static_test_gflops": static_test["gflops"],
                 "static_test_throughput_img_s": static_test["throughput_img_s"], "cascade": found.to_dict()})
@@ -360,7 +363,7 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
 def _eval_selector(args: argparse.Namespace) -> dict:
     from prance.selector.config import SelectorConfig
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
-    from prance.selector.run import budget_of
+    from prance.budget import Budget
     from prance.selector.selector import evaluate_selector
     from prance.selector.store import load_selector, read_selector_header
     from prance.device import resolve as resolve_device
@@ -372,7 +375,7 @@ def _eval_selector(args: argparse.Namespace) -> dict:
     model = _load_model(args)
     selector, header = load_selector(args.selector, model)
     model.to(resolve_device(args.device))
-    budget = budget_of(model, args.budget) if args.budget else header["extra"].get("budget_gflops") or budget_of(model, cfg.budget)
+    budget = Budget.of(args.budget, model.arch).gflops if args.budget else header["extra"].get("budget_gflops") or Budget.of(cfg.budget, model.arch).gflops
     selector.check_budget(budget)
     ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit), skip_bad=args.skip_bad_images)
     if args.limit is not None:
@@ -511,11 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_args(p, single=False)
     p.set_defaults(func=cmd_search_static)
 
-    p = sub.add_parser("search-cascade", help="the best confidence cascade of two static configurations at a mean budget")
+    p = sub.add_parser("search-cascade", help="the best confidence cascade of up to three static configurations at a mean budget")
     p.add_argument("--budget", help="mean GFLOPs per image (e.g. 0.015) or share of the full sub-network (e.g. 20%%)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies of the ladder's static configurations")
     p.add_argument("--rungs", help="the ladder: the best static configuration at each of these multiples of the budget "
-                                   "(default 0.5,0.65,0.8,1,1.6,2.5,4)")
+                                   "(default 0.5,0.65,0.8,1,1.6,2.5,4; the full sub-network is always a rung)")
+    p.add_argument("--max-rungs", type=int, default=3, help="the most configurations an image may run (default 3)")
+    p.add_argument("--no-margin", action="store_true", help="choose at the budget itself, without holding back the margin "
+                                                             "that keeps the mean within it on unseen images")
     _add_search_args(p)
     p.set_defaults(func=cmd_search_cascade)
 

@@ -34,7 +34,7 @@ from prance.errors import PranceError
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet, SubnetSpace
 from prance.tokens.state import TokenPlan
-from prance.tokens.strategies import PARAM_OF, STRATEGIES, StrategyConfig, check_strategy
+from prance.tokens.strategies import PARAM_OF, STRATEGIES, StrategyConfig, build_plan, check_strategy
 from prance.device import of as device_of
 
 
@@ -91,6 +91,15 @@ def level_subnet(space: SubnetSpace, levels: tuple[int, ...]) -> SubNet:
     mlp = [pick(space.mlp, levels[stage_of[i]]) for i in range(space.depth)]
     embed = [pick(space.embed, lv) for lv in levels]
     return space.make(heads, mlp, embed)
+
+
+def full(meta: MetaViT) -> StaticConfig:
+    """The full sub-network (the widest level in every stage), no token reduction."""
+    levels = (num_levels(meta.space) - 1,) * len(meta.space.stage_starts)
+    sub = level_subnet(meta.space, levels)
+    cfg = StrategyConfig()
+    plan = build_plan(cfg, meta.arch)
+    return StaticConfig(levels, cfg, sub, plan, flops.count(meta.arch, sub, plan))
 
 
 def width_grid(space: SubnetSpace, uniform_only: bool = False) -> list[tuple[int, ...]]:

@@ -42,7 +42,9 @@ from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.device import autocast_for, resolve, synchronize  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
-from prance.selector.run import batches, budget_of, load_data  # noqa: E402
+from prance import splits  # noqa: E402
+from prance.budget import Budget  # noqa: E402
+from prance.selector.run import batches  # noqa: E402
 from prance.selector.selector import evaluate_selector  # noqa: E402
 from prance.selector.train import train_selector  # noqa: E402
 from prance.tokens.strategies import StrategyConfig  # noqa: E402
@@ -125,8 +127,8 @@ def main() -> None:
                           warm_start=args.warm_start)
     meta, _ = load_checkpoint(ROOT / base.checkpoint)
     meta.to(dev)
-    data = load_data(meta, base)
-    budget = budget_of(meta, args.budget)
+    data = splits.load(meta, splits.SplitSpec.of(base))
+    budget = Budget.of(args.budget, meta.arch).gflops
     full = flops.count(meta.arch).gflops
     out = {"command": "python scripts/bench_selector.py " + " ".join(sys.argv[1:]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

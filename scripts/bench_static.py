@@ -38,7 +38,9 @@ from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.selector.config import SelectorConfig  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
-from prance.selector.run import budget_of, load_data, rollouts_source, run_selector  # noqa: E402
+from prance import splits  # noqa: E402
+from prance.budget import Budget  # noqa: E402
+from prance.selector.run import run_selector  # noqa: E402
 from prance.selector.train import batches  # noqa: E402
 
 SELECTORS = ("prune", "merge", "prune_merge")
@@ -65,7 +67,7 @@ def main() -> None:
                           merge_spread=args.merge_spread == "true")  # test: every image left after val and rollouts
     meta, _ = load_checkpoint(base.checkpoint)
     meta.eval()
-    data = load_data(meta, base)
+    data = splits.load(meta, splits.SplitSpec.of(base))
     dense = flops.gflops(meta.arch)
 
     def on_test(subnet, plan) -> dict:
@@ -75,7 +77,7 @@ def main() -> None:
     rows = [{"budget": "100%", "method": "full", **on_test(None, None)},
             {"budget": "-", "method": "smallest", **on_test(meta.space.smallest(), None)}]
     for budget in args.budgets:
-        g = budget_of(meta, budget)
+        g = Budget.of(budget, meta.arch).gflops
         t = time.perf_counter()
         found = static_search.search(meta, g, data["val"])
         rows.append({"budget": budget, "method": "static", "configuration": found.best.describe(), "val_top1": found.top1,
@@ -99,7 +101,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "checkpoint": base.checkpoint,
-        "rollouts_from": rollouts_source(base),
+        "rollouts_from": splits.SplitSpec.of(base).source(),
         "merge_spread": base.merge_spread,
         "images": {"val": int(data["val"][1].shape[0]), "rollouts": int(data["train"][1].shape[0]), "test": int(data["test"][1].shape[0])},
         "rows": rows,

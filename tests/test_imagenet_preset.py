@@ -51,17 +51,14 @@ def test_every_budget_x_strategy_of_the_preset_is_reachable_on_deit_s():
     from prance import flops
     from prance.models import create_meta
     from prance.budget import parse_budget
-    from prance.sweep.plan import _selector_lowest, lowest_gflops
+    from prance.sweep.methods import METHODS
 
     cfg = load_config(SweepConfig, "sweep", PRESET)
     meta = create_meta("deit_small_patch16_224")
     dense = flops.gflops(meta.arch)
     for name in cfg.strategies:
         method, token = SWEEP_STRATEGIES[name]
-        if method == "selector":
-            low = _selector_lowest(meta, token, cfg)
-        else:
-            low = lowest_gflops(meta.arch, token, meta.space.smallest() if method == "static" else None)
+        low = METHODS[method].lowest(meta, token, cfg)
         for budget in cfg.budgets:
             assert low <= parse_budget(budget, dense), (name, budget, low / dense)
 

@@ -312,7 +312,10 @@ def test_interrupted_training_resumes_where_it_stopped(micro_checkpoint, tmp_pat
 def test_train_holdout_data_comes_from_the_images_pretraining_held_out(tmp_path):
     from prance.checkpoint import save_checkpoint
     from prance.data import FASHION_MNIST_SPEC, fashion_mnist, pretrain_holdout
-    from prance.selector.run import load_data
+    from prance.splits import SplitSpec, load
+
+    def load_data(meta, cfg):
+        return load(meta, SplitSpec.of(cfg))
 
     meta = create_meta("prance_vit_micro")
     held_ckpt = save_checkpoint(tmp_path / "h.safetensors", meta, "prance_vit_micro", info={"config": {"holdout_fraction": 0.05}})
@@ -330,7 +333,9 @@ def test_train_holdout_data_comes_from_the_images_pretraining_held_out(tmp_path)
     with pytest.raises(PranceError, match="held out no train images"):
         load_data(meta, cfg.model_copy(update={"checkpoint": str(plain)}))
     # auto (the default): the held-out train images when the checkpoint has them, else the test split's holdout
-    from prance.selector.run import rollouts_source
+    def rollouts_source(cfg):
+        return SplitSpec.of(cfg).source()
+
     auto = cfg.model_copy(update={"rollouts_from": "auto"})
     assert rollouts_source(auto) == "train_holdout" and torch.equal(load_data(meta, auto)["val"][0], data["val"][0])
     plain_auto = auto.model_copy(update={"checkpoint": str(plain), "train_limit": 1500, "test_limit": 100})

@@ -176,13 +176,13 @@ def test_score_and_report_pick_the_best_within_budget(tmp_path):
 def test_training_free_trials_use_the_selectors_validation_images(micro_checkpoint):
     from prance.checkpoint import load_checkpoint
     from prance.config import SelectorConfig
-    from prance.selector.run import load_data
+    from prance.splits import SplitSpec, load
 
     selector = SelectorConfig(val_limit=50, train_limit=20, seed=3).model_dump()
     ctx = TrialContext(str(micro_checkpoint), "fashion-mnist", selector)
     model, _ = load_checkpoint(micro_checkpoint)
     x, y = validation_images(ctx, model)
-    ref_x, ref_y = load_data(model, SelectorConfig(checkpoint=str(micro_checkpoint), val_limit=50, train_limit=20, seed=3))["val"]
+    ref_x, ref_y = load(model, SplitSpec.of(SelectorConfig(checkpoint=str(micro_checkpoint), val_limit=50, train_limit=20, seed=3)))["val"]
     assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
 
 
@@ -287,7 +287,10 @@ def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped"
         assert col in df.columns, col
     trials = df[df["status"] != "unreachable"]
     assert set(trials["status"]) <= set(statuses_done), trials[["trial_number", "status"]]
-    assert set(trials["method"]) == {"dense", "training_free", "static", "selector"}
+    assert set(trials["method"]) == {"dense", "training_free", "static", "cascade", "selector"}
+    cascade = trials[trials["method"] == "cascade"]
+    assert (cascade["gflops"] <= cascade["budget_gflops"] * (1 + 1e-9)).all() and (cascade["meets"] != "none").all()
+    assert (cascade["gflops_max"] >= cascade["gflops"]).all() and cascade["param"].str.startswith("widths=").all()
     static = trials[trials["method"] == "static"]
     assert static["param"].str.startswith("widths=").all()  # the configuration its search chose
     assert trials[METRICS].notna().all().all()
@@ -452,3 +455,56 @@ def test_sweep_survives_a_killed_trial_a_killed_driver_and_ctrl_c(tmp_path, micr
     assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("budget_sweep: error: cannot resume")
     assert (tmp_path / "cut" / "results.csv").read_bytes() == before
+
+
+# ------------------------------------------------------------------ budget kinds, cascade
+
+
+def test_within_budget_is_judged_by_the_budget_kind(tmp_path):
+    """A mean result is within when its mean is; a cap result only when every image is
+    (its max); a static row (no spread) costs its GFLOPs on every image and meets both."""
+    rows = [
+        {"trial_number": n, "method": "cascade", "strategy": "cascade", "budget": "20%", "budget_gflops": 1.0, "budget_kind": k,
+         "status": "finished", "top1": 90.0, "gflops": 0.9, "gflops_p95": 1.8, "gflops_max": 2.0}
+        for n, k in ((1, "mean"), (2, "cap"))
+    ] + [{"trial_number": 3, "method": "static", "strategy": "static", "budget": "20%", "budget_gflops": 1.0,
+          "budget_kind": "cap", "status": "finished", "top1": 89.0, "gflops": 0.95}]
+    df = rep.results_frame(rows, []).set_index("trial_number")
+    assert df.loc[1, "within_budget"] and not df.loc[2, "within_budget"]
+    assert [df.loc[n, "meets"] for n in (1, 2, 3)] == ["mean", "mean", "cap"]
+    assert df.loc[3, "gflops_max"] == df.loc[3, "gflops_p95"] == 0.95 and df.loc[3, "within_budget"]
+
+
+def test_cascade_cells_are_planned_for_mean_budgets_only(micro_checkpoint):
+    def plan(kind):
+        return plan_sweep(SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%"], budget_kind=kind,
+                                      strategies=["static_merge", "cascade"], selector={"decision_blocks": [1, 2, 3]}))
+
+    mean = plan("mean")
+    assert [c.label for c in mean.schedule] == ["dense@100%", "static_merge@55%", "cascade@55%"]
+    assert mean.schedule[-1].budget_kind == "mean" and mean.budgets["55%"].kind == "mean"
+    cap = plan("cap")
+    assert [(c.label, c.note) for c in cap.unreachable] == [("cascade@55%", "meets mean budgets only, not cap")]
+
+
+def test_the_cascade_trial_shares_its_ladder_per_budget_and_meets_the_mean(micro_checkpoint, tmp_path):
+    from prance.sweep import cascade_trial
+    from prance.sweep.config import CascadeSettings, StaticSearchSettings
+    from prance.sweep.methods import run_trial
+
+    selector = {"val_limit": 120, "train_limit": 40, "rollouts_from": "holdout", "seed": 0, "batch_size": 64}
+    ctx = TrialContext(str(micro_checkpoint), "fashion-mnist", selector, static=StaticSearchSettings(first_images=30).model_dump(),
+                       cascade=CascadeSettings(rungs=[0.6, 1.6]).model_dump())
+    plan = plan_sweep(SweepConfig(checkpoint=str(micro_checkpoint), budgets=["50%", "70%"], strategies=["cascade"],
+                                  selector={"decision_blocks": [1, 2, 3], "val_limit": 120, "train_limit": 40,
+                                            "rollouts_from": "holdout"}))
+    cells = [c for c in plan.schedule if c.method == "cascade"]
+    before = cascade_trial.LADDER_CALLS["computed"]
+    reports = []
+    finals = [run_trial({**c.as_config(), "trial_number": i}, ctx, lambda m, f: reports.append(m), tmp_path)
+              for i, c in enumerate(cells + cells)]  # every cell twice: the second finds its ladder
+    assert cascade_trial.LADDER_CALLS["computed"] - before == len(cells) == 2
+    for c, final in zip(cells + cells, finals):
+        assert final["gflops"] <= c.budget_gflops * (1 + 1e-9)  # the mean over the evaluated images
+        assert final["gflops_p95"] <= final["gflops_max"] and final["configuration"].startswith("widths=")
+    assert finals[0]["top1"] == finals[2]["top1"] and len(reports) == 4

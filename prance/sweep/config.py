@@ -8,15 +8,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from prance.config import Strict
 from prance.selector.config import SelectorConfig
-from prance.tokens.strategies import sweep_strategies
+from prance.sweep import methods
 
 
-# Token strategies of a budget sweep: name -> (method, token strategy). The PPO selector
-# decides per input; the training-free ones run the full meta-network with the strategy
-# calibrated to the budget (prance.budget.calibrate), one deterministic trial each; the
-# static ones search the meta-network's sub-networks (a width level per stage) x the
-# strategy calibrated to the rest of the budget (prance.static_search), one trial each.
-SWEEP_STRATEGIES: dict[str, tuple[str, str]] = sweep_strategies()  # derived from the strategy registry
+# Strategies of a budget sweep: name -> (method, token strategy), from the registry of
+# sweep methods (prance.sweep.methods: what each method is and how its trial runs).
+SWEEP_STRATEGIES: dict[str, tuple[str, str]] = methods.strategies()
 
 
 class StaticSearchSettings(Strict):
@@ -26,6 +23,31 @@ class StaticSearchSettings(Strict):
     first_images: int = Field(default=64, ge=1)  # images every candidate is scored on first
     eta: int = Field(default=3, ge=2)  # keep the best 1/eta, score them on eta x as many images
     uniform_only: bool = False  # only the same width level in every stage
+class CascadeSettings(Strict):
+    """The ``cascade`` method (prance.cascade): its ladder, computed once per budget, and
+    the chains it chooses from. The ladder searches each rung with the static search's
+    successive halving; ``uniform_only`` (the default) keeps that to the same width level
+    in every stage, 12 candidates a rung instead of hundreds, so the default sweep keeps
+    its 10 minutes (``search-cascade`` searches mixed widths)."""
+
+    rungs: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0, 1.6, 2.5], min_length=1)  # multiples of the budget
+    strategies: list[str] = Field(default_factory=lambda: ["none", "merge", "prune_merge"], min_length=1)
+    max_rungs: int = Field(default=3, ge=1)  # the most configurations an image may run
+    uniform_only: bool = True
+    margin: bool = True  # hold back the share of the budget that keeps the mean within it on unseen images
+
+    @model_validator(mode="after")
+    def _check(self) -> "CascadeSettings":
+        from prance.tokens.strategies import STRATEGIES
+
+        if min(self.rungs) <= 0:
+            raise ValueError(f"cascade rungs are positive multiples of the budget, got {self.rungs}")
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise ValueError(f"cascade.strategies: unknown token strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}")
+        return self
+
+
 # SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
 SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "device")
 
@@ -69,6 +91,7 @@ class SweepConfig(Strict):
     checkpoint: str = "checkpoints/prance_vit_fmnist_supernet.safetensors"
     dataset: str = "fashion-mnist"
     budgets: list[str] = Field(default_factory=lambda: ["15%", "20%", "35%"], min_length=1)  # GFLOPs or % of dense
+    budget_kind: Literal["mean", "cap"] = "mean"  # mean: average GFLOPs per image within the budget; cap: every image
     strategies: list[str] = Field(default_factory=lambda: list(SWEEP_STRATEGIES), min_length=1)
 
     # the search
@@ -82,6 +105,7 @@ class SweepConfig(Strict):
     overshoot_penalty: float = Field(default=200.0, ge=0)  # score points per unit of relative GFLOPs overshoot
     startup_trials: int = Field(default=4, ge=0)  # random selector trials before TPE models the space
     static: StaticSearchSettings = Field(default_factory=StaticSearchSettings)  # the static_* baselines' search
+    cascade: CascadeSettings = Field(default_factory=CascadeSettings)  # the cascade method's ladder and chains
     seed: int = 0
 
     # resources, storage, tracking

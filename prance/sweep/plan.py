@@ -1,13 +1,15 @@
 """Everything a sweep checks before its first trial, and the trials it will run.
 
 A budget is GFLOPs (``"0.04"``) or a share of the dense model (``"50%"``, of the full
-meta-network). Reachability is decided with the analytic FLOPs counter, without running
-anything: a training-free strategy reaches a budget when some value of its parameter
-(r or keep) on the full network fits; a static one when some value fits on the smallest
-sub-network; a selector strategy when its cheapest schedule (smallest sub-network,
-strongest token reduction) fits. A budget above the dense model,
-or below what every strategy of the sweep can reach, is an input error; a budget that only
-some strategies reach leaves the others' rows marked unreachable.
+meta-network), parsed once here into a :class:`prance.budget.Budget` of the sweep's
+``budget_kind``. Reachability is decided with the analytic FLOPs counter, without running
+anything, by each method's ``lowest`` (:mod:`prance.sweep.methods`): a training-free
+strategy reaches a budget when some value of its parameter (r or keep) on the full network
+fits; a static one when some value fits on the smallest sub-network; a selector strategy
+when its cheapest schedule fits. A budget above the dense model, or below what every
+strategy of the sweep can reach, is an input error; a budget that only some strategies
+reach leaves the others' rows marked unreachable. The image split is checked by counting
+(:func:`prance.splits.layout`): the driver decodes no image.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prance import flops
-from prance.budget import calibrate, candidates, parse_budget
+from prance.budget import Budget
 from prance.sweep.config import SWEEP_STRATEGIES, SweepConfig
 from prance.errors import PranceError
-from prance.models.arch import ArchSpec
-from prance.models.subnet import SubNet
-from prance.tokens.strategies import StrategyConfig, build_plan
+from prance.sweep.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DENSE = "dense"
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,13 @@ class BudgetStrategy:
     trial first, a selector cell once per ``trials_per_combo``), so the same cell may stand
     there several times."""
 
-    method: str  # dense | training_free | static | selector
+    method: str  # a name of prance.sweep.methods.METHODS
     strategy: str  # the sweep's name: dense, free_prune, prune, ...
     token_strategy: str  # none, prune, merge, prune_merge, ppt
     budget: str  # as the user wrote it ("50%", "0.04"); "100%" for dense
     budget_gflops: float
+    dense_gflops: float = 0.0
+    budget_kind: str = "mean"
     reachable: bool = True
     note: str = ""  # why not reachable
     param: str = ""  # the calibrated r / keep of a training-free strategy
@@ -59,7 +60,7 @@ class SweepPlan:
     dataset: str  # absolute path for image folders
     model: str
     dense_gflops: float
-    budgets: dict[str, float]  # as written -> GFLOPs
+    budgets: dict[str, Budget]  # as written -> the parsed budget
     combos: list[BudgetStrategy]  # every budget x strategy, reachable or not (not dense)
     schedule: list[BudgetStrategy] = field(default_factory=list)  # trial number -> combo
 
@@ -68,7 +69,7 @@ class SweepPlan:
         return [c for c in self.combos if not c.reachable]
 
     def counts(self) -> dict[str, int]:
-        out = {"dense": 0, "training_free": 0, "static": 0, "selector": 0}
+        out = {name: 0 for name in METHODS}
         for c in self.schedule:
             out[c.method] += 1
         return out
@@ -91,25 +92,11 @@ def resolve_dataset(name: str) -> str:
     return key
 
 
-def lowest_gflops(arch: ArchSpec, token_strategy: str, subnet: SubNet | None = None) -> float:
-    """The least GFLOPs of ``token_strategy`` over all its parameter values."""
-    cfg = StrategyConfig(token_strategy)
-    options = candidates(cfg, arch) or [None]
-    return min(flops.gflops(arch, subnet, build_plan(cfg if v is None else cfg.with_param(v), arch)) for v in options)
-
-
-def _selector_lowest(model, token_strategy: str, cfg: SweepConfig) -> float:
-    """The cheapest schedule of the PPO selector, from its own cost table."""
-    from prance.selector.selector import Selector
-
-    s = cfg.selector
-    return Selector.for_config(model, s.model_copy(update={"strategy": token_strategy})).min_gflops()
-
-
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Check the inputs (PranceError with one line on the first problem) and lay out the
     trials: the dense reference, every reachable training-free and static combo once, then
     the selector combos round-robin, ``trials_per_combo`` times."""
+    from prance import splits
     from prance.checkpoint import is_timm_source, load_checkpoint
     from prance.data import build_dataset, input_spec_for_model
 
@@ -121,33 +108,28 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             raise PranceError(f"checkpoint {cfg.checkpoint} not found (looked in {Path.cwd()} and {REPO_ROOT})")
     model, header = load_checkpoint(checkpoint)
     dataset = resolve_dataset(cfg.dataset)
-    build_dataset(dataset, "test", input_spec_for_model(model.vit))  # missing / unknown dataset -> PranceError
-    # the selector's own data split (too few images for val_limit / train_limit -> PranceError)
-    from prance.selector.run import load_data
-
-    load_data(model, cfg.selector.model_copy(update={"dataset": dataset, "checkpoint": str(checkpoint)}))
+    image_spec = input_spec_for_model(model.vit)
+    build_dataset(dataset, "test", image_spec)  # missing / unknown dataset -> PranceError
+    # the selector's own data split, counted (too few images for val_limit / train_limit -> PranceError)
+    splits.layout(splits.SplitSpec.of(cfg.selector.model_copy(update={"dataset": dataset, "checkpoint": str(checkpoint)})), image_spec)
 
     dense = flops.gflops(model.arch)
-    budgets: dict[str, float] = {}
+    budgets: dict[str, Budget] = {}
     for text in cfg.budgets:
-        g = parse_budget(text, dense)
-        if g > dense * (1 + 1e-9):
-            raise PranceError(f"budget {text} ({g:.4g} GFLOPs) is above the dense model's {dense:.4g} GFLOPs: nothing to compress")
-        budgets[text.strip()] = g
-    if len(set(round(g, 12) for g in budgets.values())) != len(budgets):
+        b = Budget.parse(text, dense, cfg.budget_kind)
+        if b.gflops > dense * (1 + 1e-9):
+            raise PranceError(f"budget {text} ({b.gflops:.4g} GFLOPs) is above the dense model's {dense:.4g} GFLOPs: nothing to compress")
+        budgets[text.strip()] = b
+    if len(set(round(b.gflops, 12) for b in budgets.values())) != len(budgets):
         raise PranceError(f"two budgets of {list(budgets)} are the same GFLOPs")
 
     lowest: dict[str, float] = {}
     for name in cfg.strategies:
         method, token = SWEEP_STRATEGIES[name]
-        if method == "selector":
-            lowest[name] = _selector_lowest(model, token, cfg)
-        elif method == "static":  # the narrowest sub-network with the strategy's strongest setting
-            lowest[name] = lowest_gflops(model.arch, token, model.space.smallest())
-        else:
-            lowest[name] = lowest_gflops(model.arch, token)
+        lowest[name] = METHODS[method].lowest(model, token, cfg)
     floor = min(lowest.values())
-    for text, g in budgets.items():
+    for text, b in budgets.items():
+        g = b.gflops
         if g < floor:
             best = min(lowest, key=lowest.get)
             raise PranceError(
@@ -156,23 +138,26 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             )
 
     combos: list[BudgetStrategy] = []
-    for text, g in budgets.items():
+    for text, b in budgets.items():
         for name in cfg.strategies:
             method, token = SWEEP_STRATEGIES[name]
-            ok = g >= lowest[name]
+            ok = b.gflops >= lowest[name]
             note = "" if ok else f"lowest reachable {lowest[name]:.4g} GFLOPs"
-            param = ""
-            if ok and method == "training_free":
-                c = calibrate(StrategyConfig(token), model.arch, g)
-                param = f"{'r' if c.config.r is not None else 'keep'}={c.config.param_value:.4g}"
-            combos.append(BudgetStrategy(method, name, token, text, g, ok, note, param))
+            if ok and b.kind not in METHODS[method].meets:
+                ok, note = False, f"meets {'/'.join(METHODS[method].meets)} budgets only, not {b.kind}"
+            setting = METHODS[method].setting
+            param = setting(model, token, b.gflops) if ok and setting is not None else ""
+            combos.append(BudgetStrategy(method, name, token, text, b.gflops, dense, b.kind, ok, note, param))
 
     plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
-    plan.schedule = [BudgetStrategy("dense", DENSE, "none", "100%", dense)]
-    plan.schedule += [c for c in combos if c.reachable and c.method == "training_free"]
-    plan.schedule += [c for c in combos if c.reachable and c.method == "static"]
-    selector = [c for c in combos if c.reachable and c.method == "selector"]
-    plan.schedule += selector * cfg.trials_per_combo
+    plan.schedule = [BudgetStrategy("dense", "dense", "none", "100%", dense, dense, cfg.budget_kind)]
+    # one trial per cell of the methods that search nothing, in report order, then the
+    # searching methods' cells round-robin, trials_per_combo times
+    for m in sorted(METHODS.values(), key=lambda m: m.order):
+        if not m.searches:
+            plan.schedule += [c for c in combos if c.reachable and c.method == m.name]
+    searching = [c for c in combos if c.reachable and METHODS[c.method].searches]
+    plan.schedule += searching * cfg.trials_per_combo
     return plan
 
 

@@ -9,21 +9,35 @@ from pathlib import Path
 import pandas as pd
 
 from prance import tracking
+from prance.budget import within
+from prance.sweep.methods import DENSE, METHODS
 
 METRIC_COLUMNS = [tracking.TOP1, tracking.GFLOPS, tracking.TOKEN_RATIO, tracking.FINAL_TOKEN_RATIO,
                   tracking.THROUGHPUT, tracking.REWARD]
-LEAD_COLUMNS = ["trial_number", "trial_id", "method", "strategy", "token_strategy", "budget", "budget_gflops",
-                "status", "within_budget", "pareto", *METRIC_COLUMNS, "score", "baseline_top1", "iteration",
+SPREAD_COLUMNS = ["gflops_p95", "gflops_max", "meets"]  # per-image GFLOPs spread; budget kinds met (cap / mean / none)
+LEAD_COLUMNS = ["trial_number", "trial_id", "method", "strategy", "token_strategy", "budget", "budget_gflops", "budget_kind",
+                "status", "within_budget", "pareto", *METRIC_COLUMNS, *SPREAD_COLUMNS, "score", "baseline_top1", "iteration",
                 "param", "wall_s", "body_s", "mlflow_run_id"]
 # status: finished (ran to its end), stopped (by ASHA), error, interrupted (resume to finish it),
 # pending (not started before an interruption), unreachable (the strategy cannot meet the
 # budget on this model: no trial ran)
 DONE = ("finished", "stopped")
-TOLERANCE = 1e-9  # relative: a strategy calibrated exactly to the budget is within it
 
 
-def within(gflops: float, budget_gflops: float) -> bool:
-    return gflops <= budget_gflops * (1 + TOLERANCE)
+def _order(method) -> float:
+    m = METHODS.get(method) if isinstance(method, str) else None
+    return m.order if m is not None else len(METHODS)
+
+
+def _fill_spread(df: pd.DataFrame) -> None:
+    """A row without a per-image spread costs the same on every image (a static
+    configuration): p95 and max are its GFLOPs; ``meets`` from mean and max."""
+    from prance.budget import meets
+
+    for col in ("gflops_p95", "gflops_max"):
+        df[col] = df[col].where(df[col].notna(), df[tracking.GFLOPS])
+    df["meets"] = [meets(g, mx, b) if pd.notna(g) and pd.notna(b) else None
+                   for g, mx, b in zip(df[tracking.GFLOPS], df["gflops_max"], df["budget_gflops"])]
 
 
 def pareto_mask(df: pd.DataFrame) -> pd.Series:
@@ -48,7 +62,10 @@ def results_frame(rows: list[dict], param_names: list[str]) -> pd.DataFrame:
             df[col] = None
     if len(df):
         done = df["status"].isin(DONE) & df[tracking.GFLOPS].notna()
-        df["within_budget"] = [bool(within(g, b)) if d else None for g, b, d in zip(df[tracking.GFLOPS], df["budget_gflops"], done)]
+        _fill_spread(df)
+        kinds = df["budget_kind"].fillna("mean")
+        df["within_budget"] = [bool(within(mx if k == "cap" else g, b)) if d else None
+                               for g, mx, b, k, d in zip(df[tracking.GFLOPS], df["gflops_max"], df["budget_gflops"], kinds, done)]
         df["pareto"] = pareto_mask(df)
     df["trial_number"] = pd.array(df["trial_number"], dtype="Int64")
     for col in _integer_columns(rows, df.columns):  # a column missing in some rows would be written 2.0
@@ -56,8 +73,7 @@ def results_frame(rows: list[dict], param_names: list[str]) -> pd.DataFrame:
     params = [p for p in param_names if p in df.columns]
     rest = [c for c in df.columns if c not in LEAD_COLUMNS and c not in params]
     df = df[LEAD_COLUMNS + params + rest]
-    order = {"dense": 0, "training_free": 1, "static": 2, "selector": 3}
-    df = df.assign(_m=df["method"].map(order).fillna(3), _n=df["trial_number"].fillna(1e9))
+    df = df.assign(_m=df["method"].map(_order), _n=df["trial_number"].fillna(1e9))
     return df.sort_values(["_m", "_n", "budget_gflops", "strategy"]).drop(columns=["_m", "_n"]).reset_index(drop=True)
 
 
@@ -90,7 +106,7 @@ def best_per_combo(df: pd.DataFrame) -> pd.DataFrame:
     """Per budget x strategy: the best Top-1 among trials within the budget (else the
     trial closest to it, flagged), or the reason there is none."""
     out = []
-    for (budget, strategy), g in df[df["method"] != "dense"].groupby(["budget", "strategy"], sort=False):
+    for (budget, strategy), g in df[df["method"] != DENSE.name].groupby(["budget", "strategy"], sort=False):
         done = g[g["status"].isin(DONE) & g[tracking.TOP1].notna()]
         ok = done[done["within_budget"] == True]  # noqa: E712 (object column)
         if len(ok):
@@ -115,7 +131,7 @@ def summary_table(df: pd.DataFrame, param_names: list[str]) -> str:
     best = best_per_combo(df)
     header = f"{'budget':>7} {'strategy':<18} {'top1%':>6} {'GFLOPs':>8} {'fits':>4} {'tokens':>6} {'img/s':>6}  {'trial':>5}  configuration"
     lines = [header, "-" * len(header)]
-    dense = df[df["method"] == "dense"]
+    dense = df[df["method"] == DENSE.name]
     if len(dense) and dense.iloc[0]["status"] in DONE:
         d = dense.iloc[0]
         lines.append(f"{'100%':>7} {'dense':<18} {_fmt(d[tracking.TOP1], '6.2f')} {_fmt(d[tracking.GFLOPS], '8.4g')} {'':>4} "
@@ -125,9 +141,9 @@ def summary_table(df: pd.DataFrame, param_names: list[str]) -> str:
             why = {"unreachable": f"unreachable ({r.get('note') or 'below the lowest GFLOPs'})"}.get(r["status"], r["status"])
             lines.append(f"{r['budget']:>7} {r['strategy']:<18} {'':>6} {'':>8} {'':>4} {'':>6} {'':>6}  {'':>5}  {why}")
             continue
-        if r["method"] == "selector" and r.get("best_iteration") == 0:  # PPO never beat its warm start
+        if METHODS[r["method"]].searches and r.get("best_iteration") == 0:  # PPO never beat its warm start
             conf = f"its static start, PPO never beat it: {r.get('warm_start') or '-'}"
-        elif r["method"] == "selector":
+        elif METHODS[r["method"]].searches:
             conf = ", ".join(f"{p}={_short(r.get(p))}" for p in param_names if p in r and r.get(p) is not None and not _isnan(r.get(p)))
         else:
             conf = r.get("param") or ""
@@ -157,22 +173,21 @@ def plot_pareto(df: pd.DataFrame, path: Path, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     done = df[df["status"].isin(DONE) & df[tracking.TOP1].notna()]
-    markers = {"selector": "o", "training_free": "s", "static": "D"}
-    for strategy, g in done[done["method"] != "dense"].groupby("strategy", sort=True):
-        method = g["method"].iloc[0]
-        ax.scatter(g[tracking.GFLOPS], g[tracking.TOP1], label=strategy, marker=markers.get(method, "o"),
-                   alpha=0.8, s=36 if method == "selector" else 44, edgecolors="none" if method == "selector" else "k")
+    for strategy, g in done[done["method"] != DENSE.name].groupby("strategy", sort=True):
+        m = METHODS[g["method"].iloc[0]]
+        ax.scatter(g[tracking.GFLOPS], g[tracking.TOP1], label=strategy, marker=m.marker,
+                   alpha=0.8, s=36 if m.searches else 44, edgecolors="none" if m.searches else "k")
     front = done[df.loc[done.index, "pareto"] == True].sort_values(tracking.GFLOPS)  # noqa: E712
     if len(front):
         ax.step(front[tracking.GFLOPS], front[tracking.TOP1], where="post", color="0.3", lw=1, ls="--", label="Pareto front")
-    dense = done[done["method"] == "dense"]
+    dense = done[done["method"] == DENSE.name]
     if len(dense):
         ax.scatter(dense[tracking.GFLOPS], dense[tracking.TOP1], marker="*", s=220, color="gold", edgecolors="k", zorder=5, label="dense")
     # identical points (trials that chose the same configuration) would hide each other: say how many
     for (g, t), same in done.groupby([tracking.GFLOPS, tracking.TOP1]):
         if len(same) > 1:
             ax.annotate(f"x{len(same)}", (g, t), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.25")
-    budgets = df[df["method"] != "dense"].dropna(subset=["budget_gflops"]).drop_duplicates("budget_gflops")
+    budgets = df[df["method"] != DENSE.name].dropna(subset=["budget_gflops"]).drop_duplicates("budget_gflops")
     for _, row in budgets.sort_values("budget_gflops").iterrows():
         ax.axvline(row["budget_gflops"], color="0.8", lw=0.8, ls=":", zorder=0)
         ax.annotate(f"budget {row['budget']}", (row["budget_gflops"], 1.0), xycoords=("data", "axes fraction"),

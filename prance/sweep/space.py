@@ -17,6 +17,7 @@ from typing import Any
 
 from prance.selector.config import SelectorConfig
 from prance.sweep.config import ParamSpace
+from prance.sweep.methods import METHODS
 
 
 def _is_int_field(name: str) -> bool:
@@ -58,6 +59,6 @@ class DefineByRun:
     def __call__(self, trial) -> dict[str, Any]:
         number = trial.number
         combo = dict(self.schedule[number % len(self.schedule)])
-        if combo["method"] == "selector":
+        if METHODS[combo["method"]].searches:
             self.params(trial)  # OptunaSearch records the suggestions into the trial's config
         return {**combo, "trial_number": number}

@@ -1,5 +1,5 @@
-"""The body of one sweep trial, free of Ray: the Tune trainable (prance.sweep.tune) only
-passes ``report`` in.
+"""The bodies of sweep trials, one function per method of :mod:`prance.sweep.methods`,
+free of Ray: the Tune trainable (prance.sweep.tune) only passes ``report`` in.
 
 - ``dense``: the full meta-network, no token reduction (the reference point of the plot).
 - ``training_free``: the full meta-network with the token strategy calibrated to the
@@ -46,6 +46,7 @@ class TrialContext:
     device: str = "cpu"
     progress: bool = False
     static: dict = field(default_factory=dict)  # StaticSearchSettings fields
+    cascade: dict = field(default_factory=dict)  # CascadeSettings fields
 
 
 def score(top1: float, gflops: float, budget_gflops: float, baseline_top1: float, overshoot_penalty: float) -> float:
@@ -55,7 +56,7 @@ def score(top1: float, gflops: float, budget_gflops: float, baseline_top1: float
 
 # ------------------------------------------------------------------ per-process caches
 _MODELS: dict = {}
-_VAL: dict = {}
+_IMAGES: dict = {}
 _TOP1: dict = {}
 
 
@@ -68,19 +69,31 @@ def _model(checkpoint: str):
     return _MODELS[checkpoint]
 
 
-def validation_images(ctx: TrialContext, model):
-    """The selector's validation images (``prance.selector.run.load_data``: a seeded part
-    of the test split, or of the checkpoint's held-out train images), as (x, y) tensors,
-    so both methods are scored on the same images."""
-    from prance.selector.run import load_data
+def split_of(ctx: TrialContext):
+    """The sweep's split (:class:`prance.splits.SplitSpec`) from its shared selector settings."""
+    from prance.splits import SplitSpec
 
-    key = (ctx.dataset, ctx.checkpoint, repr(sorted(ctx.selector.items())))
-    if key not in _VAL:
-        _VAL.clear()
-        cfg = selector_config({"token_strategy": "prune", "budget_gflops": 1.0}, ctx)
-        cfg = cfg.model_copy(update={"train_limit": 1, "test_limit": None})
-        _VAL[key] = load_data(model, cfg)["val"]
-    return _VAL[key]
+    keys = {k: ctx.selector[k] for k in ("val_limit", "train_limit", "rollouts_from", "seed") if k in ctx.selector}
+    return SplitSpec(dataset=ctx.dataset, checkpoint=ctx.checkpoint, test_limit=None, **keys)
+
+
+def split_images(model, spec, part: str):
+    """A part of a split (``val``: what every trial is scored on; ``train``: the
+    selector's rollout images) as (x, y) tensors, decoded once per worker process and
+    handed to every trial there that needs it."""
+    from prance import splits
+
+    key = (repr(spec), part)
+    if key not in _IMAGES:
+        if any(k[0] != key[0] for k in _IMAGES):
+            _IMAGES.clear()  # another split: one split's images at a time
+        _IMAGES[key] = splits.load(model, spec, parts=(part,))[part]
+    return _IMAGES[key]
+
+
+def validation_images(ctx: TrialContext, model):
+    """The validation images every trial is scored on (:mod:`prance.splits`)."""
+    return split_images(model, split_of(ctx), "val")
 
 
 def evaluate_fixed(ctx: TrialContext, token_strategy: str, budget_gflops: float | None) -> dict:
@@ -157,40 +170,77 @@ def selector_config(config: dict, ctx: TrialContext):
     return SelectorConfig.model_validate(data)
 
 
-def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
-    """Run the trial described by ``config`` (a combo plus suggested parameters), calling
-    ``report`` with its metrics; returns the final metrics. A selector trial keeps its
-    checkpoint (the selector so far and its training state) in ``workdir``; ``restored``:
-    ``workdir`` already holds one (a retried or resumed trial), training continues from it."""
+def budget_of(config: dict):
+    """The trial's budget as the plan parsed it (:class:`prance.budget.Budget`)."""
+    from prance.budget import Budget
+
+    return Budget(float(config["budget_gflops"]), float(config["dense_gflops"]), config.get("budget_kind", "mean"),
+                  str(config.get("budget", "")))
+
+
+def _fixed(config: dict, ctx: TrialContext, report: Report, m: dict, base: float, start: float) -> dict:
+    """The final report of a trial that evaluates one configuration."""
+    budget = float(config["budget_gflops"])
+    found = m.pop("param")
+    final = {**m, "budget_gflops": budget, "baseline_top1": base,
+             "score": score(m[tracking.TOP1], m[tracking.GFLOPS], budget, base, ctx.overshoot_penalty), FINAL: 1}
+    if found:
+        final["configuration"] = found  # what the trial chose
+    final["body_s"] = time.perf_counter() - start
+    report(final, None)
+    return final
+
+
+def _threads(ctx: TrialContext) -> float:
     import torch
 
-    start = time.perf_counter()
     torch.set_num_threads(ctx.threads)
-    method = config["method"]
+    return time.perf_counter()
+
+
+def run_dense(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
+    """The full meta-network, no token reduction: the reference point of the plot."""
+    start = _threads(ctx)
+    m = evaluate_fixed(ctx, "none", None)
+    m["param"] = ""
+    return _fixed(config, ctx, report, m, m[tracking.TOP1], start)
+
+
+def run_training_free(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
+    """The full meta-network with the token strategy calibrated to the budget."""
+    start = _threads(ctx)
     budget = float(config["budget_gflops"])
-    penalty = ctx.overshoot_penalty
+    m = evaluate_fixed(ctx, config["token_strategy"], budget)
+    m["param"] = ""  # the plan's calibrated value is in the row already
+    return _fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
 
-    if method in ("dense", "training_free", "static"):
-        if method == "static":
-            m = evaluate_static(ctx, config["token_strategy"], budget)
-        else:
-            m = evaluate_fixed(ctx, config["token_strategy"], budget if method == "training_free" else None)
-        base = m[tracking.TOP1] if method == "dense" else baseline_top1(ctx, budget)
-        found = m.pop("param")
-        final = {**m, "budget_gflops": budget, "baseline_top1": base,
-                 "score": score(m[tracking.TOP1], m[tracking.GFLOPS], budget, base, penalty), FINAL: 1}
-        if method == "static":
-            final["configuration"] = found  # the sub-network and strategy the search chose
-        final["body_s"] = time.perf_counter() - start
-        report(final, None)
-        return final
 
+def run_static(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
+    """The best static configuration of the token strategy at the budget."""
+    start = _threads(ctx)
+    budget = float(config["budget_gflops"])
+    m = evaluate_static(ctx, config["token_strategy"], budget)
+    return _fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
+
+
+def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
+    """Train the PPO selector (:func:`prance.selector.run.run_selector`) on the sweep's
+    split, reporting validation metrics every ``eval_every`` iterations. It keeps its
+    checkpoint (the selector so far and its training state) in ``workdir``; ``restored``:
+    ``workdir`` already holds one (a retried or resumed trial), training continues from it."""
     from prance.selector.run import run_selector
     from prance.selector.store import SELECTOR_FILE
+    from prance.splits import SplitSpec
 
+    start = _threads(ctx)
+    budget = float(config["budget_gflops"])
+    penalty = ctx.overshoot_penalty
     cfg = selector_config(config, ctx)
     base = baseline_top1(ctx, budget)
     workdir.mkdir(parents=True, exist_ok=True)
+    model = _model(ctx.checkpoint)
+    spec = SplitSpec.of(cfg.model_copy(update={"test_limit": None}))  # a trial's own suggestions may change its split
+    data = {part: split_images(model, spec, part) for part in ("val", "train")}
 
     def with_score(m: dict) -> dict:
         out = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
@@ -209,7 +259,8 @@ def run_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, re
         if int(m.get("iteration", 0)) < cfg.iterations:
             report(with_score(m), checkpoint_dir())
 
-    final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress, resume_from=workdir if restored else None))
+    final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress, resume_from=workdir if restored else None,
+                                    budget=budget_of(config), data=data))
     # The final metrics are those of the best validation iteration (the selector that is
     # kept), reported at the last iteration so that MLflow and Tune show them last.
     final["best_iteration"] = final.get("iteration", cfg.iterations)

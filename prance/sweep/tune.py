@@ -40,7 +40,8 @@ from prance.sweep.plan import SweepPlan, plan_sweep, trial_threads
 from prance.sweep.runs import SweepRuns
 from prance.sweep.space import DefineByRun
 from prance.selector.store import SELECTOR_FILE
-from prance.sweep.trial import FINAL, TrialContext, run_trial, selector_config
+from prance.sweep.methods import DENSE, METHODS, run_trial
+from prance.sweep.trial import FINAL, TrialContext, selector_config
 
 # Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
 NOT_LOGGED = frozenset({"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname",
@@ -116,7 +117,7 @@ class Progress:
 
     def params(self, config: dict) -> dict:
         base = {k: v for k, v in config.items()}
-        if config.get("method") == "selector":
+        if METHODS[config["method"]].searches:
             base.update(selector_config(config, self.ctx).model_dump())
         else:
             base.update({k: self.ctx.selector.get(k) for k in ("val_limit", "batch_size", "seed")})
@@ -141,7 +142,7 @@ class Progress:
         step = int(result.get("iteration", 0) or 0)
         metrics = {k: v for k, v in result.items() if k not in NOT_LOGGED}
         self.tracked(f"metrics of trial {n}", lambda: self.runs.log(n, metrics, step))
-        if c.get("method") == "selector" and not result.get(FINAL):
+        if METHODS[c["method"]].searches and not result.get(FINAL):
             self.line(f"      {_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
                       f"{result.get('gflops', float('nan')):.4g} GFLOPs  score {result.get('score', float('nan')):+7.2f}")
 
@@ -227,7 +228,7 @@ def _searcher(cfg: SweepConfig, plan: SweepPlan, multi: bool):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    fixed = sum(1 for c in plan.schedule if c.method != "selector")
+    fixed = sum(1 for c in plan.schedule if not METHODS[c.method].searches)
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, seed=cfg.seed, n_startup_trials=fixed + cfg.startup_trials, constant_liar=True
     )
@@ -417,7 +418,7 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
         "trials_finished": int((df["status"] == "finished").sum()), "trials_stopped": int((df["status"] == "stopped").sum()),
         "trials_failed": failed, "trials_interrupted": interrupted, "session_wall_s": wall, "fit_s": fit_s,
     }
-    dense = df[(df["method"] == "dense") & df["status"].isin(rep.DONE)]
+    dense = df[(df["method"] == DENSE.name) & df["status"].isin(rep.DONE)]
     if len(dense):
         summary_metrics["dense_top1"] = float(dense.iloc[0][tracking.TOP1])
     if tracking_error is None:
@@ -517,15 +518,15 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         checkpoint=plan.checkpoint, dataset=plan.dataset,
         selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
         threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
-        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(),
+        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
     )
     counts = plan.counts()
     progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
     progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
     _ACTIVE = progress
     print(
-        f"[sweep] {name}: {len(plan.schedule)} trials ({counts['dense']} dense, {counts['training_free']} training-free, {counts['static']} static, "
-        f"{counts['selector']} selector) on {budget_list(plan)}, {slots} at a time"
+        f"[sweep] {name}: {len(plan.schedule)} trials ({', '.join(f'{n} {m}' for m, n in counts.items())}) "
+        f"on {budget_list(plan)}, {slots} at a time"
         + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
         + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
         + ("\n[sweep] resuming: finished trials are kept" if resume else ""),
@@ -595,7 +596,9 @@ def reconcile_runs(runs: SweepRuns, grid, rows: list[dict], progress: "Progress"
 
 
 def budget_list(plan: SweepPlan) -> str:
-    return "budgets " + ", ".join(f"{b} ({g:.4g} GFLOPs)" for b, g in plan.budgets.items())
+    kinds = {b.kind for b in plan.budgets.values()}
+    return (f"{'/'.join(sorted(kinds))} budgets " if kinds else "budgets ") + ", ".join(
+        f"{text} ({b.gflops:.4g} GFLOPs)" for text, b in plan.budgets.items())
 
 
 def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> list[dict]:
@@ -617,7 +620,7 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
         else:
             status = "interrupted"
         row = {**config, "trial_id": m.get("trial_id"), "status": status, "mlflow_run_id": runs.run_ids.get(n)}
-        for k in (*rep.METRIC_COLUMNS, "score", "baseline_top1", "iteration", "best_iteration", "warm_start_top1", "warm_start", "body_s"):
+        for k in (*rep.METRIC_COLUMNS, "gflops_p95", "gflops_max", "escalated", "margin", "score", "baseline_top1", "iteration", "best_iteration", "warm_start_top1", "warm_start", "body_s"):
             if k in m:
                 row[k] = m[k]
         for k, v in m.items():

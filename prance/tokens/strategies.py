@@ -219,12 +219,3 @@ REDUCING_STRATEGIES = tuple(n for n in STRATEGIES if REGISTRY[n].ops is not None
 SELECTOR_STRATEGIES = tuple(n for n, s in REGISTRY.items() if s.selector_grids)
 TRAINING_FREE_STRATEGIES = tuple(n for n, s in REGISTRY.items() if s.training_free)
 
-
-def sweep_strategies() -> dict[str, tuple[str, str]]:
-    """The sweep's strategy names -> (method, token strategy): each selector strategy by its
-    name, ``free_<name>`` for the training-free ones, ``static`` (widths only) and
-    ``static_<name>`` for the static baselines."""
-    out = {n: ("selector", n) for n in SELECTOR_STRATEGIES}
-    out.update({f"free_{n}": ("training_free", n) for n in TRAINING_FREE_STRATEGIES})
-    out.update({("static" if n == "none" else f"static_{n}"): ("static", n) for n, s in REGISTRY.items() if s.static})
-    return out

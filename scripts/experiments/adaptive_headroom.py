@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from prance import cascade, flops  # noqa: E402
 from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.selector.config import SelectorConfig  # noqa: E402
-from prance.selector.run import budget_of, load_data  # noqa: E402
+from prance import splits  # noqa: E402
+from prance.budget import Budget  # noqa: E402
 
 LADDER = ["11%", "12%", "15%", "20%", "25%", "35%", "50%"]
 
@@ -78,10 +79,10 @@ def main() -> None:
     cfg = SelectorConfig(checkpoint=args.checkpoint, rollouts_from="train_holdout", val_limit=2000, train_limit=4000, test_limit=100_000)
     meta, _ = load_checkpoint(cfg.checkpoint)
     meta.eval()
-    data = load_data(meta, cfg)
+    data = splits.load(meta, splits.SplitSpec.of(cfg))
     dense = flops.gflops(meta.arch)
     # the best static configuration at each share of dense, duplicates dropped, cheapest first
-    ladder = cascade.ladder(meta, dense, data["val"], rungs=[budget_of(meta, b) / dense for b in LADDER],
+    ladder = cascade.ladder(meta, dense, data["val"], rungs=[Budget.of(b, meta.arch).share for b in LADDER],
                             progress=lambda text: print(text, flush=True))
     full = SimpleNamespace(subnet=None, plan=None, gflops=dense)  # the full sub-network, no token reduction
     ladder.append(full)
@@ -94,15 +95,15 @@ def main() -> None:
                 "test_top1": 100.0 * float(correct["test"][:, i].float().mean())} for i, c in enumerate(ladder)]
     rows = []
     for b in args.budgets:
-        share = budget_of(meta, b) / dense
+        share = Budget.of(b, meta.arch).share
         fits = [i for i in range(len(ladder)) if cost[i] <= share + 1e-9]
         st = max(fits, key=lambda i: (configs[i]["val_top1"], -cost[i]))
         row = {"budget": b, "static": configs[st]}
         top1, mean = oracle(correct["test"], cost, share)
         row["oracle"] = {"test_top1": top1, "share": mean}
-        best = cascade.choose(logits["val"], y["val"], cost.tolist(), share)
+        best = cascade.choose(logits["val"], y["val"], cost.tolist(), share, max_rungs=2)
         if best is not None:
-            i, j, t = best.cheap, best.expensive, best.threshold
+            i, j, t = best.rungs[0], best.rungs[-1], (best.thresholds or (0.0,))[0]
             up = cascade.escalates(logits["test"][:, i], t)  # none when the choice is one rung alone (t = 0)
             pred = torch.where(up, logits["test"][:, j].argmax(-1), logits["test"][:, i].argmax(-1))
             row["cascade"] = {"cheap": configs[i]["configuration"], "expensive": configs[j]["configuration"], "threshold": t,

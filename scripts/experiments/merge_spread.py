@@ -9,12 +9,12 @@ from prance.checkpoint import load_checkpoint
 from prance.selector.config import SelectorConfig
 from prance.selector.selector import Selector
 from prance.selector import static
-from prance.selector.run import load_data
+from prance import splits
 from prance.evaluate import evaluate
 from prance.selector.train import batches
 m,_=load_checkpoint("checkpoints/prance_vit_fmnist.safetensors"); m.eval()
 cfg=SelectorConfig(train_limit=4096, val_limit=1000, test_limit=100000)
-data=load_data(m,cfg)
+data=splits.load(m,splits.SplitSpec.of(cfg))
 for b in (0.25,0.35):
   for strat in ("merge","prune_merge"):
     for spread in (False,True):

@@ -1,0 +1,136 @@
+"""Which images validate, roll out and test: one split, the same for every selector,
+static search, cascade and sweep trial, so their numbers are on the same images.
+
+All parts are disjoint. The test split is permuted once (:data:`TEST_SPLIT_SEED`): with
+``rollouts_from: holdout`` the first ``val_limit`` images validate, the next
+``train_limit`` are the rollout images, the rest are test images. With
+``rollouts_from: train_holdout`` (``auto``'s choice for a checkpoint whose pretraining
+held out train images) validation and rollout images come from the train images that
+pretraining held out (:func:`prance.data.pretrain_holdout`, the split pretraining used),
+and test images from the whole test split. ``train`` rolls out on the meta-network's own
+training images, which teaches a selector how confident the network is on data it
+memorised (docs/selector.md).
+
+:func:`layout` works out the parts as index lists without decoding an image (what a
+driver checks); :func:`load` decodes the parts asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from prance.checkpoint import read_header
+from prance.data import build_dataset, input_spec_for_model, make_loader, pretrain_holdout
+from prance.errors import PranceError
+
+# The fixed permutation of the test split into validation, rollout and test images.
+TEST_SPLIT_SEED = 1234
+PARTS = ("val", "train", "test")  # train: the rollout images
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """The split's settings (the selector's ``val_limit``, ``train_limit``, ``test_limit``,
+    ``rollouts_from`` and ``seed``, on ``dataset`` for the meta-network ``checkpoint``)."""
+
+    dataset: str
+    checkpoint: str
+    val_limit: int = 1000
+    train_limit: int | None = 4000
+    test_limit: int | None = None
+    rollouts_from: str = "auto"
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> "SplitSpec":
+        """The split of a config carrying these fields (a SelectorConfig)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def source(self) -> str:
+        """``rollouts_from`` with ``auto`` resolved: ``train_holdout`` when the checkpoint's
+        pretraining held out train images, else ``holdout``."""
+        if self.rollouts_from != "auto":
+            return self.rollouts_from
+        return "train_holdout" if holdout_fraction(self.checkpoint) > 0 else "holdout"
+
+
+def holdout_fraction(checkpoint: str) -> float:
+    """The share of train images the checkpoint's pretraining held out (0: none)."""
+    return float((read_header(checkpoint).get("info") or {}).get("config", {}).get("holdout_fraction") or 0.0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Each part as (dataset, indices into it): nothing decoded yet."""
+
+    parts: dict  # part -> (dataset, list[int])
+    source: str
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v[1]) for k, v in self.parts.items()}
+
+
+def layout(spec: SplitSpec, image_spec) -> Layout:
+    """The parts of ``spec`` for images shaped by ``image_spec``; PranceError when the
+    dataset is too small for them. Lists files, decodes nothing."""
+    source = spec.source()
+    if source == "train_holdout":
+        return Layout(_train_holdout_parts(spec, image_spec), source)
+    test = build_dataset(spec.dataset, "test", image_spec)
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED)).tolist()
+    v_idx, rest = perm[: spec.val_limit], perm[spec.val_limit :]
+    if source == "holdout":
+        n = spec.train_limit or len(rest) // 2
+        r_idx, rest = rest[:n], rest[n:]
+        rollouts = (test, r_idx)
+    else:
+        train = build_dataset(spec.dataset, "train", image_spec)
+        g = torch.Generator().manual_seed(spec.seed)
+        rollouts = (train, torch.randperm(len(train), generator=g)[: spec.train_limit or len(train)].tolist())
+    if not rest and spec.test_limit is not None:
+        raise PranceError(f"val_limit {spec.val_limit} + train_limit {spec.train_limit} leave no test images ({len(test)} in the test split)")
+    if len(v_idx) == 0 or len(rollouts[1]) == 0:
+        raise PranceError(f"the test split ({len(test)} images) is too small for val_limit {spec.val_limit} and train_limit {spec.train_limit}")
+    parts = {"train": rollouts, "val": (test, v_idx)}
+    if spec.test_limit is not None:
+        parts["test"] = (test, rest[: spec.test_limit])
+    return Layout(parts, source)
+
+
+def _train_holdout_parts(spec: SplitSpec, image_spec) -> dict:
+    fraction = holdout_fraction(spec.checkpoint)
+    if not fraction:
+        raise PranceError(f"rollouts_from: train_holdout needs a checkpoint pretrained with holdout_fraction > 0; "
+                          f"{spec.checkpoint} held out no train images (use rollouts_from: holdout)")
+    held = pretrain_holdout(build_dataset(spec.dataset, "train", image_spec), fraction)[1]
+    idx = held.indices
+    n_rollouts = spec.train_limit or (len(idx) - spec.val_limit)
+    if spec.val_limit + n_rollouts > len(idx):
+        raise PranceError(f"val_limit {spec.val_limit} + train_limit {n_rollouts} exceed the checkpoint's "
+                          f"{len(idx)} held-out train images")
+    parts = {"val": (held.dataset, idx[: spec.val_limit]), "train": (held.dataset, idx[spec.val_limit : spec.val_limit + n_rollouts])}
+    if spec.test_limit is not None:
+        test = build_dataset(spec.dataset, "test", image_spec)
+        parts["test"] = (test, list(range(min(spec.test_limit, len(test)))))
+    return parts
+
+
+def tensors(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
+    """The images ``indices`` of ``dataset`` as (x, y) tensors."""
+    if hasattr(dataset, "batch"):
+        return dataset.batch(indices)
+    from torch.utils.data import Subset
+
+    xs, ys = zip(*make_loader(Subset(dataset, indices), batch_size=256))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def load(meta, spec: SplitSpec, parts: Iterable[str] = PARTS) -> dict[str, tuple[Tensor, Tensor]]:
+    """The asked-for parts of the split (those the spec has: ``test`` only with a
+    ``test_limit``) as (x, y) tensors for the meta-network ``meta``."""
+    lay = layout(spec, input_spec_for_model(meta.vit))
+    return {p: tensors(*lay.parts[p]) for p in parts if p in lay.parts}

@@ -1,0 +1,59 @@
+"""The ``cascade`` sweep method's trial: the best confidence cascade (:mod:`prance.cascade`)
+at a mean budget, chosen on the sweep's validation images.
+
+Each budget's ladder of static configurations is computed once per worker process and
+shared by every trial there that needs it (:func:`shared_ladder`); the chain and its
+thresholds are chosen from the ladder's logits, then the chosen cascade is run again on
+the validation images, so its row carries measured Top-1, per-image GFLOPs (mean, p95,
+max) and throughput like every other row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prance.sweep.trial import Report, TrialContext, _fixed, _model, _threads, baseline_top1, validation_images
+
+_LADDERS: dict = {}
+LADDER_CALLS = {"computed": 0}  # how many ladders this process computed (the sharing is tested on it)
+
+
+def ladder_key(ctx: TrialContext, budget_gflops: float) -> tuple:
+    settings = {k: v for k, v in ctx.cascade.items() if k in ("rungs", "strategies", "uniform_only")}
+    static = {k: ctx.static.get(k) for k in ("first_images", "eta")}
+    return (ctx.checkpoint, ctx.dataset, repr(sorted(ctx.selector.items())), repr(settings), repr(static), round(budget_gflops, 15))
+
+
+def shared_ladder(ctx: TrialContext, budget_gflops: float) -> list:
+    """The ladder of static configurations at ``budget_gflops`` (:func:`prance.cascade.ladder`),
+    computed once per budget in this process."""
+    from prance import cascade
+
+    key = ladder_key(ctx, budget_gflops)
+    if key not in _LADDERS:
+        model = _model(ctx.checkpoint)
+        c = ctx.cascade
+        rungs = sorted(set(list(c.get("rungs", cascade.RUNGS)) + [1.0]))
+        _LADDERS[key] = cascade.ladder(model, budget_gflops, validation_images(ctx, model), rungs,
+                                       c.get("strategies", ["none", "merge", "prune_merge"]),
+                                       first_images=ctx.static.get("first_images", 64), eta=ctx.static.get("eta", 3),
+                                       uniform_only=c.get("uniform_only", True))
+        LADDER_CALLS["computed"] += 1
+    return _LADDERS[key]
+
+
+def run_cascade(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
+    """The best cascade at the trial's (mean) budget, evaluated on the validation images."""
+    from prance import cascade
+
+    start = _threads(ctx)
+    budget = float(config["budget_gflops"])
+    model = _model(ctx.checkpoint)
+    x, y = validation_images(ctx, model)
+    c = ctx.cascade
+    found = cascade.search(model, budget, (x, y), c.get("strategies", ["none", "merge", "prune_merge"]),
+                           max_rungs=c.get("max_rungs", 3), configs=shared_ladder(ctx, budget), margin=c.get("margin", True))
+    m = cascade.evaluate(model, found.best, x, y, batch_size=max(ctx.selector.get("batch_size", 64), 256))
+    m.pop("n_images", None)
+    m.update({"param": found.best.describe(), "margin": found.margin, "ladder_rungs": len(found.ladder)})
+    return _fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
