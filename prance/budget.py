@@ -27,7 +27,8 @@ from prance.tokens.strategies import PARAM_OF, StrategyConfig, build_plan, check
 
 
 def parse_budget(text: str | float, dense_gflops: float) -> float:
-    """GFLOPs from ``"2.3"`` (GFLOPs) or ``"50%"`` (of the dense model)."""
+    """GFLOPs from ``"2.3"`` (GFLOPs) or ``"50%"`` (of the dense model). One rule for every
+    command: a budget above the dense model's GFLOPs is refused (nothing to compress)."""
     s = str(text).strip()
     try:
         value = float(s[:-1]) / 100 * dense_gflops if s.endswith("%") else float(s)
@@ -35,6 +36,9 @@ def parse_budget(text: str | float, dense_gflops: float) -> float:
         raise PranceError(f"budget {text!r} is neither GFLOPs (e.g. 2.3) nor a percentage of dense (e.g. 50%)") from None
     if not (value > 0 and math.isfinite(value)):
         raise PranceError(f"budget must be a positive finite number, got {text!r}")
+    if value > dense_gflops * (1 + 1e-9):
+        raise PranceError(f"budget {str(text).strip()} ({value:.4g} GFLOPs) is above the dense model's {dense_gflops:.4g} GFLOPs: "
+                          "nothing to compress (give at most 100% or the dense GFLOPs)")
     return value
 
 

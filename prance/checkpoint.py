@@ -104,6 +104,23 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+def _unpickle_reason(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to
+    reload it with ``weights_only=False`` (advice never to follow for a file one did not make)."""
+    import re
+
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds the Python object {found.group(1)}, which prance never unpickles"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if found:
+        return found.group(1).strip()[:160]
+    if "weights_only" in text:  # torch's wording changes: keep only what does not advise
+        return f"{type(e).__name__} from torch.load(weights_only=True)"
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors.torch import load_file
@@ -116,10 +133,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PranceError(
-            f"refusing to load {path}: not a plain tensor checkpoint (loaded with weights_only=True: {first})"
-        ) from None
+        raise PranceError(f"refusing to load {path}: not a plain tensor checkpoint ({_unpickle_reason(e)})") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from prance.errors import PranceError
-from prance.tokens.strategies import STRATEGIES
+from prance.errors import PranceError, one_line
+from prance.tokens.strategies import REDUCING_STRATEGIES, STRATEGIES
 
 HELP_MODEL = "timm model name (e.g. deit_small_patch16_224, prance_vit_fmnist)"
 
@@ -29,10 +29,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    p.add_argument("--model", help=HELP_MODEL)
+    p.add_argument("--model", help=HELP_MODEL + "; default prance_vit_fmnist with its shipped checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
     if checkpoint:
-        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, or a .pt/.pth state dict with --model")
+        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, or a .pt/.pth state dict with --model "
+                                            "(default: checkpoints/<model>.safetensors when the model has one shipped)")
+        p.add_argument("--random-init", action="store_true", help="a randomly initialised model even where a checkpoint is shipped")
 
 
 def _add_strategy_args(p: argparse.ArgumentParser, single: bool = True) -> None:
@@ -42,11 +44,30 @@ def _add_strategy_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         group.add_argument("--r", type=int, help="tokens merged/removed per step (merge, ppt)")
         group.add_argument("--keep", type=float, help="keep ratio per reduction block (prune, prune_merge)")
         group.add_argument("--budget", help="target GFLOPs (e.g. 2.3) or share of dense (e.g. 50%%): calibrates r/keep")
-    p.add_argument("--locs", help="reduction blocks, comma-separated (default: quarter points, 3,6,9 for 12 blocks)")
-    p.add_argument("--schedule", default="constant", choices=["constant", "decreasing"], help="ToMe r schedule")
-    p.add_argument("--threshold", type=float, default=7e-5, help="PPT variance threshold")
-    p.add_argument("--fuse", action="store_true", help="prune: fuse dropped tokens into one (EViT)")
-    p.add_argument("--no-prop-attn", action="store_true", help="turn off proportional attention for merged tokens")
+    p.add_argument("--locs", help="prune, prune_merge, ppt: reduction blocks, comma-separated (default: quarter points, 3,6,9 for 12 blocks)")
+    p.add_argument("--schedule", choices=["constant", "decreasing"], help="merge: ToMe's r schedule (default constant)")
+    p.add_argument("--threshold", type=float, help="ppt: variance threshold (default 7e-5)")
+    p.add_argument("--fuse", action="store_true", default=None, help="prune: fuse dropped tokens into one (EViT)")
+    p.add_argument("--no-prop-attn", action="store_true", default=None, help="turn off proportional attention for merged tokens")
+
+
+# The strategies each strategy flag acts on: given to a command none of whose strategies
+# uses it, the flag is an error (it would be ignored without a word).
+FLAG_STRATEGIES = {
+    "locs": ("prune", "prune_merge", "ppt"),
+    "schedule": ("merge",),
+    "threshold": ("ppt",),
+    "fuse": ("prune",),
+    "no_prop_attn": REDUCING_STRATEGIES,
+}
+
+
+def _check_strategy_flags(args: argparse.Namespace, names: list[str]) -> None:
+    for flag, applies in FLAG_STRATEGIES.items():
+        if getattr(args, flag, None) is not None and not set(names) & set(applies):
+            chosen = ", ".join(names) or "none"
+            raise PranceError(f"--{flag.replace('_', '-')} applies to strategy {' or '.join(applies)} only, "
+                              f"not to {chosen}: drop it or choose such a strategy")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +77,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
     p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--val-limit", type=int, default=1000, help="validation images (the selector's)")
+    p.add_argument("--val-limit", type=int, default=2000,
+                   help="validation images the choice is made on (default 2000, the default sweep's: the same defaults give its static rows)")
     p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
     p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
     p.add_argument("--batch-size", type=int, default=256)
@@ -77,23 +99,42 @@ def _strategy_config(args: argparse.Namespace, name: str | None = None):
         r=getattr(args, "r", None),
         keep=getattr(args, "keep", None),
         locs=locs,
-        schedule=args.schedule,
-        threshold=args.threshold,
-        fuse=args.fuse,
+        schedule=args.schedule or "constant",
+        threshold=7e-5 if args.threshold is None else args.threshold,
+        fuse=bool(args.fuse),
         prop_attn=not args.no_prop_attn,
     )
 
 
+def shipped_checkpoint(model_name: str):
+    """``checkpoints/<model>.safetensors`` of this checkout, when the model has one shipped."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "checkpoints" / f"{model_name}.safetensors"
+    return path if path.is_file() else None
+
+
 def _load_model(args: argparse.Namespace):
+    """The model of ``--checkpoint``; else the shipped checkpoint of ``--model`` (default
+    prance_vit_fmnist) when there is one; else timm's model, randomly initialised unless
+    ``--pretrained`` (``args.random_weights`` is set then: main warns after the result)."""
     from prance.models import DEFAULT_MODEL, create_meta
 
     checkpoint = getattr(args, "checkpoint", None)
+    name = args.model or DEFAULT_MODEL
+    if getattr(args, "random_init", False):
+        if checkpoint or args.pretrained:
+            raise PranceError("--random-init cannot be combined with --checkpoint or --pretrained")
+    elif not checkpoint and not args.pretrained:
+        checkpoint = shipped_checkpoint(name)
     if checkpoint:
         from prance.checkpoint import load_checkpoint
 
+        args.checkpoint = str(checkpoint)
         model, _ = load_checkpoint(checkpoint, args.model)
         return model
-    return create_meta(args.model or DEFAULT_MODEL, pretrained=args.pretrained)
+    args.random_weights = name if not args.pretrained else None
+    return create_meta(name, pretrained=args.pretrained)
 
 
 def _budget(args: argparse.Namespace, model) -> float | None:
@@ -134,6 +175,7 @@ def cmd_flops(args: argparse.Namespace) -> dict:
     x = torch.randn(args.reference_batch, spec.in_chans, *spec.img_size, generator=torch.Generator().manual_seed(0))
     return {
         "model": args.model or model.vit.pretrained_cfg.get("architecture"),
+        "checkpoint": _weights(args),
         "strategy": cfg.name,
         "params": plan.params,
         "gflops": report.gflops,
@@ -154,12 +196,24 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     model = _load_model(args)
     cfg, plan = plan_for(model, _strategy_config(args), _budget(args, model))
-    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
+    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit), skip_bad=args.skip_bad_images)
     if args.limit is not None:
         ds = seeded_subset(ds, args.limit, args.seed)
     loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
-    result = evaluate(model, loader, plan=plan, device=args.device, amp=args.amp, progress=not args.json)
-    return {"strategy": cfg.name, "params": plan.params, **result}
+    result = evaluate(model, loader, plan=plan, device=args.device, amp=args.amp, progress=True)
+    out = {"checkpoint": _weights(args), "strategy": cfg.name, "params": plan.params, **result}
+    if args.skip_bad_images:
+        out["skipped_images"] = len(ds) - result["n_images"]
+    return out
+
+
+def _weights(args: argparse.Namespace) -> str:
+    """Which weights a result is of: the checkpoint, timm's pretrained ones, or random."""
+    if getattr(args, "random_weights", None):
+        return "random-init"
+    if args.pretrained:
+        return "timm-pretrained"
+    return str(args.checkpoint)
 
 
 def _selector_config(args: argparse.Namespace):
@@ -193,6 +247,13 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     else:
         out_dir, name = out, SELECTOR_FILE
 
+    if args.resume:
+        from prance.selector.store import STATE_FILE
+
+        if not (out_dir / STATE_FILE).is_file():
+            raise PranceError(f"nothing to resume: no training state {out_dir / STATE_FILE} (what an interrupted "
+                              f"train-selector --output {args.output} leaves)")
+
     def report(m: dict) -> None:
         print(
             f"[selector] it {m['iteration']:3d}: kept (it {m['best_iteration']}) val top1 {m['top1']:.2f}%  gflops {m['gflops']:.4f} "
@@ -200,7 +261,7 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
 
-    result = run_selector(cfg, report, out_dir, progress=not args.json)
+    result = run_selector(cfg, report, out_dir, progress=True, resume_from=out_dir if args.resume else None)
     if name != SELECTOR_FILE:
         (out_dir / SELECTOR_FILE).replace(out_dir / name)
     keys = ("top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s", "reward")
@@ -242,7 +303,7 @@ def _search_inputs(args: argparse.Namespace, command: str):
     budget = Budget.of(args.budget, model.arch).gflops
     data = splits.load(model, splits.SplitSpec.of(cfg), parts=("val", "test"))
     tag = command.split("-")[-1]
-    say = None if args.json else (lambda text: print(f"[{tag}] {text}", file=sys.stderr))
+    say = lambda text: print(f"[{tag}] {text}", file=sys.stderr, flush=True)  # noqa: E731 -- stderr, also with --json
     return model, budget, data, names, say
 
 
@@ -259,7 +320,7 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
                                  base=_strategy_config(args, "none"), progress=say)
     best = found.best
     val = evaluate(model, batches(*data["val"], args.batch_size), best.subnet, best.plan, progress=False)
-    test = evaluate(model, batches(*data["test"], args.batch_size), best.subnet, best.plan, progress=not args.json)
+    test = evaluate(model, batches(*data["test"], args.batch_size), best.subnet, best.plan, progress=True)
     out = {"budget_gflops": budget, "configuration": best.describe(), **{k: v for k, v in val.items() if k != "n_images"}}
     out.update({f"test_{k}": v for k, v in test.items()})
     out.update({"val_images": val["n_images"], "candidates": found.candidates, "forwards": found.forwards,
@@ -316,13 +377,13 @@ def _eval_selector(args: argparse.Namespace) -> dict:
     model.to(resolve_device(args.device))
     budget = Budget.of(args.budget, model.arch).gflops if args.budget else header["extra"].get("budget_gflops") or Budget.of(cfg.budget, model.arch).gflops
     selector.check_budget(budget)
-    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
+    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit), skip_bad=args.skip_bad_images)
     if args.limit is not None:
         ds = seeded_subset(ds, args.limit, args.seed)
     loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
     cfg = cfg.model_copy(update={"amp": args.amp})
-    result = evaluate_selector(model, selector, loader, budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
+    result = evaluate_selector(model, selector, loader, budget, progress=True, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
     return {"strategy": f"selector:{selector.actions.strategy}", **result}
 
 
@@ -349,10 +410,13 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
         repeats=args.repeats,
         device=args.device,
         amp=args.amp,
-        progress=not args.json,
+        progress=True,
     )
     if args.output:
-        _write_record(args.output, rows, args.device)
+        try:
+            _write_record(args.output, rows, args.device)
+        except OSError as e:  # checked writable before; the disk filled up or went away since: keep the rows
+            args.deferred_error = f"could not write --output {args.output} ({e.strerror or type(e).__name__}); the measured rows are above"
     return rows
 
 
@@ -377,7 +441,9 @@ def _write_record(path: str, rows: list[dict], device: str) -> None:
     }
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -415,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="imagefolder: skip unreadable images (a warning each) and report their count as skipped_images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -435,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of SelectorConfig keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any SelectorConfig key (repeatable)")
     p.add_argument("--output", default="runs/selector", help="folder (or .safetensors path) for the selector")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the training state an interrupted run left in --output's folder (selector_state.pt)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_selector)
 
@@ -488,6 +558,27 @@ def _check_args(args: argparse.Namespace) -> None:
         from prance.device import resolve
 
         resolve(args.device)
+    if getattr(args, "selector", None):
+        given = [f for f in ("strategy", "r", "keep", *FLAG_STRATEGIES) if getattr(args, f, None) not in (None, "none")]
+        if given:
+            raise PranceError(f"--selector decides the token schedule itself: drop --{given[0].replace('_', '-')}")
+    elif hasattr(args, "locs"):  # the commands with strategy flags
+        names = [args.strategy] if hasattr(args, "strategy") else [n.strip() for n in args.strategies.split(",") if n.strip()]
+        _check_strategy_flags(args, names)
+    _check_outputs(args)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path writable, before any work starts (prance.paths)."""
+    from prance.paths import check_output_dir, check_output_file
+
+    out = getattr(args, "output", None)
+    if not out:
+        return
+    if args.command == "train-selector" and not out.endswith(".safetensors"):
+        check_output_dir(out, "--output")
+    else:
+        check_output_file(out, "--output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,17 +587,26 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         result = args.func(args)
     except PranceError as e:
-        print(f"prance: error: {e}", file=sys.stderr)
+        print(f"prance: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prance: interrupted", file=sys.stderr)
+        hint = " (add --resume to continue from the last evaluation saved in --output)" if args.command == "train-selector" else ""
+        print(f"prance: interrupted{hint}", file=sys.stderr)
         return 130
+    if getattr(args, "random_weights", None) and args.command in ("eval", "bench"):
+        print(f"prance: warning: {args.random_weights} has no shipped checkpoint and none was given: these are the "
+              "figures of a randomly initialised model (pass --checkpoint)", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     elif isinstance(result, list):
         _print_table(result, ["strategy", "params", "gflops", "flops_speedup", "throughput_img_s", "speedup", "final_token_ratio"])
     else:
         for k, v in result.items():  # nested records (the configurations in full) are in --json
+            if isinstance(v, dict) and all(isinstance(x, (int, float, str, bool)) for x in v.values()):
+                v = ",".join(f"{name}={x:.4g}" if isinstance(x, float) else f"{name}={x}" for name, x in v.items()) or "-"
             if not isinstance(v, (dict, list)):
                 print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")
+    if getattr(args, "deferred_error", None):  # the work is done and printed; only saving it failed
+        print(f"prance: error: {args.deferred_error}", file=sys.stderr)
+        return 1
     return 0

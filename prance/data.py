@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,12 +368,36 @@ def fashion_mnist(
 # ------------------------------------------------------------------------ image folders
 
 
-def _open_image(path: str, mode: str) -> Any:
-    """Open an image file with PIL and convert it to ``mode`` ("L" or "RGB")."""
+def _open_image(path: str, mode: str, skip_bad: bool = False) -> Any:
+    """Open an image file with PIL and convert it to ``mode`` ("L" or "RGB"). An unreadable
+    file (truncated, not an image) is a PranceError naming it; with ``skip_bad`` a warning
+    line on stderr and None (the loader's collate function drops the item)."""
     from PIL import Image
 
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert(mode)
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        if not skip_bad:
+            raise PranceError(f"unreadable image {path} ({reason}); pass --skip-bad-images to skip such files and count them") from None
+        print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr, flush=True)
+        return None
+
+
+def _transform_or_none(transform: Any, image: Any) -> Any:
+    """``transform(image)``; None stays None (an image skipped by :func:`_open_image`)."""
+    return None if image is None else transform(image)
+
+
+def _collate_readable(batch: list) -> Any:
+    """Default collation of the items whose image could be read (skipped ones are None)."""
+    from torch.utils.data import default_collate
+
+    items = [b for b in batch if not (isinstance(b, (tuple, list)) and b and b[0] is None)]
+    if not items:
+        raise PranceError(f"all {len(batch)} images of a batch are unreadable (see the warnings above)")
+    return default_collate(items)
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -389,12 +414,14 @@ def _split_folder(root: Path, split: str) -> Path:
     raise PranceError(f"image folder {root} has no {' or '.join(n + '/' for n in names)} subfolder")
 
 
-def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, train: bool = False) -> Dataset:
+def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False) -> Dataset:
     """An ImageNet-style folder ``root/<split>/<class>/<image>`` as a torchvision ImageFolder.
 
     ``split`` is "train" or "val" ("test" is accepted when only one of test/ and val/ exists).
     Images go through timm's transform for ``spec`` (training augmentation when ``train``);
-    they are read as grey when the model takes one channel, else as RGB.
+    they are read as grey when the model takes one channel, else as RGB. An unreadable
+    image is a PranceError naming it, or with ``skip_bad`` a warning and an item the
+    loader of :func:`make_loader` leaves out.
     """
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
@@ -412,8 +439,8 @@ def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, trai
     try:
         return ImageFolder(
             str(folder),
-            transform=transform,
-            loader=functools.partial(_open_image, mode=mode),
+            transform=functools.partial(_transform_or_none, transform),
+            loader=functools.partial(_open_image, mode=mode, skip_bad=skip_bad),
         )
     except FileNotFoundError as exc:
         raise PranceError(f"image folder {folder}: no class subfolders with images ({exc})") from exc
@@ -425,17 +452,18 @@ def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, trai
 DATASET_FORMS = ("fashion-mnist", "imagefolder:PATH")
 
 
-def build_dataset(name: str, split: str, spec: InputSpec, train: bool = False) -> Dataset:
+def build_dataset(name: str, split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False) -> Dataset:
     """Build a dataset by name: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
 
     ``split`` is "train" or "test"/"val".  ``train`` turns on augmentation for image
-    folders; Fashion-MNIST tensors are served without augmentation.
+    folders; Fashion-MNIST tensors are served without augmentation. ``skip_bad``: an
+    image folder's unreadable images are skipped with a warning (else a PranceError).
     """
     key = name.strip()
     if key.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return fashion_mnist(split, spec)
     if key.lower().startswith("imagefolder:") and key[len("imagefolder:") :].strip():
-        return image_folder(key[len("imagefolder:") :].strip(), split, spec, train=train)
+        return image_folder(key[len("imagefolder:") :].strip(), split, spec, train=train, skip_bad=skip_bad)
     raise PranceError(f"unknown dataset {name!r}: use one of {', '.join(DATASET_FORMS)}")
 
 
@@ -531,6 +559,7 @@ def make_loader(
             drop_last=drop_last,
             generator=_generator(seed),
             persistent_workers=False,
+            collate_fn=_collate_readable,
         )
     base, mapping = source
     # The "dataset" seen by the DataLoader is the index map itself: the batch sampler picks

@@ -49,7 +49,7 @@ def evaluate(
     report = flops.count(model.arch, subnet, plan)
     correct = n = 0
     seconds = 0.0
-    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False, delay=2):
         x = x.to(device, non_blocking=True)
         synchronize(device)
         t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def bench(
     for _ in range(warmup):
         for name in names:
             run(plans[name][1])
-    for _ in tqdm(range(repeats), desc="bench", unit="round", disable=not progress, leave=False):
+    for _ in tqdm(range(repeats), desc="bench", unit="round", disable=not progress, leave=False, delay=2):
         for name in names:
             times[name].append(run(plans[name][1]))
 

@@ -27,17 +27,38 @@ def default_uri(folder: str | os.PathLike) -> str:
     return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
 
 
-def resolve_uri(uri: str | None, folder: str | os.PathLike) -> str:
-    """``uri`` made absolute (sqlite paths), or the default store in ``folder``."""
-    if not uri:
-        Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
-        return default_uri(folder)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
+# The tracking stores MLflow 3 opens (a SQLAlchemy dialect may follow a "+": mysql+pymysql).
+# ``file:`` / plain folders are refused by MLflow 3 itself.
+URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
+def check_uri(uri: str) -> None:
+    """PranceError, before anything is written, for a tracking URI MLflow cannot open."""
     if "://" not in uri:
         raise PranceError(f"MLflow tracking URI {uri!r} is not a URI: use sqlite:///path/mlflow.db or http://host:port")
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme.split("+", 1)[0] not in URI_SCHEMES:
+        raise PranceError(f"MLflow tracking URI {uri!r}: unknown scheme {scheme!r}; use sqlite:///path/mlflow.db, "
+                          f"http(s)://host:port or one of {', '.join(URI_SCHEMES)}")
+
+
+def resolve_uri(uri: str | None, folder: str | os.PathLike) -> str:
+    """``uri`` made absolute (sqlite paths), or the default store in ``folder``; a sqlite
+    database's folder is checked writable and created (PranceError when it cannot be)."""
+    from prance.paths import check_output_file
+
+    if not uri:
+        check_output_file(Path(folder).expanduser() / "mlflow.db", "the MLflow database")
+        Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+        return default_uri(folder)
+    check_uri(uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        check_output_file(path, "MLflow tracking URI")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if uri.startswith("sqlite:////"):
+        check_output_file(uri.removeprefix("sqlite:///"), "MLflow tracking URI")
     return uri
 
 
@@ -61,6 +82,27 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise PranceError(f"MLflow server {uri} is unreachable ({getattr(e, 'reason', e)})") from None
+
+
+def check_store(uri: str) -> None:
+    """Open a database tracking store (sqlite, postgresql, ...) once, before any run or
+    sweep folder is written: a file that is not a database, or one MLflow cannot migrate,
+    is a PranceError now rather than a traceback after Ray has started. Servers are
+    checked by :func:`check_reachable`."""
+    if uri.startswith(("http://", "https://", "databricks", "uc:")):
+        return
+    import logging
+
+    quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..." on a new file
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        text = " ".join(str(e).split()).split(" [SQL")[0]
+        raise PranceError(f"MLflow tracking store {uri} cannot be opened ({type(e).__name__}: {text[:160]})") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def client(uri: str):

@@ -52,6 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(PretrainConfig, "pretrain", args.config or args.preset, overrides)
         if args.export_only and not args.export:
             raise PranceError("--export-only needs --export PATH")
+        if cfg.num_workers < 1 and not args.export_only:  # 0 runs the loop in-process: for unit tests, reports no checkpoint
+            raise PranceError(f"--num-workers must be at least 1, got {cfg.num_workers}")
+        from prance.paths import check_output_dir, check_output_file
+        from prance.storage import is_remote
+
+        if not is_remote(cfg.storage) and not args.export_only:
+            check_output_dir(cfg.storage, "--storage")
+        if args.export:
+            check_output_file(args.export, "--export")
+        if cfg.use_gpu and not args.export_only:
+            from prance.rayinit import starts_local_cluster
+
+            if starts_local_cluster(None):  # a Ray this script starts has this machine's GPUs: count them before it starts
+                import torch
+
+                if torch.cuda.device_count() < max(1, cfg.num_workers):
+                    raise PranceError(f"--use-gpu: {max(1, cfg.num_workers)} GPU worker(s) requested, this machine has {torch.cuda.device_count()} GPUs")
         from prance.train.export import export_run
         from prance.train.launch import pretrain, run_dir_of
 

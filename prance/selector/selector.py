@@ -112,7 +112,7 @@ def evaluate_selector(
     seconds = 0.0
     groups = []
     rewards = 0.0
-    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
+    for x, y in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False, delay=2):
         x = x.to(dev, non_blocking=True)
         synchronize(dev)
         t0 = time.perf_counter()

@@ -101,6 +101,14 @@ def sample_budgets(n: int, target: float, spread: float, lo: float, hi: float, g
     return b.clamp(min=lo, max=hi)
 
 
+def _say(progress: bool, text: str) -> None:
+    """A progress line on stderr (the silent minutes before the first PPO iteration)."""
+    if progress:
+        import sys
+
+        print(f"[selector] {text}", file=sys.stderr, flush=True)
+
+
 def _warm_start(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float,
                 train: tuple[Tensor, Tensor]) -> tuple[Selector, "static.Schedule | None"]:
     """The best static schedule at the budget (on the first ``static_images`` rollout
@@ -196,7 +204,12 @@ def train_selector(
     if resume is not None and resume.get("anchor") is not None:  # the action space the state was trained in
         selector = Selector.for_config(meta, cfg, anchor_of(resume["anchor"]), selector.fingerprint)
     elif resume is None and cfg.warm_start > 0:
+        t_warm = time.perf_counter()
+        _say(progress, f"warm start: searching the best static schedule at {budget_gflops:.4g} GFLOPs "
+                       f"on {min(cfg.static_images, len(train[1]))} rollout images")
         selector, start_schedule = _warm_start(meta, selector, cfg, budget_gflops, train)
+        _say(progress, f"warm start: {start_schedule.describe() if start_schedule is not None else 'no static schedule fits'} "
+                       f"({time.perf_counter() - t_warm:.0f}s); scoring it on the validation images")
     anchor = anchor_dict(selector.actions.anchor) if selector.actions.anchor is not None else None
     policy = selector.policy
     actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)

@@ -68,11 +68,38 @@ def results_frame(rows: list[dict], param_names: list[str]) -> pd.DataFrame:
                                for g, mx, b, k, d in zip(df[tracking.GFLOPS], df["gflops_max"], df["budget_gflops"], kinds, done)]
         df["pareto"] = pareto_mask(df)
     df["trial_number"] = pd.array(df["trial_number"], dtype="Int64")
+    for col in _integer_columns(rows, df.columns):  # a column missing in some rows would be written 2.0
+        df[col] = pd.array([None if _isnan(v) else int(v) for v in df[col]], dtype="Int64")
     params = [p for p in param_names if p in df.columns]
     rest = [c for c in df.columns if c not in LEAD_COLUMNS and c not in params]
     df = df[LEAD_COLUMNS + params + rest]
     df = df.assign(_m=df["method"].map(_order), _n=df["trial_number"].fillna(1e9))
     return df.sort_values(["_m", "_n", "budget_gflops", "strategy"]).drop(columns=["_m", "_n"]).reset_index(drop=True)
+
+
+INTEGER_COLUMNS = ("iteration", "best_iteration")
+
+
+def _integer_columns(rows: list[dict], columns) -> list[str]:
+    """Columns holding integers: the known ones, SelectorConfig's int fields (ppo_epochs,
+    rollout_images, ...), and any whose values are all Python ints."""
+    import typing
+
+    from prance.selector.config import SelectorConfig
+
+    fields = {k for k, f in SelectorConfig.model_fields.items() if f.annotation is int or int in typing.get_args(f.annotation)
+              and float not in typing.get_args(f.annotation)}
+    out = []
+    for col in columns:
+        if col == "trial_number":
+            continue
+        values = [r[col] for r in rows if col in r and not _isnan(r[col])]
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            continue
+        if (col in INTEGER_COLUMNS or col in fields) and all(float(v).is_integer() for v in values) \
+                or all(isinstance(v, int) for v in values):
+            out.append(col)
+    return out
 
 
 def best_per_combo(df: pd.DataFrame) -> pd.DataFrame:
@@ -114,7 +141,9 @@ def summary_table(df: pd.DataFrame, param_names: list[str]) -> str:
             why = {"unreachable": f"unreachable ({r.get('note') or 'below the lowest GFLOPs'})"}.get(r["status"], r["status"])
             lines.append(f"{r['budget']:>7} {r['strategy']:<18} {'':>6} {'':>8} {'':>4} {'':>6} {'':>6}  {'':>5}  {why}")
             continue
-        if METHODS[r["method"]].searches:
+        if METHODS[r["method"]].searches and r.get("best_iteration") == 0:  # PPO never beat its warm start
+            conf = f"its static start, PPO never beat it: {r.get('warm_start') or '-'}"
+        elif METHODS[r["method"]].searches:
             conf = ", ".join(f"{p}={_short(r.get(p))}" for p in param_names if p in r and r.get(p) is not None and not _isnan(r.get(p)))
         else:
             conf = r.get("param") or ""
@@ -154,8 +183,15 @@ def plot_pareto(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     dense = done[done["method"] == DENSE.name]
     if len(dense):
         ax.scatter(dense[tracking.GFLOPS], dense[tracking.TOP1], marker="*", s=220, color="gold", edgecolors="k", zorder=5, label="dense")
-    for b in sorted(df.loc[df["method"] != DENSE.name, "budget_gflops"].dropna().unique()):
-        ax.axvline(b, color="0.8", lw=0.8, ls=":", zorder=0)
+    # identical points (trials that chose the same configuration) would hide each other: say how many
+    for (g, t), same in done.groupby([tracking.GFLOPS, tracking.TOP1]):
+        if len(same) > 1:
+            ax.annotate(f"x{len(same)}", (g, t), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.25")
+    budgets = df[df["method"] != DENSE.name].dropna(subset=["budget_gflops"]).drop_duplicates("budget_gflops")
+    for _, row in budgets.sort_values("budget_gflops").iterrows():
+        ax.axvline(row["budget_gflops"], color="0.8", lw=0.8, ls=":", zorder=0)
+        ax.annotate(f"budget {row['budget']}", (row["budget_gflops"], 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(2, -10), textcoords="offset points", fontsize=7, color="0.4", rotation=90, va="top")
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("Top-1 (%) on the validation images")
     ax.set_title(title or "Top-1 vs GFLOPs (dotted lines: budgets)")

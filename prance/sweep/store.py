@@ -68,20 +68,46 @@ def read_settings(storage: str, name: str) -> dict | None:
         raise PranceError(f"{experiment_path(storage, name)}/{SWEEP_FILE} is corrupt ({e})") from None
 
 
+TUNE_STATE = "tuner.pkl"  # Ray Tune writes it when fit() starts: what Tuner.restore needs
+
+
+def has_tune_state(storage: str, name: str) -> bool:
+    """Whether a local sweep folder holds Tune's experiment (its trials were started)."""
+    return (Path(experiment_path(storage, name)) / TUNE_STATE).is_file()
+
+
 def latest_sweep(storage: str) -> str:
-    """The most recently created sweep in a local storage folder."""
+    """The most recently created sweep in a local storage folder that started its trials
+    (a sweep that stopped before has nothing to resume and must not hide one that has)."""
     if is_remote(storage):
         raise PranceError("with remote --storage, --resume needs --name (the sweep to continue)")
     root = Path(absolute_storage(storage))
-    found = []
+    found, unstarted = [], []
     for f in root.glob(f"*/{SWEEP_FILE}"):
         try:
-            found.append((json.loads(f.read_text()).get("created", 0), f.parent.name))
+            created = json.loads(f.read_text()).get("created", 0)
         except (OSError, ValueError):
             continue
+        (found if (f.parent / TUNE_STATE).is_file() else unstarted).append((created, f.parent.name))
     if not found:
-        raise PranceError(f"nothing to resume: no sweep in {root}")
+        never = f" ({', '.join(n for _, n in sorted(unstarted))} never started its trials)" if unstarted else ""
+        raise PranceError(f"nothing to resume: no sweep in {root}{never}")
     return max(found)[1]
+
+
+def remove_unstarted(storage: str, name: str) -> None:
+    """Remove the folder of a new sweep that failed before Tune wrote anything into it
+    (only ``sweep.json`` and empty folders): nothing of value is lost."""
+    if is_remote(storage):
+        return
+    import shutil
+
+    folder = Path(experiment_path(storage, name))
+    if not folder.is_dir():
+        return
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if all(p.name in (SWEEP_FILE, SWEEP_FILE + ".tmp") for p in files):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def exists(storage: str, name: str) -> bool:

@@ -272,14 +272,12 @@ def _slots(cfg: SweepConfig) -> int:
 
 
 def _init_ray(address: str | None) -> None:
-    import ray
+    from prance.rayinit import init_ray, starts_local_cluster
 
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address) if address else ray.init()  # a running cluster, e.g. under `ray job submit`
+    if starts_local_cluster(address):
+        init_ray(address, include_dashboard=False, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        init_ray(address)  # a running cluster, e.g. under `ray job submit`
 
 
 @dataclass
@@ -303,6 +301,8 @@ def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
     settings = store.read_settings(storage, name)
     if settings is None:
         raise PranceError(f"nothing to resume: no sweep {name!r} in {store.absolute_storage(storage)}")
+    if not store.is_remote(storage) and not store.has_tune_state(storage, name):
+        raise PranceError(f"nothing to resume in {store.experiment_path(storage, name)}: the sweep never started its trials")
     try:
         cfg = SweepConfig.model_validate({**settings["config"], "name": name, "storage": storage})
     except ValidationError as e:
@@ -313,9 +313,17 @@ def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
 def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | None):
     """Step 1, before Ray and before anything is written to MLflow: the plan, the sweep's
     name, storage, Tune folder and MLflow URI; PranceError on anything wrong."""
+    if not resume and cfg.mlflow_uri:
+        tracking.check_uri(cfg.mlflow_uri)  # the cheap checks first: the plan loads the model and the images
+    storage = store.absolute_storage(cfg.storage)
+    if not store.is_remote(storage):
+        from prance.paths import check_output_dir
+
+        check_output_dir(storage, "--storage", shown=cfg.storage)
+    if cfg.use_gpu:
+        _check_local_gpus(cfg)
     plan = plan_sweep(cfg)
     name = cfg.name or store.default_name(source)
-    storage = store.absolute_storage(cfg.storage)
     if "runtime_resources/working_dir_files" in storage:
         print(f"warning: --storage {cfg.storage} lies in the Ray job's temporary copy of the working dir ({storage}): "
               "pass an absolute path or shared storage (s3://, gs://, NFS) to keep the results", file=sys.stderr)
@@ -330,10 +338,25 @@ def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | 
         if store.exists(storage, name):
             raise PranceError(f"sweep {name!r} already exists in {storage}: pass --resume to continue it, or choose another --name")
     tracking.check_reachable(uri)
+    tracking.check_store(uri)
     if resume:
         store.check_tune_state(storage, name)
 
     return plan, name, storage, exp_path, uri
+
+
+def _check_local_gpus(cfg: SweepConfig) -> None:
+    """--use-gpu on a Ray this driver starts itself: its GPUs are this machine's, counted
+    before Ray starts (a cluster one joins is counted once Ray is up, in _slots)."""
+    from prance.rayinit import starts_local_cluster
+
+    if not starts_local_cluster(None):
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus < cfg.gpus_per_trial:
+        raise PranceError(f"--use-gpu: a trial needs {cfg.gpus_per_trial:g} GPU, this machine has {gpus}")
 
 
 def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, storage: str, exp_path: str,
@@ -382,7 +405,7 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.csv"
     df.to_csv(results, index=False)
-    plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs on {plan.model}")
+    plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs of {Path(str(plan.checkpoint)).name}")
     timing = store.append_timing(folder, {"resumed": resume, "slots": slots, "fit_s": round(fit_s, 2),
                                           "session_s": round(time.monotonic() - t_start, 2), "trials": len(progress.wall)})
     store.publish(storage, name, [results, plot, timing])
@@ -468,8 +491,23 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     if resume and not tune.Tuner.can_restore(exp_path):
         raise PranceError(f"nothing to resume in {exp_path}: the sweep never started its trials")
 
-    # 3. from here on things are written: settings, the MLflow experiment
-    runs, experiment, experiment_id = _open_tracking(cfg, name, storage, uri, source, command, resume, settings)
+    # 3. from here on things are written: settings, the MLflow experiment. A new sweep that
+    # fails before its trials start leaves no folder behind (it would be a sweep --resume
+    # picks and cannot continue).
+    try:
+        runs, experiment, experiment_id = _open_tracking(cfg, name, storage, uri, source, command, resume, settings)
+    except PranceError:
+        if not resume:
+            store.remove_unstarted(storage, name)
+        raise
+    except Exception as e:  # the tracking store refused (a database it cannot open or migrate)
+        if not resume:
+            store.remove_unstarted(storage, name)
+        raise PranceError(f"MLflow at {uri} failed before any trial started ({type(e).__name__}: {first_line(e)})") from None
+    except BaseException:
+        if not resume:
+            store.remove_unstarted(storage, name)
+        raise
 
     ctx = TrialContext(
         checkpoint=plan.checkpoint, dataset=plan.dataset,

@@ -154,9 +154,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     local_store = storage if not is_remote(storage) else str(Path("runs").resolve())
     uri = tracking.resolve_uri(cfg.mlflow_uri, local_store)
     tracking.check_reachable(uri)
+    tracking.check_store(uri)
 
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray
+    from prance.rayinit import init_ray
+
+    init_ray()  # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray
     check_shared_locations(storage, uri)  # multi-node: local storage -> PranceError, sqlite MLflow -> warning
     per_worker = _check_resources(cfg)
 

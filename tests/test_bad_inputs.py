@@ -1,0 +1,277 @@
+"""One table of user mistakes, by kind, through the real entry points: ``python -m prance``
+(``prance.cli.main``), ``sweeps/budget_sweep.py`` and ``sweeps/pretrain.py`` (their
+``main``). Each case must exit with code 2, print exactly one stderr line
+``<prog>: error: ...`` matching its message, nothing on stdout, and lose nothing: no
+half-made sweep folder, no output file, files that were there unchanged.
+
+Most cases run the entry point in this process (the same ``main`` a subprocess runs,
+without ~20 s of imports per case on a busy 2-core machine); every check they exercise
+comes before Ray starts and before any training. A few run as real subprocesses, where
+what a process prints besides prance's line (Ray's and torch's warnings) is the point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = "prance_vit_micro"
+
+
+def _script_main(name: str):
+    spec = importlib.util.spec_from_file_location(f"_prance_script_{name}", ROOT / "sweeps" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_entry(entry: str, args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``main(args)`` of an entry point, in this process."""
+    if entry == "prance":
+        from prance.cli import main
+    else:
+        main = _script_main(entry)
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_process(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_AUTH_MODE", None)  # as a user's shell has it: Ray's own default
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def assert_one_line(code: int, out: str, err: str, prog: str, match: str) -> str:
+    assert code == 2, (code, err)
+    assert "Traceback" not in out + err
+    assert out == "", out
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert re.search(match, lines[0]), (match, lines[0])
+    return lines[0]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` -> its sha256: what "nothing lost or changed" compares."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real inputs for the cases: a micro checkpoint, a regular file where a folder is
+    expected, a file that is not a database, an image folder with one truncated JPEG, a
+    sweep storage holding an earlier sweep's results and a sweep that never started."""
+    import numpy as np
+    from PIL import Image
+
+    from prance.checkpoint import save_checkpoint
+    from prance.models import create_meta
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    torch.manual_seed(0)
+    save_checkpoint(root / "micro.safetensors", create_meta(MICRO), MICRO)
+    (root / "a_file").write_text("not a folder\n")
+    (root / "garbage.db").write_bytes(bytes(range(256)) * 8)
+    rng = np.random.default_rng(0)
+    for cls in ("ants", "bees"):
+        (root / "images" / "test" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / "images" / "test" / cls / f"{i}.jpg")
+    bad = root / "images" / "test" / "ants" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    # a sweep storage: an earlier sweep's finished report, and a sweep that stopped before its trials
+    storage = root / "sweeps"
+    (storage / "earlier").mkdir(parents=True)
+    (storage / "earlier" / "results.csv").write_text("trial_number,status,top1\n0,finished,80.5\n")
+    (storage / "halfmade").mkdir()
+    (storage / "halfmade" / "sweep.json").write_text(json.dumps({"name": "halfmade", "created": 2e9, "mlflow_uri": "sqlite:///x.db", "config": {}}))
+    return root
+
+
+SWEEP = "budget_sweep"
+# (entry point, arguments, the message the one line must match). {tmp}: the files fixture.
+CASES = {
+    # --- unwritable outputs, refused before any work
+    "bench_output_unwritable": ("prance", ["bench", "--model", MICRO, "--dataset", "random", "--output", "/proc/prance-x/bench.json"],
+                                r"--output /proc/prance-x/bench\.json is not writable"),
+    "bench_output_under_file": ("prance", ["bench", "--model", MICRO, "--dataset", "random", "--output", "{tmp}/a_file/bench.json"],
+                                r"a_file is a file, not a folder"),
+    "bench_output_is_folder": ("prance", ["bench", "--model", MICRO, "--dataset", "random", "--output", "{tmp}"],
+                               r"is a folder, not a file"),
+    "selector_output_unwritable": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--output", "/proc/prance-x"],
+                                   r"--output /proc/prance-x is not writable"),
+    "selector_output_under_file": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--output", "{tmp}/a_file/sel"],
+                                   r"a_file is a file, not a folder"),
+    "sweep_storage_unwritable": (SWEEP, ["--preset", "tiny", "--storage", "/proc/prance-x"], r"--storage /proc/prance-x is not writable"),
+    "sweep_storage_is_file": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/a_file"], r"a_file is a file, not a folder"),
+    "pretrain_storage_unwritable": ("pretrain", ["--preset", "smoke", "--storage", "/proc/prance-x"], r"--storage /proc/prance-x is not writable"),
+    "pretrain_export_under_file": ("pretrain", ["--preset", "smoke", "--storage", "{tmp}/pt", "--export", "{tmp}/a_file/x.safetensors"],
+                                   r"a_file is a file, not a folder"),
+    # --- MLflow tracking URIs, refused before anything is written
+    "sweep_mlflow_unknown_scheme": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--mlflow-uri", "bogus://x"], r"unknown scheme 'bogus'"),
+    "sweep_mlflow_not_a_uri": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--mlflow-uri", "mlruns"], r"is not a URI"),
+    "sweep_mlflow_not_a_database": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--mlflow-uri", "sqlite:///{tmp}/garbage.db"],
+                                    r"cannot be opened"),
+    "sweep_mlflow_db_unwritable": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--mlflow-uri", "sqlite:////proc/prance-x/m.db"],
+                                   r"not writable"),
+    "pretrain_mlflow_unknown_scheme": ("pretrain", ["--preset", "smoke", "--storage", "{tmp}/pt", "--mlflow-uri", "bogus://x"], r"unknown scheme"),
+    # --- budgets: one rule for every command
+    "flops_budget_150pct": ("prance", ["flops", "--model", MICRO, "--strategy", "merge", "--budget", "150%"], r"above the dense model.*nothing to compress"),
+    "flops_budget_1e9": ("prance", ["flops", "--model", MICRO, "--strategy", "merge", "--budget", "1e9"], r"nothing to compress"),
+    "bench_budget_150pct": ("prance", ["bench", "--model", MICRO, "--dataset", "random", "--budget", "150%"], r"nothing to compress"),
+    "search_static_budget_150pct": ("prance", ["search-static", "--checkpoint", "{tmp}/micro.safetensors", "--budget", "150%"], r"nothing to compress"),
+    "selector_budget_150pct": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--budget", "150%", "--output", "{tmp}/sel150"],
+                               r"nothing to compress"),
+    # --- values accepted silently before
+    "pretrain_num_workers_0": ("pretrain", ["--preset", "smoke", "--num-workers", "0", "--storage", "{tmp}/pt"], r"--num-workers must be at least 1"),
+    "threshold_given_to_merge": ("prance", ["flops", "--model", MICRO, "--strategy", "merge", "--threshold", "1e-4"], r"--threshold applies to strategy ppt only"),
+    "schedule_given_to_prune": ("prance", ["eval", "--model", MICRO, "--strategy", "prune", "--schedule", "decreasing", "--limit", "8"],
+                                r"--schedule applies to strategy merge only"),
+    "fuse_given_to_merge_bench": ("prance", ["bench", "--model", MICRO, "--strategies", "none,merge", "--fuse", "--dataset", "random"],
+                                  r"--fuse applies to strategy prune only"),
+    "locs_given_to_none": ("prance", ["flops", "--model", MICRO, "--locs", "1"], r"--locs applies to"),
+    "strategy_flag_with_selector": ("prance", ["eval", "--selector", "{tmp}/none.safetensors", "--threshold", "1e-4"], r"--selector decides"),
+    "random_init_with_checkpoint": ("prance", ["flops", "--checkpoint", "{tmp}/micro.safetensors", "--random-init"], r"--random-init cannot"),
+    # --- datasets
+    "corrupt_image": ("prance", ["eval", "--model", MICRO, "--dataset", "imagefolder:{tmp}/images"], r"unreadable image .*ants/1\.jpg .*--skip-bad-images"),
+    # --- resume
+    "resume_only_unstarted_sweep": (SWEEP, ["--resume", "--storage", "{tmp}/sweeps"], r"nothing to resume: .*halfmade never started its trials"),
+    "resume_named_unstarted_sweep": (SWEEP, ["--resume", "--name", "halfmade", "--storage", "{tmp}/sweeps"], r"never started its trials"),
+    "selector_resume_without_state": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--output", "{tmp}/nosel", "--resume"],
+                                      r"nothing to resume: no training state .*selector_state\.pt"),
+}
+if torch.cuda.device_count() == 0:
+    CASES["sweep_use_gpu_without_gpu"] = (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--use-gpu"], r"--use-gpu: a trial needs 1 GPU, this machine has 0")
+    CASES["pretrain_use_gpu_without_gpu"] = ("pretrain", ["--preset", "smoke", "--storage", "{tmp}/pt", "--use-gpu"],
+                                              r"--use-gpu: \d+ GPU worker\(s\) requested, this machine has 0 GPUs")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_loses_nothing(case: str, files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry, args, match = CASES[case]
+    monkeypatch.chdir(files)  # a command's default outputs (runs/...) land in the temp folder
+    monkeypatch.delenv("PRANCE_STORAGE", raising=False)
+    monkeypatch.delenv("PRANCE_MLFLOW_URI", raising=False)
+    before = digest(files)
+    code, out, err = run_entry(entry, [a.replace("{tmp}", str(files)) for a in args])
+    prog = {"prance": "prance", SWEEP: "budget_sweep", "pretrain": "pretrain"}[entry]
+    assert_one_line(code, out, err, prog, match)
+    assert digest(files) == before  # nothing written, nothing removed, nothing changed
+    assert not any(p.is_dir() and p.name not in ("images", "sweeps", "earlier", "halfmade", "test", "ants", "bees")
+                   for p in files.rglob("*")), sorted(files.rglob("*"))  # no half-made folder either
+
+
+# ------------------------------------------------------------------ real processes
+
+
+def test_corrupt_image_in_a_real_process_names_the_file(files: Path) -> None:
+    """One line naming the file (it was a 56-line traceback), also through a DataLoader
+    worker process, which wraps the error in its own traceback text."""
+    proc = run_process("-m", "prance", "eval", "--model", MICRO, "--dataset", f"imagefolder:{files}/images", "--workers", "1", cwd=files)
+    assert_one_line(proc.returncode, proc.stdout, proc.stderr, "prance", r"unreadable image .*ants/1\.jpg \(")
+
+
+def test_skip_bad_images_counts_them(files: Path) -> None:
+    code, out, err = run_entry("prance", ["eval", "--model", MICRO, "--dataset", f"imagefolder:{files}/images", "--skip-bad-images", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["skipped_images"] == 1 and result["n_images"] == 5
+    assert "skipping unreadable image" in err and "ants/1.jpg" in err
+    assert "randomly initialised" in err  # prance_vit_micro has no shipped checkpoint
+
+
+def test_sweep_refusals_before_ray_print_no_ray_line(files: Path, tmp_path: Path) -> None:
+    """``--resume`` of a storage whose only sweep never started: refused before Ray starts,
+    so Ray's token-authentication WARNING never comes before the one line."""
+    storage = tmp_path / "sweeps"
+    (storage / "halfmade").mkdir(parents=True)
+    (storage / "halfmade" / "sweep.json").write_text(json.dumps({"name": "halfmade", "created": 1.0, "config": {}}))
+    proc = run_process(str(ROOT / "sweeps" / "budget_sweep.py"), "--resume", "--storage", str(storage), cwd=tmp_path)
+    assert_one_line(proc.returncode, proc.stdout, proc.stderr, "budget_sweep", r"never started its trials")
+
+
+def test_untrusted_pickle_refusal_gives_no_unsafe_advice(tmp_path: Path) -> None:
+    """torch's message advises reloading with weights_only=False: prance must not repeat it."""
+    import builtins
+
+    from prance.models import create_meta
+
+    class Evil:
+        def __reduce__(self):
+            return (builtins.open, (str(tmp_path / "PWNED"), "w"))
+
+    torch.save({"model": create_meta(MICRO).vit.state_dict(), "x": Evil()}, tmp_path / "evil.pt")
+    code, out, err = run_entry("prance", ["flops", "--model", MICRO, "--checkpoint", str(tmp_path / "evil.pt")])
+    line = assert_one_line(code, out, err, "prance", r"refusing to load .*evil\.pt")
+    assert "weights_only=False" not in line and "if you trust" not in line and "add_safe_globals" not in line, line
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ---------------------------------------------------------------- the resume rule
+
+
+def test_resume_picks_the_latest_sweep_that_started(tmp_path: Path) -> None:
+    """A newer sweep that stopped before its trials does not hide an older interrupted one."""
+    from prance.sweep import store
+
+    for name, created, started in (("old-interrupted", 1.0, True), ("new-halfmade", 2.0, False)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / store.SWEEP_FILE).write_text(json.dumps({"name": name, "created": created}))
+        if started:
+            (tmp_path / name / store.TUNE_STATE).write_bytes(b"Tune's experiment")
+    assert store.latest_sweep(str(tmp_path)) == "old-interrupted"
+    store.remove_unstarted(str(tmp_path), "old-interrupted")  # has Tune state: kept
+    store.remove_unstarted(str(tmp_path), "new-halfmade")
+    assert (tmp_path / "old-interrupted" / store.TUNE_STATE).is_file() and not (tmp_path / "new-halfmade").exists()
+
+
+# ------------------------------------------------------- what the commands now do
+
+
+def test_train_selector_shows_progress_with_json_and_resumes(files: Path) -> None:
+    """Progress (the warm-start search included) on stderr also with --json; the output
+    folder keeps the training state, which --resume continues from."""
+    out = files / "selector-run"
+    args = ["train-selector", "--checkpoint", str(files / "micro.safetensors"), "--strategy", "merge", "--budget", "60%",
+            *[x for kv in ("decision_blocks=[1,2,3]", "hidden=16", "iterations=2", "eval_every=1", "rollout_images=32", "minibatch=16",
+                           "ppo_epochs=2", "train_limit=128", "val_limit=64", "static_images=64", "static_first_images=32", "test_limit=64")
+               for x in ("--set", kv)], "--output", str(out), "--json"]
+    try:
+        code, stdout, err = run_entry("prance", args)
+        assert code == 0, err
+        first = json.loads(stdout)
+        assert "[selector] warm start: searching" in err and "[selector] it   2:" in err
+        assert (out / "selector.safetensors").is_file() and (out / "selector_state.pt").is_file()
+        code, stdout, err = run_entry("prance", [*args, "--resume"])
+        assert code == 0, err
+        again = json.loads(stdout)
+        assert again["top1"] == first["top1"] and again["best_iteration"] == first["best_iteration"]
+        assert "warm start: searching" not in err  # continued from the state, not started again
+    finally:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # the module's fixture folder is compared by the table's cases
