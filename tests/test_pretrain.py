@@ -299,7 +299,7 @@ def test_a_resumable_state_in_safetensors_continues_bit_identically(tmp_path):
     from prance.train.launch import checkpoints_in
     from prance.train.worker import MODEL_FILE, load_train_state
 
-    whole = _run("--preset", "smoke", "--num-workers", "0", "--storage", str(tmp_path / "a"))
+    whole = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "a"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     first, second = checkpoints_in(tmp_path / "a" / "smoke")
     # the session ends after epoch 1: only that checkpoint survives, exported as a resumable state
@@ -310,7 +310,7 @@ def test_a_resumable_state_in_safetensors_continues_bit_identically(tmp_path):
     assert sorted(p.name for p in state.iterdir()) == ["metrics.json", "model.safetensors", "train_state.safetensors"]
     assert load_tensor_state(state / "train_state.safetensors")["epoch"] == 0
     # the next session: a new run from that state
-    again = _run("--preset", "smoke", "--num-workers", "0", "--storage", str(tmp_path / "b"), "--resume-from", str(state))
+    again = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "b"), "--resume-from", str(state))
     assert again.returncode == 0, again.stderr[-3000:]
     out = again.stdout + again.stderr
     assert "epoch 2/2" in out and "epoch 1/2" not in out  # continued, did not start over
@@ -322,5 +322,5 @@ def test_a_resumable_state_in_safetensors_continues_bit_identically(tmp_path):
     for pid, slots in s_want["optimizer"]["state"].items():
         assert all(torch.equal(v, s_got["optimizer"]["state"][pid][k]) for k, v in slots.items())
     # a state that has nothing left to train, or another architecture, is refused in one line
-    done = _run("--preset", "smoke", "--num-workers", "0", "--storage", str(tmp_path / "c"), "--resume-from", str(state), "--epochs", "1")
+    done = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "c"), "--resume-from", str(state), "--epochs", "1")
     assert done.returncode == 2 and "nothing left to train" in done.stderr and "Traceback" not in done.stderr
