@@ -210,3 +210,74 @@ def verify_safetensors(path: str | Path) -> None:
     if not path.is_file():
         raise PranceError(f"{path} not found")
     _read_state_dict(path)
+
+
+STATE_FORMAT = "prance.state.v1"
+
+
+def _flatten(obj, tensors: dict[str, torch.Tensor]):
+    """A JSON skeleton of ``obj`` whose tensors are moved to ``tensors`` (named t0, t1, ...)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (int, str)) for k in obj):
+            raise PranceError(f"training state: dict keys must be int or str, got {[type(k).__name__ for k in obj]}")
+        return {"__dict__": [[k, _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, tensors) for v in obj], "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise PranceError(f"training state: cannot store a {type(obj).__name__} (tensors, numbers, strings, lists, dicts only)")
+
+
+def _unflatten(node, tensors: dict[str, torch.Tensor]):
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if "__dict__" in node:
+            return {k: _unflatten(v, tensors) for k, v in node["__dict__"]}
+        if "__list__" in node:
+            items = [_unflatten(v, tensors) for v in node["__list__"]]
+            return tuple(items) if node.get("tuple") else items
+    return node
+
+
+def save_tensor_state(path: str | Path, state: dict) -> Path:
+    """A training state (optimizer state dict, counters: tensors and plain containers) as
+    safetensors: the tensors as tensors, the rest as JSON in the header. No pickle, so a
+    resumable state can be kept anywhere, git included (:func:`load_tensor_state`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, tensors)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT, "state": json.dumps(skeleton)})
+    tmp.replace(path)
+    return path
+
+
+def load_tensor_state(path: str | Path) -> dict:
+    """The state :func:`save_tensor_state` wrote; PranceError naming the file when it is
+    missing, truncated or not such a state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PranceError(f"training state {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise PranceError(f"{path} is a corrupt or truncated training state ({type(e).__name__}: {first_line(e)})") from None
+    if meta.get("format") != STATE_FORMAT or "state" not in meta:
+        raise PranceError(f"{path} is not a prance training state (format {meta.get('format')!r})")
+    state = _unflatten(json.loads(meta["state"]), tensors)
+    if not isinstance(state, dict):
+        raise PranceError(f"{path} is not a prance training state (a {type(state).__name__}, not a dict)")
+    return state

@@ -4,6 +4,8 @@
     python sweeps/pretrain.py --preset smoke --num-workers 2
     python sweeps/pretrain.py --config my.yaml --set epochs=3 --set lr=5e-4
     python sweeps/pretrain.py --preset default --resume        # continue an interrupted run
+    python sweeps/pretrain.py --preset default --export-only --export-resume checkpoints/resume/default
+    python sweeps/pretrain.py --preset default --name default2 --resume-from checkpoints/resume/default
     ray job submit --working-dir . -- python sweeps/pretrain.py --preset default
 
 A thin entry point: the YAML preset plus overrides become a PretrainConfig, and
@@ -24,6 +26,22 @@ from prance.cli import OneLineParser  # noqa: E402
 from prance.errors import PranceError  # noqa: E402
 
 
+def _export_resume(cfg, dest: Path) -> None:
+    from prance.storage import is_remote, local_path
+    from prance.train.launch import checkpoints_in, latest_good
+    from prance.train.worker import export_resume
+
+    if is_remote(cfg.storage):
+        raise PranceError("--export-resume reads a local --storage folder (copy the run's newest checkpoint_* folder first)")
+    run_dir = local_path(cfg.storage) / cfg.name
+    found = checkpoints_in(run_dir)
+    if not found:
+        raise PranceError(f"--export-resume: no checkpoint in {run_dir}")
+    source = latest_good(found)
+    export_resume(source, dest)
+    print(f"[pretrain] resumable state of {source.name} in {dest}: continue with --resume-from {dest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(error_prefix="pretrain", description="Pretrain the prance meta-network (sandwich rule, in-place distillation) on Ray Train.")
     src = p.add_mutually_exclusive_group()
@@ -37,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="run name (a folder under --storage)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $PRANCE_MLFLOW_URI, else sqlite:///<storage>/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--resume-from", metavar="DIR", help="start this run from a saved state (what --export-resume wrote, or a checkpoint folder)")
     p.add_argument("--export", metavar="PATH", help="afterwards, export the best checkpoint (float16 if lossless) + a JSON record")
-    p.add_argument("--export-only", action="store_true", help="export a finished run without training")
+    p.add_argument("--export-resume", metavar="DIR",
+                   help="afterwards, copy the run's latest checkpoint as a resumable state (safetensors only, fit for git) to DIR")
+    p.add_argument("--export-only", action="store_true", help="export (--export and/or --export-resume) without training")
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
@@ -50,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = load_config(PretrainConfig, "pretrain", args.config or args.preset, overrides)
-        if args.export_only and not args.export:
-            raise PranceError("--export-only needs --export PATH")
+        if args.export_only and not (args.export or args.export_resume):
+            raise PranceError("--export-only needs --export PATH or --export-resume DIR")
         if cfg.num_workers < 1 and not args.export_only:  # 0 runs the loop in-process: for unit tests, reports no checkpoint
             raise PranceError(f"--num-workers must be at least 1, got {cfg.num_workers}")
         from prance.paths import check_output_dir, check_output_file
@@ -61,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output_dir(cfg.storage, "--storage")
         if args.export:
             check_output_file(args.export, "--export")
+        if args.export_resume:
+            check_output_dir(args.export_resume, "--export-resume")
         if cfg.use_gpu and not args.export_only:
             from prance.rayinit import starts_local_cluster
 
@@ -70,16 +93,21 @@ def main(argv: list[str] | None = None) -> int:
                 if torch.cuda.device_count() < max(1, cfg.num_workers):
                     raise PranceError(f"--use-gpu: {max(1, cfg.num_workers)} GPU worker(s) requested, this machine has {torch.cuda.device_count()} GPUs")
         from prance.train.export import export_run
-        from prance.train.launch import pretrain, run_dir_of
+        from prance.train.launch import mlflow_uri_of, pretrain, run_dir_of
 
         command = "python sweeps/pretrain.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--export-only")
         if args.export_only:
-            record = export_run(run_dir_of(cfg), Path(args.export), command, cfg.dataset)
-            print(f"[pretrain] exported {args.export} ({record['dtype']}): {record['test_top1']}")
+            if args.export_resume:
+                _export_resume(cfg, Path(args.export_resume))
+            if args.export:
+                record = export_run(run_dir_of(cfg), Path(args.export), command, cfg.dataset, mlflow_uri=mlflow_uri_of(cfg))
+                print(f"[pretrain] exported {args.export} ({record['dtype']}): {record['test_top1']}")
             return 0
-        result = pretrain(cfg, resume=args.resume)
+        result = pretrain(cfg, resume=args.resume, resume_from=args.resume_from)
+        if args.export_resume:
+            _export_resume(cfg, Path(args.export_resume))
         if args.export:
-            record = export_run(result.run_dir, Path(args.export), command, cfg.dataset)
+            record = export_run(result.run_dir, Path(args.export), command, cfg.dataset, mlflow_uri=result.mlflow_uri)
             print(f"[pretrain] exported {args.export} ({record['dtype']}): {record['test_top1']}")
     except PranceError as e:
         print(f"pretrain: error: {e}", file=sys.stderr)

@@ -256,3 +256,30 @@ def test_unknown_model_name_in_header(micro: MetaViT, tmp_path: Path) -> None:
         load_checkpoint(path)
     loaded, _ = load_checkpoint(path, MICRO)  # the caller's name wins over the header's
     assert torch.equal(logits(loaded, images()), logits(micro, images()))
+
+
+def test_training_state_round_trips_through_safetensors_without_pickle(tmp_path):
+    """An AdamW state dict (int keys, scalar step tensors, param groups of mixed types) comes
+    back equal from save_tensor_state; a truncated file or a foreign one is one PranceError."""
+    from prance.checkpoint import load_tensor_state, save_tensor_state
+    from prance.models import create_meta
+    from prance.train.optim import adamw
+
+    torch.manual_seed(0)
+    model = create_meta("prance_vit_micro")
+    opt = adamw(model, 1e-3, 0.05)
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "epoch": 3, "step": 120, "note": None, "pair": (1, 2.5)}
+    path = save_tensor_state(tmp_path / "state.safetensors", state)
+    assert not path.read_bytes().startswith(b"PK")  # not a torch.save zip (pickle inside)
+    back = load_tensor_state(path)
+    assert back["epoch"] == 3 and back["step"] == 120 and back["note"] is None and back["pair"] == (1, 2.5)
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for pid, slots in state["optimizer"]["state"].items():
+        assert all(torch.equal(v, back["optimizer"]["state"][pid][k]) for k, v in slots.items())
+    fresh = adamw(create_meta("prance_vit_micro"), 1e-3, 0.05)
+    fresh.load_state_dict(back["optimizer"])  # what a resumed worker does
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(PranceError, match="corrupt or truncated"):
+        load_tensor_state(path)

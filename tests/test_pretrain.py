@@ -288,3 +288,40 @@ def test_init_from_starts_the_run_from_the_given_weights(tmp_path):
     for name, value in start.vit.state_dict().items():
         assert torch.allclose(got[name], value, atol=1e-6), name
     assert any(not torch.allclose(got[k], fresh[k]) for k in got)
+
+
+@pytest.mark.slow
+def test_a_resumable_state_in_safetensors_continues_bit_identically(tmp_path):
+    """A run cut after its first epoch, its state carried as safetensors only (what a
+    session commits to git: ``--export-resume``), continued in a fresh run
+    (``--resume-from``): the second epoch's weights and optimizer state equal, bit for
+    bit, those of the run that was never interrupted."""
+    from prance.checkpoint import load_tensor_state
+    from prance.train.launch import checkpoints_in
+    from prance.train.worker import MODEL_FILE, load_train_state
+
+    whole = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "a"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first, second = checkpoints_in(tmp_path / "a" / "smoke")
+    # the session ends after epoch 1: only that checkpoint survives, exported as a resumable state
+    shutil.copytree(first, tmp_path / "cut" / "smoke" / first.name)
+    state = tmp_path / "git" / "resume"
+    cut = _run("--preset", "smoke", "--storage", str(tmp_path / "cut"), "--export-only", "--export-resume", str(state))
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert sorted(p.name for p in state.iterdir()) == ["metrics.json", "model.safetensors", "train_state.safetensors"]
+    assert load_tensor_state(state / "train_state.safetensors")["epoch"] == 0
+    # the next session: a new run from that state
+    again = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "b"), "--resume-from", str(state))
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "epoch 2/2" in out and "epoch 1/2" not in out  # continued, did not start over
+    resumed = checkpoints_in(tmp_path / "b" / "smoke")[-1]
+    want, got = load_checkpoint(second / MODEL_FILE)[0].vit.state_dict(), load_checkpoint(resumed / MODEL_FILE)[0].vit.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    s_want, s_got = load_train_state(second), load_train_state(resumed)
+    assert s_want["step"] == s_got["step"] and s_want["epoch"] == s_got["epoch"] == 1
+    for pid, slots in s_want["optimizer"]["state"].items():
+        assert all(torch.equal(v, s_got["optimizer"]["state"][pid][k]) for k, v in slots.items())
+    # a state that has nothing left to train, or another architecture, is refused in one line
+    done = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "c"), "--resume-from", str(state), "--epochs", "1")
+    assert done.returncode == 2 and "nothing left to train" in done.stderr and "Traceback" not in done.stderr

@@ -31,3 +31,24 @@ def test_shipped_checkpoint_matches_its_record(name):
     # the issue's targets, as recorded on the full test set
     assert record["test_top1"]["top1_largest"] >= 88.0
     assert record["test_top1"]["top1_smallest"] >= 86.0
+    # no absolute path of the machine that trained it (issue 31): files are named relative to the checkout
+    assert not [v for v in _strings(record) if v.startswith("/") or v.startswith("sqlite:////")]
+    # a checkpoint that held out train images carries the leak check on that whole hold-out
+    held = (record.get("config") or {}).get("holdout_fraction") or 0
+    if held and "leak_check" in record:
+        leak = record["leak_check"]
+        assert leak["n_holdout"] == round(60000 * held) and leak["n_test"] == 10000
+        for end in ("largest", "smallest"):
+            row = leak["subnets"][end]
+            assert row["gap"] == pytest.approx(row["top1_holdout"] - row["top1_test"])
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)

@@ -28,3 +28,27 @@ def test_pretraining_reads_a_file_url_storage_as_its_local_folder(tmp_path: Path
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best.safetensors").write_bytes(b"")
     assert launch.run_dir_of(cfg) == tmp_path.resolve() / "run"
+
+
+def test_the_best_checkpoint_of_a_run_on_remote_storage_is_fetched_before_exporting(tmp_path: Path) -> None:
+    """fetch_best reads the run through pyarrow (here a file:// URI, the same code path as
+    s3:// and gs://), picks the checkpoint with the best metric, and writes it to the local
+    folder as best.safetensors; a run without checkpoints is one PranceError."""
+    import json
+
+    from prance.train.worker import MODEL_FILE
+
+    remote = tmp_path / "bucket" / "run"
+    for i, top1 in enumerate([50.0, 70.0, 60.0]):
+        folder = remote / f"checkpoint_00000{i}"
+        folder.mkdir(parents=True)
+        (folder / MODEL_FILE).write_bytes(f"weights of epoch {i}".encode())
+        (folder / "metrics.json").write_text(json.dumps({"epoch": i, "top1_largest": top1}))
+    (remote / "checkpoint_000009").mkdir()  # one being written: no metrics.json yet
+    got = launch.fetch_best(f"file://{remote}", "top1_largest", tmp_path / "local")
+    assert got == tmp_path / "local" / "best.safetensors" and got.read_bytes() == b"weights of epoch 1"
+    with pytest.raises(PranceError, match="no finished run"):
+        launch.fetch_best(f"file://{tmp_path / 'bucket' / 'empty'}", "top1_largest", tmp_path / "other")
+    # the run folder of s3:// storage is a local staging folder, never a mangled "s3:/..." path
+    cfg = PretrainConfig(storage="s3://bucket/prance", name="run")
+    assert launch.staging_dir(cfg).is_absolute() and "s3:" not in str(launch.staging_dir(cfg))

@@ -383,7 +383,9 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, stor
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, callbacks=[_make_callback()], verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # 2: the newest checkpoint may be half-synced when a node dies; Tune forces an experiment
+                # snapshot every num_to_keep checkpoints of a trial, so 1 forced one per report (issue 36)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             ),
         )
@@ -443,8 +445,6 @@ def _start_ray(address: str | None, storage: str, uri: str) -> None:
                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: Progress prints one line per event
-    # a checkpoint per report forces an experiment snapshot (cheap, and fresher state to resume from): no warning
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _init_ray(address)
     for logger in ("ray.tune", "ray.train", "mlflow"):  # their INFO lines drown the progress lines
         logging.getLogger(logger).setLevel(logging.WARNING)

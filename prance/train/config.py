@@ -69,7 +69,8 @@ class PretrainConfig(Strict):
     # distribution, checkpoints, tracking
     num_workers: int = Field(default=1, ge=0)  # 0: in-process (tests)
     use_gpu: bool = False
-    cpus_per_worker: int | None = Field(default=None, ge=1)  # default: the cluster's CPUs / workers
+    cpus_per_worker: int | None = Field(default=None, ge=1)  # default: the cluster's CPUs / workers (GPU: CPUs per GPU)
+    loader_workers: int | None = Field(default=None, ge=0)  # data-loading processes per worker; None: 0 for in-memory tensors, CPUs - 1 for image folders
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
     seed: int = 0
     keep_checkpoints: int = Field(default=2, ge=1)

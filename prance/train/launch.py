@@ -15,7 +15,7 @@ from prance.train.config import PretrainConfig
 from prance.errors import PranceError
 from prance.storage import absolute, is_remote, local_path
 from prance.train.placement import check_shared_locations
-from prance.train.worker import MODEL_FILE, STATE_FILE, train_loop_per_worker
+from prance.train.worker import MODEL_FILE, has_train_state, load_train_state, train_loop_per_worker
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -33,7 +33,7 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     """Checkpoint folders of a run, oldest epoch first."""
     found = []
     for d in run_dir.glob("checkpoint_*"):
-        if (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file():
+        if has_train_state(d) and (d / MODEL_FILE).is_file():
             try:
                 epoch = json.loads((d / "metrics.json").read_text())["epoch"]
             except (OSError, ValueError, KeyError):
@@ -47,13 +47,13 @@ def latest_good(checkpoints: list[Path]) -> Path:
     one, a truncated copy): older ones are fallen back to with a warning naming what was
     skipped and why; PranceError when none reads."""
 
-    from prance.checkpoint import load_state, verify_safetensors
+    from prance.checkpoint import verify_safetensors
 
     skipped = []
     for folder in reversed(checkpoints):
         try:
             verify_safetensors(folder / MODEL_FILE)
-            load_state(folder / STATE_FILE)
+            load_train_state(folder)
         except PranceError as e:
             skipped.append(f"{folder.name}: {e}")
             continue
@@ -64,14 +64,64 @@ def latest_good(checkpoints: list[Path]) -> Path:
                       f"(newest: {skipped[0]})")
 
 
+STAGING = "runs"  # local folder (under the working folder) where runs on remote storage are fetched to
+
+
+def staging_dir(cfg: PretrainConfig) -> Path:
+    """The local folder of a run on remote storage: its best checkpoint and MLflow run id
+    are fetched there for the export."""
+    return Path(STAGING).resolve() / cfg.name
+
+
+def fetch_best(remote_run: str, best_by: str, dest: Path) -> Path:
+    """Download the best checkpoint (by ``best_by`` in each ``metrics.json``) of a run on
+    remote storage (``s3://bucket/prefix/name``; any URI pyarrow reads) to
+    ``dest/best.safetensors``; PranceError when it holds no checkpoint."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(remote_run)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except Exception as e:  # unreachable endpoint, no credentials, bad URI
+        raise PranceError(f"cannot list {remote_run}: {type(e).__name__}: {e}") from None
+    scored = []
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/metrics.json") as f:
+                metrics = json.loads(f.read())
+            scored.append((metrics.get(best_by, -1.0), metrics.get("epoch", -1), info.path))
+        except (OSError, ValueError):
+            continue  # a checkpoint still being written, or cut short
+    if not scored:
+        raise PranceError(f"no finished run in {remote_run} (no checkpoint with a metrics.json)")
+    best = max(scored)[2]
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "best.safetensors.tmp"
+    with fs.open_input_stream(f"{best}/{MODEL_FILE}") as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    tmp.replace(dest / "best.safetensors")
+    return dest / "best.safetensors"
+
+
 def run_dir_of(cfg: PretrainConfig) -> Path:
-    """The local folder of a run; PranceError when it holds no finished run."""
+    """The local folder of a finished run (for a run on remote storage: its best checkpoint
+    fetched into the local staging folder first); PranceError when there is none."""
     if is_remote(cfg.storage):
-        raise PranceError("exporting needs a local --storage folder")
+        run_dir = staging_dir(cfg)
+        fetch_best(f"{absolute(cfg.storage)}/{cfg.name}", cfg.best_by, run_dir)
+        return run_dir
     run_dir = local_path(cfg.storage) / cfg.name
     if not (run_dir / "best.safetensors").is_file():
         raise PranceError(f"no finished run in {run_dir} (best.safetensors is missing)")
     return run_dir
+
+
+def mlflow_uri_of(cfg: PretrainConfig) -> str:
+    """The tracking URI a run of ``cfg`` logs to (as :func:`pretrain` resolves it)."""
+    local_store = absolute(cfg.storage) if not is_remote(cfg.storage) else str(Path(STAGING).resolve())
+    return tracking.resolve_uri(cfg.mlflow_uri, local_store)
 
 
 def _arch(name, kwargs) -> str:
@@ -99,15 +149,47 @@ def _check_init_from(cfg: PretrainConfig) -> None:
               "validation on those images will be optimistic (test-split numbers stay clean)", file=sys.stderr, flush=True)
 
 
-def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
+BOOKKEEPING = {"storage", "name", "mlflow_uri", "experiment", "max_failures", "keep_checkpoints", "loader_workers",
+               "cpus_per_worker", "epochs"}  # config keys that do not change what a resumed run computes (epochs: checked apart)
+
+
+def check_resume_from(cfg: PretrainConfig, folder: Path) -> Path:
+    """A resumable state (a checkpoint folder, or what ``--export-resume`` wrote) that this
+    config can continue: readable, the same architecture, an epoch before ``cfg.epochs``; a
+    warning names the config keys that differ from the state's (the run then does not
+    continue bit-identically)."""
+    from prance.checkpoint import verify_safetensors
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PranceError(f"resume_from: {folder} is not a folder")
+    verify_safetensors(folder / MODEL_FILE)
+    state = load_train_state(folder)
+    header = read_header(folder / MODEL_FILE)
+    _check_architecture(header, cfg, f"cannot resume from {folder}: its checkpoint")
+    if state["epoch"] + 1 >= cfg.epochs:
+        raise PranceError(f"{folder} finished epoch {state['epoch'] + 1} of {cfg.epochs}: nothing left to train (raise --epochs)")
+    saved = header.get("info", {}).get("config") or {}
+    changed = sorted(k for k, v in cfg.model_dump().items() if k not in BOOKKEEPING and k in saved and saved[k] != v)
+    if changed or saved.get("epochs", cfg.epochs) != cfg.epochs:
+        print(f"warning: resuming {folder} with other settings ({', '.join(changed + (['epochs'] if saved.get('epochs', cfg.epochs) != cfg.epochs else []))}): "
+              "the run will not continue as the interrupted one would have", file=sys.stderr, flush=True)
+    return folder
+
+
+def check_inputs(cfg: PretrainConfig, resume: bool, resume_from: Path | None = None) -> Path | None:
     """Everything that can be checked before Ray starts; returns the checkpoint to resume."""
     from prance.data import build_dataset, input_spec_for_model
     from prance.models import create_vit
 
     vit = create_vit(cfg.model, pretrained=False, **cfg.model_kwargs)  # unknown model -> PranceError
     build_dataset(cfg.dataset, "test", input_spec_for_model(vit))  # missing dataset -> PranceError
-    if cfg.init_from and not resume:
+    if resume and resume_from is not None:
+        raise PranceError("--resume continues a run from its own checkpoints, --resume-from from a saved state: pass one")
+    if cfg.init_from and not resume and resume_from is None:
         _check_init_from(cfg)
+    if resume_from is not None:
+        check_resume_from(cfg, resume_from)
     if is_remote(cfg.storage):
         return None  # Ray Train restores runs on remote storage itself
     run_dir = local_path(cfg.storage) / cfg.name
@@ -115,7 +197,7 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
     if not resume:
         if existing:
             raise PranceError(f"run {run_dir} already has checkpoints: pass --resume to continue it, or choose another --name")
-        return None
+        return Path(resume_from).resolve() if resume_from is not None else None
     if not existing:
         raise PranceError(f"nothing to resume: no checkpoint in {run_dir}")
     latest = latest_good(existing)
@@ -123,8 +205,19 @@ def check_inputs(cfg: PretrainConfig, resume: bool) -> Path | None:
     return latest
 
 
+def _cpus_per_gpu() -> int:
+    """CPUs per GPU on the GPU node that has the fewest (at least 1): what a GPU worker can
+    take for its data loading without leaving another GPU of that node unplaceable."""
+    import ray
+
+    shares = [int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"])
+              for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    return max(1, min(shares)) if shares else 1
+
+
 def _check_resources(cfg: PretrainConfig) -> int | None:
-    """Threads per worker; PranceError when the cluster cannot place the workers."""
+    """CPUs per worker (its threads, or for a GPU worker its data-loading processes);
+    PranceError when the cluster cannot place the workers."""
     import ray
 
     res = ray.cluster_resources()
@@ -133,7 +226,7 @@ def _check_resources(cfg: PretrainConfig) -> int | None:
         gpus = int(res.get("GPU", 0))
         if gpus < workers:
             raise PranceError(f"{workers} GPU workers requested, the cluster has {gpus} GPUs")
-        return cfg.cpus_per_worker
+        return cfg.cpus_per_worker or _cpus_per_gpu()
     cpus = int(res.get("CPU", 0))
     per = cfg.cpus_per_worker or max(1, cpus // workers)
     if cfg.num_workers > 0 and per * workers > cpus:
@@ -141,18 +234,24 @@ def _check_resources(cfg: PretrainConfig) -> int | None:
     return per
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
+def pretrain(cfg: PretrainConfig, resume: bool = False, resume_from: str | Path | None = None) -> PretrainResult:
+    """Train per ``cfg``. ``resume``: continue the run ``cfg.name`` from its latest checkpoint;
+    ``resume_from``: start the run from a saved state (a checkpoint folder or what
+    :func:`prance.train.worker.export_resume` wrote), continuing its epochs and optimizer."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resume_from = check_inputs(cfg, resume)
-    if cfg.init_from:  # workers may run in another folder
-        cfg = cfg.model_copy(update={"init_from": str(Path(cfg.init_from).resolve())})
+    saved_state = Path(resume_from).resolve() if resume_from is not None else None
+    resume_from = check_inputs(cfg, resume, saved_state) or saved_state
+    # workers may run in another folder: they get the absolute path, while the config (and so
+    # every checkpoint header and record) keeps init_from as given, e.g. relative to the checkout
+    init_path = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
     storage = absolute(cfg.storage)
-    run_dir = Path(storage) / cfg.name
-    local_store = storage if not is_remote(storage) else str(Path("runs").resolve())
-    uri = tracking.resolve_uri(cfg.mlflow_uri, local_store)
+    remote = is_remote(storage)
+    # a run on remote storage: its best checkpoint and MLflow run id come to the local staging folder
+    run_dir = staging_dir(cfg) if remote else Path(storage) / cfg.name
+    uri = mlflow_uri_of(cfg)
     tracking.check_reachable(uri)
     tracking.check_store(uri)
 
@@ -169,9 +268,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     else:
         params = {k: v for k, v in cfg.model_dump().items()}
         run_id = tracking.start_run(uri, cfg.experiment, f"pretrain-{cfg.name}", params, tags={"prance.kind": "pretrain"})
-        if not is_remote(storage):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run_id_path.write_text(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_id_path.write_text(run_id)
 
     resources = {"CPU": per_worker} if per_worker else None
     trainer = TorchTrainer(
@@ -179,6 +277,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
         train_loop_config={
             "pretrain": cfg.model_dump(),
             "threads": per_worker if not cfg.use_gpu else None,
+            "loader_workers": cfg.loader_workers,  # None: auto (prance.train.worker.loader_workers)
+            "cpus": per_worker,
+            "init_from_path": init_path,
             "resume_from": str(resume_from) if resume_from else None,
             "mlflow_uri": uri,
             "mlflow_run_id": run_id,
@@ -200,13 +301,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
         if best is None:
             raise PranceError("training finished without a checkpoint")
         checkpoint, metrics = best
-        out = run_dir / "best.safetensors" if not is_remote(storage) else None
-        with checkpoint.as_directory() as folder:
-            if out is not None:
-                shutil.copyfile(Path(folder) / MODEL_FILE, out)
+        out = run_dir / "best.safetensors"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with checkpoint.as_directory() as folder:  # downloads it first from remote storage
+            shutil.copyfile(Path(folder) / MODEL_FILE, out)
+        where = f"{storage}/{cfg.name}/{Path(checkpoint.path).name}" if remote else str(out)
         tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in metrics.items() if k.startswith("top1")})
-        tracking.set_tags(uri, run_id, {"checkpoint": str(out or checkpoint.path)})
+        tracking.set_tags(uri, run_id, {"checkpoint": where})
         ok = True
-        return PretrainResult(out or Path(checkpoint.path), dict(metrics), run_dir, uri, run_id)
+        return PretrainResult(out, dict(metrics), run_dir, uri, run_id)
     finally:
         tracking.end_run(uri, run_id, ok)

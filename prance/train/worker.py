@@ -4,7 +4,11 @@ Data parallel: every epoch the train set is permuted with ``seed + epoch`` and w
 ``r`` of ``w`` takes positions ``r, r + w, ...``, a disjoint shard; gradients are
 all-reduced by DDP once per sandwich step. Each epoch ends with a sharded evaluation of
 the largest and smallest sub-networks and a checkpoint reported through
-``ray.train.report`` (rank 0 writes it: ``model.safetensors`` + ``train_state.pt``).
+``ray.train.report`` (rank 0 writes it: ``model.safetensors`` + ``train_state.safetensors``).
+
+A checkpoint folder (or a copy of one made by :func:`export_resume`, which can live in git:
+safetensors only, no pickle) continues bit-identically: weights in float32, the optimizer
+state, the epoch and step counters; every random draw is seeded by (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from prance.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
+from prance.checkpoint import load_checkpoint, load_state, load_tensor_state, save_checkpoint, save_tensor_state
+from prance.errors import PranceError
 from prance.train.config import PretrainConfig
-from prance.data import TensorImageDataset, build_dataset, input_spec_for_model, make_loader, pretrain_holdout, seeded_subset
+from prance.data import EpochShardSampler, TensorImageDataset, build_dataset, input_spec_for_model, make_loader, pretrain_holdout, seeded_subset
 from prance.device import autocast_for
 from prance.models import MetaViT, create_meta, reorder_by_importance
 from prance.models.subnet import SubnetSpace
@@ -29,7 +34,8 @@ from prance.train.augment import flip_shift
 from prance.train.sandwich import sample_plan, sandwich, sandwich_step
 
 MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
+STATE_FILE = "train_state.safetensors"  # optimizer state + counters, prance.checkpoint.save_tensor_state
+LEGACY_STATE_FILE = "train_state.pt"  # what checkpoints written before 2026-12-07 hold (torch.save; read weights_only)
 
 
 def _is_tensor_dataset(ds) -> bool:
@@ -38,16 +44,69 @@ def _is_tensor_dataset(ds) -> bool:
     return isinstance(ds, TensorImageDataset)
 
 
+def pretrain_split(cfg: PretrainConfig, spec, train: bool | None = None):
+    """(the images pretraining trains on, the held-out ones or None): the train split less
+    the ``holdout_fraction`` that :func:`prance.data.pretrain_holdout` keeps out (the split
+    selectors and the export's leak check read back from a checkpoint's header), then
+    ``train_limit`` of what is left."""
+    train_set = build_dataset(cfg.dataset, "train", spec, train=cfg.augment if train is None else train)
+    held = None
+    if cfg.holdout_fraction:
+        train_set, held = pretrain_holdout(train_set, cfg.holdout_fraction)
+    if cfg.train_limit:
+        train_set = seeded_subset(train_set, cfg.train_limit, cfg.seed)
+    return train_set, held
+
+
+def loader_workers(cfg: PretrainConfig, train_set, cpus: int | None, configured: int | None = None) -> int:
+    """Data-loading processes of one training worker: ``configured`` when given; else none
+    for in-memory tensors (their batches are preprocessed in one vectorised call, cheaper
+    than handing them between processes), and for image folders (per-image decode and
+    transforms) one per CPU of the worker but one."""
+    if configured is not None:
+        return configured
+    if _is_tensor_dataset(train_set):
+        return 0
+    return max(1, (cpus or 1) - 1)
+
+
 def save_train_checkpoint(folder: Path, model: MetaViT, cfg: PretrainConfig, optimizer, epoch: int, step: int, metrics: dict) -> None:
     info = {"epoch": epoch, "step": step, "metrics": metrics, "config": cfg.model_dump()}
     save_checkpoint(folder / MODEL_FILE, model, cfg.model, cfg.model_kwargs, info=info)
-    save_state(folder / STATE_FILE, {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step})
+    save_tensor_state(folder / STATE_FILE, {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step})
     (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}))
 
 
+def has_train_state(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file() or (folder / LEGACY_STATE_FILE).is_file()
+
+
 def load_train_state(folder: Path) -> dict:
-    """Optimizer state and counters; ``weights_only=True``: tensors and plain containers only."""
-    return load_state(folder / STATE_FILE)
+    """Optimizer state and counters: ``train_state.safetensors``, or an older checkpoint's
+    ``train_state.pt`` through ``torch.load(weights_only=True)`` (tensors and plain containers only)."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file() and (folder / LEGACY_STATE_FILE).is_file():
+        return load_state(folder / LEGACY_STATE_FILE)
+    return load_tensor_state(folder / STATE_FILE)
+
+
+def export_resume(checkpoint: Path, dest: Path) -> Path:
+    """Copy the resumable state of a checkpoint folder to ``dest`` as safetensors only:
+    ``model.safetensors`` (float32 weights, config in its header), ``train_state.safetensors``
+    (optimizer state, epoch, step) and ``metrics.json``. Small enough to commit; a later
+    session continues from it with ``sweeps/pretrain.py --resume-from dest``."""
+    import shutil
+
+    checkpoint, dest = Path(checkpoint), Path(dest)
+    state = load_train_state(checkpoint)  # also converts an older train_state.pt
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint / MODEL_FILE, dest / (MODEL_FILE + ".tmp"))
+    (dest / (MODEL_FILE + ".tmp")).replace(dest / MODEL_FILE)
+    save_tensor_state(dest / STATE_FILE, state)
+    if (checkpoint / "metrics.json").is_file():
+        (dest / "metrics.json").write_text((checkpoint / "metrics.json").read_text())
+    (dest / LEGACY_STATE_FILE).unlink(missing_ok=True)
+    return dest
 
 
 @torch.inference_mode()
@@ -103,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_train_state(folder)
             optimizer_state, start_epoch, step = state["optimizer"], state["epoch"] + 1, state["step"]
     elif cfg.init_from:  # checked by launch.check_inputs: same architecture
-        restored, _ = load_checkpoint(cfg.init_from)
+        restored, _ = load_checkpoint(config.get("init_from_path") or cfg.init_from)
         model.vit.load_state_dict(restored.vit.state_dict())
     elif cfg.reorder:
         reorder_by_importance(model.vit)
@@ -117,15 +176,18 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(optimizer_state)
 
     spec = input_spec_for_model(model.vit)
-    train_set = build_dataset(cfg.dataset, "train", spec, train=cfg.augment)
-    if cfg.holdout_fraction:
-        train_set = pretrain_holdout(train_set, cfg.holdout_fraction)[0]
-    if cfg.train_limit:
-        train_set = seeded_subset(train_set, cfg.train_limit, cfg.seed)
+    train_set, _ = pretrain_split(cfg, spec)
     test_set = seeded_subset(build_dataset(cfg.dataset, "test", spec), cfg.eval_limit, cfg.seed)
     eval_shard = Subset(test_set, list(range(rank, len(test_set), world)))
-    eval_loader = make_loader(eval_shard, batch_size=256)
+    n_loaders = loader_workers(cfg, train_set, config.get("cpus"), config.get("loader_workers"))
+    feed = {"num_workers": n_loaders, "pin_memory": device.type == "cuda"}
+    if n_loaders:  # the same processes serve every epoch, each keeps 4 batches ready
+        feed.update(persistent_workers=True, prefetch_factor=4)
+    eval_loader = make_loader(eval_shard, batch_size=256, **feed)
     per_worker = max(1, cfg.batch_size // world)
+    # epoch e: the train set permuted with seed + e, worker r takes positions r, r + w, ...
+    sampler = EpochShardSampler(len(train_set), cfg.seed, rank, world)
+    loader = make_loader(train_set, batch_size=per_worker, drop_last=True, sampler=sampler, **feed)
     steps_per_epoch = len(train_set) // world // per_worker
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
@@ -149,9 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
         logged = tracking.last_step(config["mlflow_uri"], config["mlflow_run_id"], "top1_largest")
     for epoch in range(start_epoch, cfg.epochs):
         gen.manual_seed(epoch_seed(cfg.seed, epoch, rank))
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        shard = Subset(train_set, order[rank::world])
-        loader = make_loader(shard, batch_size=per_worker, drop_last=True, num_workers=config.get("loader_workers", 0))
+        sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, n_img, n_steps = 0.0, 0, 0
         for x, y in loader:
