@@ -40,6 +40,7 @@ from prance.sweep.plan import SweepPlan, plan_sweep, trial_threads
 from prance.sweep.runs import SweepRuns
 from prance.sweep.space import DefineByRun
 from prance.selector.store import SELECTOR_FILE
+from prance.sweep.rows import selector_path
 from prance.sweep.trial import FINAL, TrialContext, run_trial, selector_config
 
 # Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
@@ -587,6 +588,8 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
                 row[k] = v
         if m.get("configuration"):  # a static trial: what its search chose
             row["param"] = m["configuration"]
+        if config.get("method") == "selector" and result.checkpoint is not None:  # what `prance eval --sweep` runs
+            row["selector_path"] = selector_path(result.checkpoint)
         if n in progress.wall:
             row["wall_s"] = progress.wall[n]
         if result.error is not None:
