@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None
     p.add_argument("--model", help=HELP_MODEL)
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
     if checkpoint:
-        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, or a .pt/.pth state dict with --model")
+        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, a .pt/.pth state dict with --model, or an MLflow runs:/ or models:/ URI")
 
 
 def _add_strategy_args(p: argparse.ArgumentParser, single: bool = True) -> None:
@@ -89,8 +89,10 @@ def _load_model(args: argparse.Namespace):
 
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:
+        from prance.artifacts import local_path
         from prance.checkpoint import load_checkpoint
 
+        checkpoint = local_path(checkpoint, getattr(args, "mlflow_uri", None), what="checkpoint")  # runs:/, models:/
         model, _ = load_checkpoint(checkpoint, args.model)
         return model
     return create_meta(args.model or DEFAULT_MODEL, pretrained=args.pretrained)
@@ -148,6 +150,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
     from prance.evaluate import evaluate, plan_for
 
+    from prance.export import commands as rowcmd
+
+    if rowcmd.wants_row(args):  # --config / --sweep: a configuration as the sweep prints it, or a sweep row
+        return rowcmd.eval_row(args, lambda a, loader: _eval_selector(a, loader))
     if args.selector:
         if args.strategy != "none" or args.r is not None or args.keep is not None:
             raise PranceError("--selector decides the token schedule itself: drop --strategy/--r/--keep")
@@ -296,15 +302,18 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
     return out
 
 
-def _eval_selector(args: argparse.Namespace) -> dict:
+def _eval_selector(args: argparse.Namespace, loader=None) -> dict:
     from prance.selector.config import SelectorConfig
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
     from prance.selector.run import budget_of
     from prance.selector.selector import evaluate_selector
-    from prance.selector.store import load_selector, read_selector_header
+    from prance.selector.store import SELECTOR_FILE, load_selector, read_selector_header
     from prance.device import resolve as resolve_device
     from prance.selector.train import reward_fn
 
+    from prance.artifacts import local_path
+
+    args.selector = local_path(args.selector, getattr(args, "mlflow_uri", None), prefer=SELECTOR_FILE, what="selector")
     header = read_selector_header(args.selector)
     cfg = SelectorConfig.model_validate(header["config"])
     args.checkpoint = args.checkpoint or cfg.checkpoint  # default: the meta-network it was trained on
@@ -313,10 +322,11 @@ def _eval_selector(args: argparse.Namespace) -> dict:
     model.to(resolve_device(args.device))
     budget = budget_of(model, args.budget) if args.budget else header["extra"].get("budget_gflops") or budget_of(model, cfg.budget)
     selector.check_budget(budget)
-    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
-    if args.limit is not None:
-        ds = seeded_subset(ds, args.limit, args.seed)
-    loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    if loader is None:
+        ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit))
+        if args.limit is not None:
+            ds = seeded_subset(ds, args.limit, args.seed)
+        loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
     cfg = cfg.model_copy(update={"amp": args.amp})
     result = evaluate_selector(model, selector, loader, budget, progress=not args.json, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
@@ -393,6 +403,8 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prance.export import commands as rowcmd
+
     parser = OneLineParser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -407,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_strategy_args(p)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--split", default="test", help="test/val or train")
-    p.add_argument("--selector", help="a trained selector (.safetensors): adaptive per-image schedules")
+    p.add_argument("--split", default="test", help="test/val or train; with --sweep also 'sweep': the images the sweep scored its rows on")
+    p.add_argument("--selector", help="a trained selector (.safetensors, or an MLflow runs:/ or models:/ URI): adaptive per-image schedules")
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -416,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    rowcmd.add_row_args(p)  # --config, --sweep/--trial/--best, --storage, --mlflow-uri
     p.set_defaults(func=cmd_eval)
+
+    rowcmd.add_export_parser(sub)
 
     p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
