@@ -58,3 +58,127 @@ def test_parse_restores_keep_ratios_that_describe_rounds():
     assert rounded, "no keep ratio that describe() rounds"
     for c in rounded:
         assert static_search.parse(c.describe(), meta).strategy.keep == c.strategy.keep
+
+
+# ------------------------------------------------------------------ a sweep's rows, run again
+
+SWEEP = "s1"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, micro_checkpoint):
+    """A sweep folder as the sweep leaves it (sweep.json, results.csv), its trials run by
+    the sweep's own Ray-free trial bodies on the micro meta-network and real images: the
+    dense reference, free_merge, static_merge and static_prune at 50%, and a short
+    selector (prune) trial. Returns (storage, rows by trial number)."""
+    from prance.sweep import report as rep
+    from prance.sweep import store
+    from prance.sweep.config import SWEEP_OWNED, SweepConfig
+    from prance.sweep.plan import plan_sweep
+    from prance.sweep.trial import TrialContext, run_trial
+
+    storage = tmp_path_factory.mktemp("sweeps")
+    cfg = SweepConfig.model_validate({
+        "checkpoint": str(micro_checkpoint), "budgets": ["50%"],
+        "strategies": ["free_merge", "static_merge", "static_prune", "prune"],
+        "selector": {"val_limit": 256, "train_limit": 128, "iterations": 2, "eval_every": 1, "rollout_images": 32,
+                     "minibatch": 32, "ppo_epochs": 1, "batch_size": 64, "decision_blocks": [1, 2, 3]},
+        "static": {"uniform_only": False, "first_images": 32},
+    })
+    plan = plan_sweep(cfg)
+    ctx = TrialContext(checkpoint=plan.checkpoint, dataset=plan.dataset, selector=cfg.selector.model_dump(),
+                       static=cfg.static.model_dump())
+    rows = []
+    for n, combo in enumerate(plan.schedule):
+        config = {**combo.as_config(), "trial_number": n}
+        workdir = storage / SWEEP / f"trial_{n}"
+        final = run_trial(config, ctx, lambda m, folder: None, workdir)
+        row = {**config, "trial_id": f"t{n:04d}", "status": "finished", **{k: final[k] for k in rep.METRIC_COLUMNS if k in final}}
+        if final.get("configuration"):
+            row["param"] = final["configuration"]
+        if combo.method == "selector":
+            row["selector_path"] = str(workdir / "selector.safetensors")
+        rows.append(row)
+    store.write_settings(str(storage), SWEEP, {"name": SWEEP, "config": cfg.model_dump(
+        exclude={"name": True, "storage": True, "selector": set(SWEEP_OWNED)})})
+    df = rep.results_frame(rows, [])
+    df.to_csv(store.report_folder(str(storage), SWEEP) / "results.csv", index=False)
+    return str(storage), {int(r["trial_number"]): r for r in df.to_dict("records")}
+
+
+def run_cli(capsys, *argv):
+    import json
+
+    from prance.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 and "--json" in argv else out), err
+
+
+def test_sweep_rows_become_configurations_that_reproduce_their_top1(sweep):
+    from prance.evaluate import evaluate
+    from prance.selector.train import batches
+    from prance.sweep import best, trial_row
+
+    storage, rows = sweep
+    methods = {r["method"] for r in rows.values()}
+    assert methods == {"dense", "training_free", "static", "selector"}
+    for n, r in rows.items():
+        got = trial_row(storage, SWEEP, n)
+        if r["method"] == "selector":
+            assert got.selector == r["selector_path"] and got.static is None
+            continue
+        if r["method"] == "static":
+            assert got.static.describe() == r["param"]
+        x, y = got.validation_images()
+        m = evaluate(got.meta, batches(x, y, 64), got.static.subnet, got.static.plan, progress=False)
+        assert m["top1"] == pytest.approx(r["top1"], abs=1e-9), (n, r["method"])
+        assert m["gflops"] == pytest.approx(r["gflops"], rel=1e-9)
+    b = best(storage, SWEEP, "50%")
+    within = [r for r in rows.values() if r["method"] != "dense" and r["within_budget"]]
+    assert b.top1 == max(r["top1"] for r in within)
+    assert best(storage, SWEEP, "50%", method="static").method == "static"
+
+
+def test_eval_sweep_trial_and_eval_config_reproduce_the_row(sweep, capsys, micro_checkpoint):
+    storage, rows = sweep
+    n, row = next((n, r) for n, r in rows.items() if r["method"] == "static")
+    rc, out, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, "--split", "sweep", "--json")
+    assert rc == 0, err
+    assert out["top1"] == pytest.approx(row["top1"], abs=1e-9) and out["configuration"] == row["param"]
+    assert out["row_top1"] == pytest.approx(row["top1"])
+    # the configuration string on its own, on the same test images as the sweep row
+    common = ["--split", "test", "--limit", "300", "--json"]
+    rc, by_row, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, *common)
+    assert rc == 0, err
+    rc, by_text, err = run_cli(capsys, "eval", "--config", row["param"], "--checkpoint", str(micro_checkpoint), *common)
+    assert rc == 0, err
+    assert by_text["top1"] == by_row["top1"] and by_text["gflops"] == by_row["gflops"]
+    # the best row of the budget, a selector row included in the choice
+    rc, out, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--budget", "50%", "--best", "--storage", storage, "--split", "sweep", "--json")
+    assert rc == 0, err
+    top = max((r for r in rows.values() if r["method"] != "dense" and r["within_budget"]), key=lambda r: r["top1"])
+    assert out["trial"] == top["trial_number"] and out["top1"] == pytest.approx(top["top1"], abs=1e-9)
+
+
+def test_eval_of_a_selector_row(sweep, capsys):
+    storage, rows = sweep
+    n, row = next((n, r) for n, r in rows.items() if r["method"] == "selector")
+    rc, out, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, "--split", "sweep", "--json")
+    assert rc == 0, err
+    assert out["strategy"] == "selector:prune" and out["method"] == "selector"
+    assert out["top1"] == pytest.approx(row["top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--config", "widths=0,0,1,1 tome r=3"], "unknown token strategy 'tome'"),
+    (["--sweep", SWEEP, "--trial", "99"], "has no trial 99"),
+    (["--sweep", "nope", "--trial", "0"], "no sweep 'nope'"),
+    (["--sweep", SWEEP, "--budget", "42%", "--best"], "has no budget '42%'"),
+    (["--sweep", SWEEP], "needs --trial N, or --budget B --best"),
+])
+def test_bad_rows_are_one_line(sweep, capsys, micro_checkpoint, argv, words):
+    storage, _ = sweep
+    rc, out, err = run_cli(capsys, "eval", "--storage", storage, "--checkpoint", str(micro_checkpoint), *argv)
+    assert rc == 2 and err.startswith("prance: error: ") and words in err and err.count("\n") == 1, err

@@ -48,7 +48,7 @@ def sweep_row(args: argparse.Namespace):
         if args.budget is None:
             raise PranceError("--best needs --budget (the budget as the sweep names it, e.g. 20%)")
         return rows.best(_storage(args), args.sweep, args.budget, args.method)
-    return rows.trial(_storage(args), args.sweep, args.trial)
+    return rows.trial_row(_storage(args), args.sweep, args.trial)
 
 
 def _checkpoint(args) -> str:

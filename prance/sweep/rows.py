@@ -161,7 +161,7 @@ def load_row(storage: str, name: str, row: dict) -> SweepRow:
     return out
 
 
-def trial(storage: str, name: str, number: int) -> SweepRow:
+def trial_row(storage: str, name: str, number: int) -> SweepRow:
     """Trial ``number`` of sweep ``name`` (the ``trial_number`` column)."""
     df = read_results(storage, name)
     hit = df[df["trial_number"] == number]
