@@ -56,11 +56,20 @@ def local_path(path: str, tracking_uri: str | None = None, prefer: str | None = 
     check_store(uri)
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one JSON value on stdout, no bars
     dst = tempfile.mkdtemp(prefix="prance-mlflow-")
-    try:
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    try:  # models:/ resolves through the process-wide registry URI whatever download_artifacts is passed
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=path, dst_path=dst, tracking_uri=uri, registry_uri=uri))
     except Exception as e:  # unknown run or model, missing artifact, store errors: one line
         raise PranceError(f"cannot fetch {what} {path} from MLflow store {uri}: {first_line(e)}") from None
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
     if local.is_dir():
         found = sorted(local.rglob("*.safetensors"))
         if prefer is not None and any(f.name == prefer for f in found):

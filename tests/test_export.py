@@ -182,3 +182,49 @@ def test_bad_rows_are_one_line(sweep, capsys, micro_checkpoint, argv, words):
     storage, _ = sweep
     rc, out, err = run_cli(capsys, "eval", "--storage", storage, "--checkpoint", str(micro_checkpoint), *argv)
     assert rc == 2 and err.startswith("prance: error: ") and words in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ MLflow URIs
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory, micro_checkpoint):
+    """A real sqlite MLflow store holding the micro checkpoint as a run artifact and as
+    version 1 of the registered model prance-micro."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("export-tests", artifact_location=(folder / "artifacts").as_uri())
+    run = c.create_run(exp).info.run_id
+    c.log_artifact(run, str(micro_checkpoint), "meta")
+    c.set_terminated(run)
+    c.create_registered_model("prance-micro")
+    c.create_model_version("prance-micro", f"runs:/{run}/meta", run)
+    return uri, run
+
+
+def test_mlflow_uris_stand_for_checkpoints(mlflow_store, micro_checkpoint, capsys):
+    uri, run = mlflow_store
+    common = ["eval", "--config", "widths=1,1,1,1 merge r=3", "--limit", "128", "--json"]
+    rc, local, err = run_cli(capsys, *common, "--checkpoint", str(micro_checkpoint))
+    assert rc == 0, err
+    for path in (f"runs:/{run}/meta/micro.safetensors", f"runs:/{run}/meta", "models:/prance-micro/1"):
+        rc, out, err = run_cli(capsys, *common, "--checkpoint", path, "--mlflow-uri", uri)
+        assert rc == 0, (path, err)
+        assert out["top1"] == local["top1"]
+
+
+@pytest.mark.parametrize("path, store, words", [
+    ("runs:/0123456789abcdef/meta", None, "cannot fetch checkpoint runs:/0123456789abcdef/meta"),
+    ("models:/no-such-model/1", None, "cannot fetch checkpoint models:/no-such-model/1"),
+    ("runs:/0123456789abcdef/meta", "sqlite:////nonexistent/mlflow.db", "does not exist"),
+    ("runs:/0123456789abcdef/meta", "http://127.0.0.1:{port}", "unreachable"),
+])
+def test_bad_mlflow_uris_are_one_line(mlflow_store, capsys, path, store, words):
+    from conftest import free_port
+
+    uri = (store or mlflow_store[0]).format(port=free_port())
+    rc, out, err = run_cli(capsys, "eval", "--config", "widths=1,1,1,1 none", "--checkpoint", path, "--mlflow-uri", uri)
+    assert rc == 2 and err.startswith("prance: error: ") and words in err and err.count("\n") == 1, err
