@@ -228,3 +228,96 @@ def test_bad_mlflow_uris_are_one_line(mlflow_store, capsys, path, store, words):
     uri = (store or mlflow_store[0]).format(port=free_port())
     rc, out, err = run_cli(capsys, "eval", "--config", "widths=1,1,1,1 none", "--checkpoint", path, "--mlflow-uri", uri)
     assert rc == 2 and err.startswith("prance: error: ") and words in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.fixture(scope="module")
+def decisive_checkpoint(tmp_path_factory, decisive_micro):
+    from prance.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("decisive") / "decisive.safetensors", decisive_micro, "prance_vit_micro")
+
+
+def _export(capsys, checkpoint, out, *what):
+    rc, res, err = run_cli(capsys, "export", *what, "--checkpoint", str(checkpoint), "--output", str(out),
+                           "--check-limit", "1000", "--json")
+    assert rc == 0, err
+    return res
+
+
+def _check_onnx(res):
+    assert res["check_images"] == 1000
+    assert res["onnxruntime_max_abs_diff"] < 1e-4 and res["torch_max_abs_diff"] < 1e-4
+    assert res["onnxruntime_predictions_differ"] == 0 and res["torch_predictions_differ"] == 0
+    assert res["onnxruntime_top1"] == res["meta_top1"] == res["torch_top1"]
+
+
+def test_exported_static_configuration_matches_the_meta_network(tmp_path, capsys, decisive_checkpoint, decisive_micro):
+    """The sliced module (safetensors, smaller than the meta-network's file) and its ONNX
+    graph under onnxruntime give the meta-network's logits on 1,000 real test images."""
+    from prance.export import static
+
+    text = "widths=0,1,0,1 merge r=3"
+    res = _export(capsys, decisive_checkpoint, tmp_path / "m", "--config", text)
+    _check_onnx(res)
+    assert res["configuration"] == text
+    assert res["weights_bytes"] < 0.8 * res["meta_bytes"] and res["parameters"] < res["meta_parameters"]
+    module = static.load(tmp_path / "m")
+    assert not any("vit" in k for k in module.state_dict())  # no meta-network inside
+    x = torch.randn(5, 1, 28, 28)
+    c = static_search.parse(text, decisive_micro)
+    with torch.no_grad():
+        assert torch.equal(module(x), decisive_micro(x, c.subnet, c.plan))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["widths=2,2,2,2 none", "widths=1,0,1,0 prune keep=0.5", "widths=0,0,0,1 prune_merge keep=0.375",
+                                  "widths=1,1,1,1 ppt r=4"])
+def test_every_token_strategy_exports_to_onnx(tmp_path, capsys, decisive_checkpoint, text):
+    _check_onnx(_export(capsys, decisive_checkpoint, tmp_path / "m", "--config", text))
+
+
+def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decisive_checkpoint, decisive_micro):
+    """Two graphs + threshold + manifest + runner; the runner, a standalone script run in
+    a fresh process, gives the library cascade's predictions and escalations."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from prance import cascade as casc
+    from prance.export import parse_cascade
+
+    from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+
+    cheap = "widths=0,0,0,0 merge r=4"
+    ds = seeded_subset(build_dataset("fashion-mnist", "test", input_spec_for_model(decisive_micro.vit)), 1000, 0)
+    x_test = next(iter(make_loader(ds, batch_size=1000)))[0]
+    p = casc.logits_of(decisive_micro, static_search.parse(cheap, decisive_micro), x_test).softmax(-1).amax(-1)
+    text = f"{cheap} -> widths=2,2,2,2 none below p={float(p.median()):.2f}"  # about half the images escalate
+    res = _export(capsys, decisive_checkpoint, tmp_path / "c", "--cascade", text)
+    assert res["predictions_differ"] == 0 and res["escalations_differ"] == 0 and res["max_abs_diff"] < 1e-4
+    assert 0 < res["escalated"] < 1 and res["top1"] == res["meta_top1"]
+    folder = tmp_path / "c"
+    assert {p.name for p in folder.iterdir()} >= {"cascade.json", "run_cascade.py", "cheap", "expensive"}
+    x = torch.randn(64, 1, 28, 28)
+    np.save(tmp_path / "x.npy", x.numpy())
+    proc = subprocess.run([sys.executable, str(folder / "run_cascade.py"), str(tmp_path / "x.npy")], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    logits, up = casc.run(decisive_micro, parse_cascade(text, decisive_micro), x)
+    assert got["predictions"] == logits.argmax(-1).tolist() and got["escalated"] == up.tolist()
+
+
+def test_selector_exports_for_pytorch_only_with_the_reason(sweep, capsys, tmp_path):
+    storage, rows = sweep
+    n = next(n for n, r in rows.items() if r["method"] == "selector")
+    rc, res, err = run_cli(capsys, "export", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, "--output",
+                           str(tmp_path / "s"), "--json")
+    assert rc == 0, err
+    assert res["onnx"] is None and "data" in res["why_no_onnx"]
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {"selector.safetensors", "meta.safetensors", "manifest.json"}
