@@ -321,3 +321,23 @@ def test_selector_exports_for_pytorch_only_with_the_reason(sweep, capsys, tmp_pa
     assert rc == 0, err
     assert res["onnx"] is None and "data" in res["why_no_onnx"]
     assert {p.name for p in (tmp_path / "s").iterdir()} == {"selector.safetensors", "meta.safetensors", "manifest.json"}
+
+
+def test_ppt_without_the_batch_split_gives_the_same_tokens():
+    """The exported PPT runs both branches and picks per image; with a threshold that
+    splits the batch (half pool, half prune) it equals prance.tokens.ppt on every image."""
+    from prance.export.static import ppt_where
+    from prance.tokens.ppt import ppt_tokens, significance
+    from prance.tokens.state import TokenState
+
+    g = torch.Generator().manual_seed(0)
+    b, n, c, h = 8, 17, 12, 2
+    state = TokenState(torch.randn(b, n, c, generator=g), None, 1, cls_attn=torch.rand(b, h, n, generator=g).softmax(-1),
+                       metric=torch.randn(b, n, 6, generator=g), v_norm=torch.rand(b, n, generator=g) ** 4)
+    var = significance(state).var(dim=-1)
+    threshold = float(var.median())
+    stats = {}
+    ref = ppt_tokens(TokenState(**{**state.__dict__, "stats": stats}), 5, threshold)
+    assert 0 < int(stats["ppt_pool"][0].sum()) < b  # a real mix of pooled and pruned images
+    got = ppt_where(5, threshold, 1).apply(state)
+    assert torch.equal(got.x, ref.x) and torch.equal(got.size, ref.size)
