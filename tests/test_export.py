@@ -3,6 +3,8 @@ MLflow URIs, exported static modules, ONNX graphs and cascades."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -341,3 +343,58 @@ def test_ppt_without_the_batch_split_gives_the_same_tokens():
     assert 0 < int(stats["ppt_pool"][0].sum()) < b  # a real mix of pooled and pruned images
     got = ppt_where(5, threshold, 1).apply(state)
     assert torch.equal(got.x, ref.x) and torch.equal(got.size, ref.size)
+
+
+# ------------------------------------------------------------------ MLflow models of a sweep
+
+
+def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
+    """Each budget x method's best row is logged as a pyfunc model in its trial run; the
+    budget's best is registered; a fresh process loads models:/ and predicts the library's
+    classes."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from prance.sweep import best
+    from prance.sweep.models import log_models
+
+    storage, _ = sweep
+    shutil.copytree(Path(storage) / SWEEP, tmp_path / SWEEP)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("prance-sweep-s1", artifact_location=(tmp_path / "artifacts").as_uri())
+    csv = tmp_path / SWEEP / "results.csv"
+    df = pd.read_csv(csv)
+    df["mlflow_run_id"] = [c.create_run(exp).info.run_id for _ in range(len(df))]
+    df.to_csv(csv, index=False)
+
+    logged = log_models(str(tmp_path), SWEEP, uri)
+    assert {r["method"] for r in logged} == {"training_free", "static", "selector"}
+    registered = [r for r in logged if r["registered"]]
+    assert len(registered) == 1 and registered[0]["registered"] == "models:/prance-fashion-mnist-50pct/1"
+    top = best(str(tmp_path), SWEEP, "50%")
+    assert registered[0]["method"] == top.method and registered[0]["trial"] == top.trial_number
+
+    x = top.validation_images()[0][:16]
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = ("import json, sys, mlflow, numpy as np; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1]); "
+            "m = mlflow.pyfunc.load_model('models:/prance-fashion-mnist-50pct/1'); "
+            "print(json.dumps(np.asarray(m.predict(np.load(sys.argv[2]))).argmax(-1).tolist()))")
+    proc = subprocess.run([sys.executable, "-c", code, uri, str(tmp_path / "x.npy")], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.inference_mode():
+        if top.static is not None:
+            ref = top.meta(x, top.static.subnet, top.static.plan)
+        else:
+            from prance.selector.store import load_selector
+
+            ref = load_selector(top.selector, top.meta)[0].run(top.meta, x, float(top.row["budget_gflops"])).logits
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref.argmax(-1).tolist()

@@ -404,6 +404,13 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
                          [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
         except Exception as e:
             tracking_error = f"the summary run could not be written ({e})"
+    if tracking_error is None:  # each budget x method's best row as a pyfunc model, each budget's best registered
+        try:
+            from prance.sweep.models import log_models
+
+            log_models(storage, name, uri)
+        except Exception as e:
+            tracking_error = f"the best configurations could not be logged as MLflow models ({first_line(e)})"
     table = rep.summary_table(df, params)
     if multi:
         front = df[df["pareto"] == True]  # noqa: E712
