@@ -381,6 +381,8 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     assert len(registered) == 1 and registered[0]["registered"] == "models:/prance-fashion-mnist-50pct/1"
     top = best(str(tmp_path), SWEEP, "50%")
     assert registered[0]["method"] == top.method and registered[0]["trial"] == top.trial_number
+    run = c.get_run(df.loc[df["trial_number"] == top.trial_number, "mlflow_run_id"].iloc[0])
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["fashion-mnist-validation"]  # mlflow.log_input
 
     x = top.validation_images()[0][:16]
     np.save(tmp_path / "x.npy", x.numpy())
@@ -398,3 +400,13 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
 
             ref = load_selector(top.selector, top.meta)[0].run(top.meta, x, float(top.row["budget_gflops"])).logits
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref.argmax(-1).tolist()
+
+
+def test_sweep_experiments_are_marked_as_model_training(tmp_path):
+    from mlflow import MlflowClient
+
+    from prance import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "prance-sweep-x")
+    assert MlflowClient(uri).get_experiment(exp).tags[tracking.EXPERIMENT_KIND] == "custom_model_development"

@@ -49,6 +49,7 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
     """Log the best row of every budget x method (pyfunc) and register each budget's best.
     Returns one record per logged model (budget, method, trial, model_uri, registered)."""
     import mlflow
+    import mlflow.data
     import numpy as np
     import torch
     from mlflow.models import infer_signature
@@ -72,7 +73,7 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
                     if not run_id:
                         continue
                     folder = _artifacts(row, Path(tmp) / f"{budget}-{method}".replace("%", "pct"))
-                    x, _ = row.validation_images()
+                    x, y = row.validation_images()
                     example = x[:2].numpy().astype(np.float32)
                     with torch.inference_mode():
                         if row.static is not None:
@@ -80,6 +81,9 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
                         else:
                             logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
                     with mlflow.start_run(run_id=run_id):
+                        # the images the row was chosen and scored on, as the run's dataset input
+                        mlflow.log_input(mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), name=f"{row.dataset}-validation"),
+                                         context="validation")
                         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
                                                        artifacts={"prance": str(folder)},
                                                        signature=infer_signature(example, logits), input_example=example,
