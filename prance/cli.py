@@ -32,8 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None
     p.add_argument("--model", help=HELP_MODEL + "; default prance_vit_fmnist with its shipped checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
     if checkpoint:
-        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, or a .pt/.pth state dict with --model "
-                                            "(default: checkpoints/<model>.safetensors when the model has one shipped)")
+        p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, a .pt/.pth state dict with --model, or an MLflow "
+                                            "runs:/ or models:/ URI (default: checkpoints/<model>.safetensors when the model has one shipped)")
         p.add_argument("--random-init", action="store_true", help="a randomly initialised model even where a checkpoint is shipped")
 
 
@@ -128,8 +128,10 @@ def _load_model(args: argparse.Namespace):
     elif not checkpoint and not args.pretrained:
         checkpoint = shipped_checkpoint(name)
     if checkpoint:
+        from prance.artifacts import local_path
         from prance.checkpoint import load_checkpoint
 
+        checkpoint = local_path(checkpoint, getattr(args, "mlflow_uri", None), what="checkpoint")  # runs:/, models:/
         args.checkpoint = str(checkpoint)
         model, _ = load_checkpoint(checkpoint, args.model)
         return model
@@ -189,6 +191,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
     from prance.evaluate import evaluate, plan_for
 
+    from prance.export import commands as rowcmd
+
+    if rowcmd.wants_row(args):  # --config / --sweep: a configuration as the sweep prints it, or a sweep row
+        return rowcmd.eval_row(args, lambda a, loader: _eval_selector(a, loader))
     if args.selector:
         if args.strategy != "none" or args.r is not None or args.keep is not None:
             raise PranceError("--selector decides the token schedule itself: drop --strategy/--r/--keep")
@@ -360,15 +366,18 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
     return out
 
 
-def _eval_selector(args: argparse.Namespace) -> dict:
+def _eval_selector(args: argparse.Namespace, loader=None) -> dict:
     from prance.selector.config import SelectorConfig
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
     from prance.budget import Budget
     from prance.selector.selector import evaluate_selector
-    from prance.selector.store import load_selector, read_selector_header
+    from prance.selector.store import SELECTOR_FILE, load_selector, read_selector_header
     from prance.device import resolve as resolve_device
     from prance.selector.train import reward_fn
 
+    from prance.artifacts import local_path
+
+    args.selector = local_path(args.selector, getattr(args, "mlflow_uri", None), prefer=SELECTOR_FILE, what="selector")
     header = read_selector_header(args.selector)
     cfg = SelectorConfig.model_validate(header["config"])
     args.checkpoint = args.checkpoint or cfg.checkpoint  # default: the meta-network it was trained on
@@ -377,10 +386,11 @@ def _eval_selector(args: argparse.Namespace) -> dict:
     model.to(resolve_device(args.device))
     budget = Budget.of(args.budget, model.arch).gflops if args.budget else header["extra"].get("budget_gflops") or Budget.of(cfg.budget, model.arch).gflops
     selector.check_budget(budget)
-    ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit), skip_bad=args.skip_bad_images)
-    if args.limit is not None:
-        ds = seeded_subset(ds, args.limit, args.seed)
-    loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    if loader is None:
+        ds = build_dataset(args.dataset, args.split, input_spec_for_model(model.vit), skip_bad=args.skip_bad_images)
+        if args.limit is not None:
+            ds = seeded_subset(ds, args.limit, args.seed)
+        loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
     cfg = cfg.model_copy(update={"amp": args.amp})
     result = evaluate_selector(model, selector, loader, budget, progress=True, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
@@ -462,6 +472,8 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prance.export import commands as rowcmd
+
     parser = OneLineParser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -476,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_strategy_args(p)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--split", default="test", help="test/val or train")
-    p.add_argument("--selector", help="a trained selector (.safetensors): adaptive per-image schedules")
+    p.add_argument("--split", default="test", help="test/val or train; with --sweep also 'sweep': the images the sweep scored its rows on")
+    p.add_argument("--selector", help="a trained selector (.safetensors, or an MLflow runs:/ or models:/ URI): adaptive per-image schedules")
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -487,7 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    rowcmd.add_row_args(p)  # --config, --sweep/--trial/--best, --storage, --mlflow-uri
     p.set_defaults(func=cmd_eval)
+
+    rowcmd.add_export_parser(sub)
 
     p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")

@@ -50,6 +50,13 @@ class SplitSpec:
         """The split of a config carrying these fields (a SelectorConfig)."""
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
+    @classmethod
+    def of_settings(cls, dataset: str, checkpoint: str, settings: dict) -> "SplitSpec":
+        """The validation/rollout split of selector settings given as a dict (a sweep's
+        shared ``selector:`` section), without test images."""
+        keys = {k: settings[k] for k in ("val_limit", "train_limit", "rollouts_from", "seed") if k in settings}
+        return cls(dataset=dataset, checkpoint=checkpoint, test_limit=None, **keys)
+
     def source(self) -> str:
         """``rollouts_from`` with ``auto`` resolved: ``train_holdout`` when the checkpoint's
         pretraining held out train images, else ``holdout``."""

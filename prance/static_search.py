@@ -73,6 +73,57 @@ class StaticConfig:
         }
 
 
+def parse(text: str, meta: MetaViT, base: StrategyConfig | None = None) -> StaticConfig:
+    """The inverse of :meth:`StaticConfig.describe`: ``"widths=0,0,1,2 merge r=6"`` ->
+    the configuration on ``meta`` (its sub-network, token plan and FLOPs report).
+
+    ``base`` carries the strategy settings a description leaves out (reduction blocks,
+    ToMe schedule, PPT threshold, fusion, proportional attention); the sweep uses the
+    defaults. describe() prints ``keep`` to 4 significant digits: a value that reads
+    exactly as one of the keep ratios calibration chooses from (k / patches) is that
+    ratio, so a sweep row's configuration is rebuilt exactly. PranceError, one line,
+    for anything that does not parse or does not fit ``meta``."""
+    from prance.budget import candidates as param_candidates
+    from prance.tokens.strategies import build_plan
+
+    example = "e.g. 'widths=0,0,1,2 merge r=6'"
+    words = str(text).split()
+    if len(words) not in (2, 3) or not words[0].startswith("widths="):
+        raise PranceError(f"configuration {text!r} is not 'widths=L,L,.. STRATEGY [PARAM=VALUE]' ({example})")
+    stages, top = len(meta.space.stage_starts), num_levels(meta.space) - 1
+    try:
+        levels = tuple(int(v) for v in words[0][len("widths="):].split(","))
+    except ValueError:
+        raise PranceError(f"configuration {text!r}: widths must be comma-separated width levels ({example})") from None
+    if len(levels) != stages or any(not 0 <= lv <= top for lv in levels):
+        raise PranceError(f"configuration {text!r}: widths needs {stages} levels in 0..{top} (one per stage) on this meta-network")
+    name = words[1]
+    if name not in STRATEGIES:
+        raise PranceError(f"configuration {text!r}: unknown token strategy {name!r}: choose from {', '.join(STRATEGIES)}")
+    param = PARAM_OF[name]
+    base = base or StrategyConfig()
+    cfg = StrategyConfig(**{**base.__dict__, "name": name, "r": None, "keep": None})
+    if len(words) == 3:
+        key, _, raw = words[2].partition("=")
+        if param is None or key != param:
+            wanted = f"takes {param}=VALUE" if param else "takes no parameter"
+            raise PranceError(f"configuration {text!r}: strategy {name!r} {wanted}")
+        try:
+            value: float = float(raw)
+        except ValueError:
+            raise PranceError(f"configuration {text!r}: {key} must be a number, got {raw!r}") from None
+        if param == "r":
+            if value != int(value):
+                raise PranceError(f"configuration {text!r}: r must be an integer, got {raw!r}")
+            value = int(value)
+        else:  # undo describe()'s rounding when the text is one of calibration's keep ratios
+            value = next((c for c in param_candidates(cfg, meta.arch) if f"{c:.4g}" == f"{value:.4g}"), value)
+        cfg = cfg.with_param(value)
+    sub = level_subnet(meta.space, levels)
+    plan = build_plan(cfg, meta.arch)  # PranceError on a parameter out of range
+    return StaticConfig(levels, cfg, sub, plan, flops.count(meta.arch, sub, plan))
+
+
 def num_levels(space: SubnetSpace) -> int:
     return max(len(space.heads), len(space.mlp), len(space.embed))
 

@@ -161,6 +161,8 @@ TAG_KIND = "prance.kind"  # pretrain | sweep-trial | sweep-summary
 TAG_SWEEP = "prance.sweep_id"
 TAG_TRIAL = "prance.trial_id"
 TAG_STATUS = "prance.status"  # finished | stopped | error | interrupted
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI picks an experiment's first page from this tag
+MODEL_TRAINING = "custom_model_development"
 TAG_CONFIGURATION = "prance.configuration"  # what a static baseline's search chose
 
 
@@ -183,7 +185,10 @@ def ensure_experiment(uri: str, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_location(uri, name))
+    experiment_id = c.create_experiment(name, artifact_location=artifact_location(uri, name))
+    # model training, not GenAI: MLflow 3's UI then opens the experiment on its runs table
+    c.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    return experiment_id
 
 
 def find_runs(uri: str, experiment_id: str, tags: dict[str, str]) -> list:

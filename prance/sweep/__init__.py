@@ -11,5 +11,8 @@ One job per module; only :mod:`prance.sweep.tune` imports Ray.
 - ``runs``: the sweep's MLflow runs (one per trial, found again on resume, a summary run).
 - ``report``: results table, Pareto front, plot, the printed summary.
 - ``store``: the sweep folder (its settings, naming, locating the latest sweep).
+- ``rows``: a row of results.csv as a configuration to run again (:func:`best`, :func:`trial_row`).
 - ``tune``: the Ray Tune driver (Tuner, OptunaSearch, ASHA, the MLflow callback, resume).
 """
+
+from prance.sweep.rows import best, trial_row  # noqa: E402,F401  (light: pandas and the checkpoint load when called)

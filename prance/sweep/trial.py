@@ -73,8 +73,7 @@ def split_of(ctx: TrialContext):
     """The sweep's split (:class:`prance.splits.SplitSpec`) from its shared selector settings."""
     from prance.splits import SplitSpec
 
-    keys = {k: ctx.selector[k] for k in ("val_limit", "train_limit", "rollouts_from", "seed") if k in ctx.selector}
-    return SplitSpec(dataset=ctx.dataset, checkpoint=ctx.checkpoint, test_limit=None, **keys)
+    return SplitSpec.of_settings(ctx.dataset, ctx.checkpoint, ctx.selector)
 
 
 def split_images(model, spec, part: str):

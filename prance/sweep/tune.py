@@ -41,6 +41,7 @@ from prance.sweep.runs import SweepRuns
 from prance.sweep.space import DefineByRun
 from prance.selector.store import SELECTOR_FILE
 from prance.sweep.methods import DENSE, METHODS, run_trial
+from prance.sweep.rows import selector_path
 from prance.sweep.trial import FINAL, TrialContext, selector_config
 
 # Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
@@ -427,6 +428,13 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
                          [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
         except Exception as e:
             tracking_error = f"the summary run could not be written ({e})"
+    if tracking_error is None:  # each budget x method's best row as a pyfunc model, each budget's best registered
+        try:
+            from prance.sweep.models import log_models
+
+            log_models(storage, name, uri)
+        except Exception as e:
+            tracking_error = f"the best configurations could not be logged as MLflow models ({first_line(e)})"
     table = rep.summary_table(df, params)
     if multi:
         front = df[df["pareto"] == True]  # noqa: E712
@@ -623,6 +631,8 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
                 row[k] = v
         if m.get("configuration"):  # a static trial: what its search chose
             row["param"] = m["configuration"]
+        if config.get("method") == "selector" and result.checkpoint is not None:  # what `prance eval --sweep` runs
+            row["selector_path"] = selector_path(result.checkpoint)
         if n in progress.wall:
             row["wall_s"] = progress.wall[n]
         if result.error is not None:

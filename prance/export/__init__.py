@@ -1,0 +1,161 @@
+"""Deployable artifacts of what a sweep found (``python -m prance export``).
+
+- a static configuration: :mod:`prance.export.static` (the sliced standalone module,
+  safetensors) and :mod:`prance.export.onnx` (its ONNX graph, checked with onnxruntime);
+- a cascade: both configurations' graphs, the threshold and a manifest in one folder,
+  run by :mod:`prance.export.cascade_runner` (numpy + onnxruntime only, copied into the
+  folder as ``run_cascade.py``);
+- a selector: PyTorch only (the selector file, its meta-network and a manifest), see
+  :data:`SELECTOR_REASON`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from prance.errors import PranceError
+
+SELECTOR_REASON = (
+    "A selector is exported for PyTorch only. Its decisions change shapes per image: before each stage it "
+    "picks the stage's heads, MLP and embedding widths and its token keep ratio from the image's features, "
+    "so the weight slices and token counts of the next blocks depend on the data, and a batch runs as "
+    "groups of images with the same schedule. An ONNX graph has one fixed set of weights per op: it would "
+    "need every reachable schedule as a branch (If subgraphs over all width x keep choices per stage, "
+    "hundreds of sub-graphs), or padding to the widest sub-network, which gives up the speed the selector "
+    "is for. A static configuration or a cascade of two (a few static graphs) is the adaptivity that "
+    "survives export."
+)
+
+
+def file_size(path: str | Path) -> int:
+    return Path(path).stat().st_size
+
+
+@torch.inference_mode()
+def check_static(meta, config, module, onnx_path: str | Path | None, x: torch.Tensor, y: torch.Tensor | None,
+                 batch_size: int = 256) -> dict:
+    """Logits of the sliced module and (when given) the ONNX graph under onnxruntime against
+    the meta-network's on the images ``x``: largest absolute difference, and Top-1 of each
+    (with labels ``y``) and how many predictions differ."""
+    from prance.export import onnx as ox
+
+    ref = torch.cat([meta(x[i : i + batch_size], config.subnet, config.plan) for i in range(0, x.shape[0], batch_size)])
+    got = {"torch": torch.cat([module(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])}
+    if onnx_path is not None:
+        got["onnxruntime"] = ox.run(ox.session(onnx_path), x, batch_size)
+    out = {"check_images": int(x.shape[0])}
+    if y is not None:
+        out["meta_top1"] = 100.0 * float((ref.argmax(-1) == y).float().mean())
+    for name, logits in got.items():
+        out[f"{name}_max_abs_diff"] = float((logits - ref).abs().max())
+        out[f"{name}_predictions_differ"] = int((logits.argmax(-1) != ref.argmax(-1)).sum())
+        if y is not None:
+            out[f"{name}_top1"] = 100.0 * float((logits.argmax(-1) == y).float().mean())
+    return out
+
+
+def export_static(meta, config, folder: str | Path, model_name: str = "", model_kwargs: dict | None = None,
+                  onnx: bool = True, check: tuple | None = None, meta_file: str | Path | None = None) -> dict:
+    """Write ``folder/{model.safetensors, manifest.json, model.onnx}`` for ``config`` and
+    check them on ``check`` = (images, labels or None)."""
+    from prance.export import onnx as ox
+    from prance.export import static
+
+    folder = Path(folder)
+    module = static.slice_static(meta, config, model_name, model_kwargs)
+    static.save(module, folder)
+    out = {"kind": "static", "configuration": config.describe(), "gflops": config.gflops, "folder": str(folder),
+           "weights": str(folder / static.WEIGHTS), "weights_bytes": file_size(folder / static.WEIGHTS),
+           "parameters": static.parameters(module), "meta_parameters": static.parameters(meta.vit)}
+    if meta_file is not None:
+        out["meta_bytes"] = file_size(meta_file)
+    onnx_path = None
+    if onnx:
+        x0 = check[0][:2] if check is not None else torch.zeros(2, module.manifest["in_chans"], *module.img_size)
+        onnx_path = ox.export_onnx(module, x0, folder / ox.ONNX_FILE)
+        out.update(onnx=str(onnx_path), onnx_bytes=file_size(onnx_path))
+    if check is not None:
+        out.update(check_static(meta, config, static.load(folder), onnx_path, *check))
+    return out
+
+
+def export_cascade(meta, cascade, folder: str | Path, model_name: str = "", model_kwargs: dict | None = None,
+                   check: tuple | None = None) -> dict:
+    """``folder/cheap/``, ``folder/expensive/`` (each an exported static configuration with
+    its ONNX graph), ``folder/cascade.json`` (threshold, descriptions, GFLOPs) and
+    ``folder/run_cascade.py`` (the onnxruntime runner)."""
+    from prance.export import cascade_runner
+
+    folder = Path(folder)
+    parts = {}
+    for name, cfg in (("cheap", cascade.cheap), ("expensive", cascade.expensive)):
+        parts[name] = export_static(meta, cfg, folder / name, model_name, model_kwargs, onnx=True, check=None)
+    manifest = {"format": cascade_runner.FORMAT, "threshold": cascade.threshold, "description": cascade.describe(),
+                "cheap": {"graph": "cheap/model.onnx", "configuration": cascade.cheap.describe(), "gflops": cascade.cheap.gflops},
+                "expensive": {"graph": "expensive/model.onnx", "configuration": cascade.expensive.describe(),
+                              "gflops": cascade.expensive.gflops},
+                "rule": "run cheap on every image; where its top-1 softmax probability < threshold, take expensive's logits"}
+    (folder / cascade_runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copyfile(cascade_runner.__file__, folder / "run_cascade.py")
+    out = {"kind": "cascade", "configuration": cascade.describe(), "folder": str(folder), "threshold": cascade.threshold,
+           "cheap": parts["cheap"]["folder"], "expensive": parts["expensive"]["folder"]}
+    if check is not None:
+        from prance import cascade as casc
+
+        x, y = check
+        ref, up = casc.run(meta, cascade, x)
+        got, up2 = cascade_runner.Cascade(folder).run(x.numpy())
+        out.update(check_images=int(x.shape[0]), escalated=float(up.float().mean()),
+                   escalations_differ=int((torch.from_numpy(up2) != up).sum()),
+                   predictions_differ=int((torch.from_numpy(got).argmax(-1) != ref.argmax(-1)).sum()),
+                   max_abs_diff=float((torch.from_numpy(got) - ref).abs().max()))
+        if y is not None:
+            out["top1"] = 100.0 * float((torch.from_numpy(got).argmax(-1) == y).float().mean())
+            out["meta_top1"] = 100.0 * float((ref.argmax(-1) == y).float().mean())
+    return out
+
+
+def export_selector(selector_path: str | Path, checkpoint: str | Path, folder: str | Path) -> dict:
+    """PyTorch only: the selector file and its meta-network side by side, with a manifest
+    that says how to load them and why there is no ONNX graph."""
+    from prance.selector.store import SELECTOR_FILE, read_selector_header
+
+    header = read_selector_header(selector_path)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(selector_path, folder / SELECTOR_FILE)
+    shutil.copyfile(checkpoint, folder / "meta.safetensors")
+    manifest = {"format": "prance.selector_export.v1", "selector": SELECTOR_FILE, "meta_network": "meta.safetensors",
+                "budget_gflops": (header.get("extra") or {}).get("budget_gflops"), "onnx": None, "why_no_onnx": SELECTOR_REASON,
+                "load": "python -m prance eval --checkpoint meta.safetensors --selector selector.safetensors"}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"kind": "selector", "folder": str(folder), "selector": str(folder / SELECTOR_FILE), "onnx": None,
+            "why_no_onnx": SELECTOR_REASON}
+
+
+def parse_cascade(text: str, meta, base=None):
+    """The inverse of :meth:`prance.cascade.Cascade.describe`:
+    ``"<cheap> -> <expensive> below p=0.87"`` or ``"<cheap> (never escalates)"``."""
+    from prance.cascade import Cascade
+    from prance.static_search import parse
+
+    s = str(text).strip()
+    if s.endswith("(never escalates)"):
+        cheap = parse(s[: -len("(never escalates)")].strip(), meta, base)
+        return Cascade(cheap, cheap, 0.0)
+    head, sep, p = s.rpartition(" below p=")
+    cheap_text, arrow, exp_text = head.partition(" -> ")
+    if not sep or not arrow:
+        raise PranceError(f"cascade {text!r} is not '<configuration> -> <configuration> below p=<threshold>' "
+                          "(as search-cascade prints it)")
+    try:
+        threshold = float(p)
+    except ValueError:
+        raise PranceError(f"cascade {text!r}: threshold {p!r} is not a number") from None
+    if not 0 < threshold <= 1:
+        raise PranceError(f"cascade {text!r}: threshold must be in (0, 1], got {threshold}")
+    return Cascade(parse(cheap_text, meta, base), parse(exp_text, meta, base), threshold)

@@ -1,0 +1,197 @@
+"""The command-line side of running a sweep row again and exporting it: ``eval --config``,
+``eval --sweep NAME --trial N | --budget B --best``, and ``export``. Kept out of
+:mod:`prance.cli`, which only adds these arguments and dispatches here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from prance.errors import PranceError
+
+DEFAULT_CHECKPOINT = "checkpoints/prance_vit_fmnist_supernet.safetensors"
+
+
+def add_row_args(p: argparse.ArgumentParser, budget: bool = False) -> None:
+    """What picks a configuration: a configuration string, or a sweep row."""
+    p.add_argument("--config", dest="static_config", metavar="CONFIGURATION",
+                   help="a static configuration as the sweep prints it, e.g. 'widths=0,0,1,2 merge r=6'")
+    p.add_argument("--sweep", help="a sweep's name (its folder under --storage): run one of its rows")
+    p.add_argument("--trial", type=int, help="with --sweep: the row of this trial number")
+    p.add_argument("--best", action="store_true", help="with --sweep and --budget: the best row of that budget")
+    p.add_argument("--method", choices=["selector", "static", "training_free"], help="with --best: only rows of this method")
+    p.add_argument("--storage", help="where the sweep folders are (default $PRANCE_STORAGE, else runs/sweeps)")
+    p.add_argument("--mlflow-uri", help="tracking store for runs:/ and models:/ paths (default $PRANCE_MLFLOW_URI, "
+                                        "$MLFLOW_TRACKING_URI, else sqlite:///runs/sweeps/mlflow.db)")
+    if budget:
+        p.add_argument("--budget", help="with --sweep --best: the budget as the sweep names it (e.g. 20%%)")
+
+
+def wants_row(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "static_config", None) or getattr(args, "sweep", None))
+
+
+def _storage(args) -> str:
+    return args.storage or os.environ.get("PRANCE_STORAGE") or "runs/sweeps"
+
+
+def sweep_row(args: argparse.Namespace):
+    """The SweepRow that ``--sweep`` with ``--trial`` or ``--budget --best`` names."""
+    from prance.sweep import rows
+
+    if args.static_config:
+        raise PranceError("give either --config or --sweep, not both")
+    if (args.trial is None) == (not args.best):
+        raise PranceError("--sweep needs --trial N, or --budget B --best")
+    if args.best:
+        if args.budget is None:
+            raise PranceError("--best needs --budget (the budget as the sweep names it, e.g. 20%)")
+        return rows.best(_storage(args), args.sweep, args.budget, args.method)
+    return rows.trial_row(_storage(args), args.sweep, args.trial)
+
+
+def _checkpoint(args) -> str:
+    from prance.artifacts import local_path
+    from prance.sweep.plan import resolve_path
+
+    path = args.checkpoint or DEFAULT_CHECKPOINT
+    path = local_path(path, args.mlflow_uri, what="checkpoint")
+    return path if path.startswith("timm:") else str(resolve_path(path))
+
+
+def static_from_args(args: argparse.Namespace, base=None):
+    """(meta-network, StaticConfig, header, SweepRow or None) of ``--config`` / ``--sweep``;
+    a selector row gives (None, None, None, row)."""
+    from prance import static_search
+    from prance.checkpoint import load_checkpoint
+
+    if args.sweep:
+        row = sweep_row(args)
+        if row.selector is not None:
+            return None, None, None, row
+        return row.meta, row.static, _header(row.checkpoint), row
+    meta, header = load_checkpoint(_checkpoint(args), getattr(args, "model", None))
+    return meta, static_search.parse(args.static_config, meta, base), header, None
+
+
+def _header(checkpoint: str) -> dict:
+    from prance.checkpoint import is_timm_source, read_header
+
+    return {} if is_timm_source(checkpoint) else read_header(checkpoint)
+
+
+def _row_fields(row) -> dict:
+    if row is None:
+        return {}
+    return {"sweep": row.sweep, "trial": row.trial_number, "method": row.method, "budget": row.row.get("budget"),
+            "row_top1": row.top1, "row_gflops": row.row.get("gflops")}
+
+
+def eval_row(args: argparse.Namespace, eval_selector) -> dict:
+    """``eval --config`` / ``eval --sweep``: Top-1, GFLOPs, token ratios and throughput of
+    the configuration on ``--split`` (``sweep``: the images the sweep scored its rows on)."""
+    from prance.evaluate import evaluate
+    from prance.selector.train import batches
+
+    if args.strategy != "none" or args.r is not None or args.keep is not None:
+        raise PranceError("--config / --sweep name the token strategy themselves: drop --strategy/--r/--keep")
+    if args.selector:
+        raise PranceError("--selector and --config/--sweep: give one")
+    if args.split == "sweep" and not args.sweep:
+        raise PranceError("--split sweep (the sweep's validation images) needs --sweep")
+    from prance.cli import _strategy_config
+
+    meta, config, _, row = static_from_args(args, _strategy_config(args, "none"))
+    if row is not None and row.selector is not None:  # a selector row: eval --selector with the sweep's meta-network
+        args.selector, args.checkpoint, args.budget = row.selector, row.checkpoint, None
+        loader = None
+        if args.split == "sweep":
+            loader = list(batches(*row.validation_images(), args.batch_size))
+        return {**_row_fields(row), **eval_selector(args, loader)}
+    loader = _loader(args, meta, row)
+    result = evaluate(meta, loader, config.subnet, config.plan, device=args.device, amp=args.amp, progress=not args.json)
+    return {**_row_fields(row), "configuration": config.describe(), "strategy": config.strategy.name,
+            "params": dict(config.plan.params), **result}
+
+
+def _loader(args, meta, row):
+    from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+    from prance.selector.train import batches
+
+    if args.split == "sweep":
+        x, y = row.validation_images()
+        if args.limit is not None:
+            x, y = x[: args.limit], y[: args.limit]
+        return list(batches(x, y, args.batch_size))
+    ds = build_dataset(args.dataset, args.split, input_spec_for_model(meta.vit))
+    if args.limit is not None:
+        ds = seeded_subset(ds, args.limit, args.seed)
+    return make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
+
+
+def _check_images(args, meta):
+    """(images, labels) the export is checked on: ``--check-limit`` of the test split (0: none)."""
+    import torch
+
+    from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
+
+    if args.check_limit == 0:
+        return None
+    ds = build_dataset(args.dataset, "test", input_spec_for_model(meta.vit))
+    if args.check_limit is not None:
+        ds = seeded_subset(ds, min(args.check_limit, len(ds)), 0)
+    xs, ys = zip(*make_loader(ds, batch_size=1024))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from prance.export import export_cascade, export_selector, export_static, parse_cascade
+
+    chosen = [bool(args.static_config), bool(args.sweep), bool(args.cascade), bool(args.selector)]
+    if sum(chosen) != 1:
+        raise PranceError("export one thing: --config, --sweep (with --trial or --budget --best), --cascade or --selector")
+    if args.check_limit is not None and args.check_limit < 0:
+        raise PranceError(f"--check-limit must be >= 0, got {args.check_limit}")
+    say = (lambda text: None) if args.json else (lambda text: print(f"[export] {text}", file=sys.stderr))
+    if args.selector:
+        from prance.artifacts import local_path
+        from prance.selector.config import SelectorConfig
+        from prance.selector.store import read_selector_header
+
+        path = local_path(args.selector, args.mlflow_uri, prefer="selector.safetensors", what="selector")
+        if not args.checkpoint:
+            args.checkpoint = SelectorConfig.model_validate(read_selector_header(path)["config"]).checkpoint
+        return export_selector(path, _checkpoint(args), args.output)
+    if args.cascade:
+        from prance.checkpoint import load_checkpoint
+
+        ckpt = _checkpoint(args)
+        meta, header = load_checkpoint(ckpt)
+        cascade = parse_cascade(args.cascade, meta)
+        say(f"cascade {cascade.describe()} -> {args.output} (two ONNX exports: a minute or two on a busy CPU)")
+        return export_cascade(meta, cascade, args.output, header.get("model", ""), header.get("model_kwargs") or {},
+                              check=_check_images(args, meta))
+    meta, config, header, row = static_from_args(args)
+    if row is not None and row.selector is not None:
+        return {**_row_fields(row), **export_selector(row.selector, row.checkpoint, args.output)}
+    ckpt = row.checkpoint if row is not None else _checkpoint(args)
+    say(f"{config.describe()} -> {args.output}" + ("" if args.no_onnx else " (the ONNX export takes about a minute on a busy CPU)"))
+    out = export_static(meta, config, args.output, header.get("model", ""), header.get("model_kwargs") or {},
+                        onnx=not args.no_onnx, check=_check_images(args, meta),
+                        meta_file=None if str(ckpt).startswith("timm:") else ckpt)
+    return {**_row_fields(row), **out}
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a static configuration, cascade or selector as deployable files (safetensors, ONNX)")
+    add_row_args(p, budget=True)
+    p.add_argument("--cascade", help="a cascade as search-cascade prints it: '<configuration> -> <configuration> below p=0.87'")
+    p.add_argument("--selector", help="a trained selector (.safetensors or runs:/ URI): exported for PyTorch only")
+    p.add_argument("--checkpoint", help=f"the meta-network (default {DEFAULT_CHECKPOINT}; a sweep row uses the sweep's)")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--no-onnx", action="store_true", help="only the sliced PyTorch module")
+    p.add_argument("--dataset", default="fashion-mnist", help="test images the export is checked on")
+    p.add_argument("--check-limit", type=int, help="check on this many test images (default: the whole test split; 0: no check)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)

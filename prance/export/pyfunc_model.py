@@ -1,0 +1,51 @@
+"""The MLflow pyfunc model of a sweep's best configuration, logged as *model from code*
+(``mlflow.pyfunc.log_model(python_model=<this file>)``): MLflow stores this file, not a
+pickle, and loads the weights from the model's ``prance`` artifact folder (safetensors +
+JSON). Loading needs prance installed.
+
+``predict(images)``: float32 images (N, C, H, W), normalised as in training -> logits (N, classes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+
+class PranceModel(PythonModel):
+    def load_context(self, context):
+        import torch
+
+        folder = Path(context.artifacts["prance"])
+        info = json.loads((folder / "prance_model.json").read_text())
+        self.kind = info["kind"]
+        if self.kind == "static":
+            from prance.export import static
+
+            self.module = static.load(folder)
+        else:  # a selector with its meta-network
+            from prance.checkpoint import load_checkpoint
+            from prance.selector.store import load_selector
+
+            self.meta, _ = load_checkpoint(folder / "meta.safetensors")
+            self.selector, _ = load_selector(folder / "selector.safetensors", self.meta)
+            self.budget = float(info["budget_gflops"])
+        torch.set_grad_enabled(False)
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)))
+        with torch.inference_mode():
+            if self.kind == "static":
+                logits = self.module(x)
+            else:
+                logits = self.selector.run(self.meta, x, self.budget).logits
+        return logits.float().numpy()
+
+
+mlflow.models.set_model(PranceModel())
