@@ -282,8 +282,8 @@ def test_every_token_strategy_exports_to_onnx(tmp_path, capsys, decisive_checkpo
 
 
 def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decisive_checkpoint, decisive_micro):
-    """Two graphs + threshold + manifest + runner; the runner, a standalone script run in
-    a fresh process, gives the library cascade's predictions and escalations."""
+    """Three graphs + thresholds + manifest + runner; the runner, a standalone script run in
+    a fresh process, gives the library cascade's predictions and passes."""
     import json
     import subprocess
     import sys
@@ -299,20 +299,23 @@ def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decis
     ds = seeded_subset(build_dataset("fashion-mnist", "test", input_spec_for_model(decisive_micro.vit)), 1000, 0)
     x_test = next(iter(make_loader(ds, batch_size=1000)))[0]
     p = casc.logits_of(decisive_micro, static_search.parse(cheap, decisive_micro), x_test).softmax(-1).amax(-1)
-    text = f"{cheap} -> widths=2,2,2,2 none below p={float(p.median()):.2f}"  # about half the images escalate
+    # about half the images go past the first rung, most of those past the second
+    text = f"{cheap} -> [p<{float(p.median()):.2f}] widths=1,1,1,1 merge r=2 -> [p<0.95] widths=2,2,2,2 none"
     res = _export(capsys, decisive_checkpoint, tmp_path / "c", "--cascade", text)
     assert res["predictions_differ"] == 0 and res["escalations_differ"] == 0 and res["max_abs_diff"] < 1e-4
     assert 0 < res["escalated"] < 1 and res["top1"] == res["meta_top1"]
     folder = tmp_path / "c"
-    assert {p.name for p in folder.iterdir()} >= {"cascade.json", "run_cascade.py", "cheap", "expensive"}
+    assert {p.name for p in folder.iterdir()} >= {"cascade.json", "run_cascade.py", "rung1", "rung2", "rung3"}
     x = torch.randn(64, 1, 28, 28)
     np.save(tmp_path / "x.npy", x.numpy())
     proc = subprocess.run([sys.executable, str(folder / "run_cascade.py"), str(tmp_path / "x.npy")], capture_output=True,
                           text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    logits, up = casc.run(decisive_micro, parse_cascade(text, decisive_micro), x)
-    assert got["predictions"] == logits.argmax(-1).tolist() and got["escalated"] == up.tolist()
+    cascade = parse_cascade(text, decisive_micro)
+    assert cascade.describe() == text and len(cascade.rungs) == 3  # the parser inverts describe
+    logits, passes = casc.run(decisive_micro, cascade, x)
+    assert got["predictions"] == logits.argmax(-1).tolist() and got["passes"] == passes.tolist()
 
 
 def test_selector_exports_for_pytorch_only_with_the_reason(sweep, capsys, tmp_path):

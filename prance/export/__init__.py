@@ -85,32 +85,33 @@ def export_static(meta, config, folder: str | Path, model_name: str = "", model_
 
 def export_cascade(meta, cascade, folder: str | Path, model_name: str = "", model_kwargs: dict | None = None,
                    check: tuple | None = None) -> dict:
-    """``folder/cheap/``, ``folder/expensive/`` (each an exported static configuration with
-    its ONNX graph), ``folder/cascade.json`` (threshold, descriptions, GFLOPs) and
+    """``folder/rung1/``, ``folder/rung2/``, ... (each an exported static configuration with
+    its ONNX graph), ``folder/cascade.json`` (the thresholds, descriptions, GFLOPs) and
     ``folder/run_cascade.py`` (the onnxruntime runner)."""
     from prance.export import cascade_runner
 
     folder = Path(folder)
-    parts = {}
-    for name, cfg in (("cheap", cascade.cheap), ("expensive", cascade.expensive)):
-        parts[name] = export_static(meta, cfg, folder / name, model_name, model_kwargs, onnx=True, check=None)
-    manifest = {"format": cascade_runner.FORMAT, "threshold": cascade.threshold, "description": cascade.describe(),
-                "cheap": {"graph": "cheap/model.onnx", "configuration": cascade.cheap.describe(), "gflops": cascade.cheap.gflops},
-                "expensive": {"graph": "expensive/model.onnx", "configuration": cascade.expensive.describe(),
-                              "gflops": cascade.expensive.gflops},
-                "rule": "run cheap on every image; where its top-1 softmax probability < threshold, take expensive's logits"}
+    cascade = cascade.used()  # rungs behind a threshold of 0 are never reached
+    rungs = []
+    for i, cfg in enumerate(cascade.rungs, 1):
+        export_static(meta, cfg, folder / f"rung{i}", model_name, model_kwargs, onnx=True, check=None)
+        rungs.append({"graph": f"rung{i}/model.onnx", "configuration": cfg.describe(), "gflops": cfg.gflops})
+    manifest = {"format": cascade_runner.FORMAT, "rungs": rungs, "thresholds": list(cascade.thresholds),
+                "description": cascade.describe(),
+                "rule": "run rung 1 on every image; while the answer's top-1 softmax probability is below the rung's "
+                        "threshold, run the next rung too and take its logits"}
     (folder / cascade_runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.copyfile(cascade_runner.__file__, folder / "run_cascade.py")
-    out = {"kind": "cascade", "configuration": cascade.describe(), "folder": str(folder), "threshold": cascade.threshold,
-           "cheap": parts["cheap"]["folder"], "expensive": parts["expensive"]["folder"]}
+    out = {"kind": "cascade", "configuration": cascade.describe(), "folder": str(folder),
+           "thresholds": list(cascade.thresholds), "rungs": [str(folder / f"rung{i}") for i in range(1, len(rungs) + 1)]}
     if check is not None:
         from prance import cascade as casc
 
         x, y = check
-        ref, up = casc.run(meta, cascade, x)
-        got, up2 = cascade_runner.Cascade(folder).run(x.numpy())
-        out.update(check_images=int(x.shape[0]), escalated=float(up.float().mean()),
-                   escalations_differ=int((torch.from_numpy(up2) != up).sum()),
+        ref, passes = casc.run(meta, cascade, x)
+        got, passes2 = cascade_runner.Cascade(folder).run(x.numpy())
+        out.update(check_images=int(x.shape[0]), escalated=float((passes > 1).float().mean()),
+                   escalations_differ=int((torch.from_numpy(passes2) != passes).sum()),
                    predictions_differ=int((torch.from_numpy(got).argmax(-1) != ref.argmax(-1)).sum()),
                    max_abs_diff=float((torch.from_numpy(got) - ref).abs().max()))
         if y is not None:
@@ -139,23 +140,31 @@ def export_selector(selector_path: str | Path, checkpoint: str | Path, folder: s
 
 def parse_cascade(text: str, meta, base=None):
     """The inverse of :meth:`prance.cascade.Cascade.describe`:
-    ``"<cheap> -> <expensive> below p=0.87"`` or ``"<cheap> (never escalates)"``."""
+    ``"<rung 1> -> [p<0.71] <rung 2> -> [p<0.50] <rung 3>"`` or ``"<rung 1> (never escalates)"``."""
+    import re
+
     from prance.cascade import Cascade
     from prance.static_search import parse
 
     s = str(text).strip()
     if s.endswith("(never escalates)"):
-        cheap = parse(s[: -len("(never escalates)")].strip(), meta, base)
-        return Cascade(cheap, cheap, 0.0)
-    head, sep, p = s.rpartition(" below p=")
-    cheap_text, arrow, exp_text = head.partition(" -> ")
-    if not sep or not arrow:
-        raise PranceError(f"cascade {text!r} is not '<configuration> -> <configuration> below p=<threshold>' "
-                          "(as search-cascade prints it)")
-    try:
-        threshold = float(p)
-    except ValueError:
-        raise PranceError(f"cascade {text!r}: threshold {p!r} is not a number") from None
-    if not 0 < threshold <= 1:
-        raise PranceError(f"cascade {text!r}: threshold must be in (0, 1], got {threshold}")
-    return Cascade(parse(cheap_text, meta, base), parse(exp_text, meta, base), threshold)
+        return Cascade((parse(s[: -len("(never escalates)")].strip(), meta, base),), ())
+    parts = s.split(" -> ")
+    rungs, thresholds = [parse(parts[0], meta, base)], []
+    for part in parts[1:]:
+        m = re.fullmatch(r"\[p<([^\]]+)\]\s+(.+)", part.strip())
+        if m is None:
+            raise PranceError(f"cascade {text!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
+                              "(as search-cascade and the sweep print it)")
+        try:
+            t = float(m.group(1))
+        except ValueError:
+            raise PranceError(f"cascade {text!r}: threshold {m.group(1)!r} is not a number") from None
+        if not 0 < t <= 1:
+            raise PranceError(f"cascade {text!r}: a threshold must be in (0, 1], got {t}")
+        thresholds.append(t)
+        rungs.append(parse(m.group(2), meta, base))
+    if len(rungs) < 2:
+        raise PranceError(f"cascade {text!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
+                          "(as search-cascade and the sweep print it)")
+    return Cascade(tuple(rungs), tuple(thresholds))

@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
 def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="a static configuration, cascade or selector as deployable files (safetensors, ONNX)")
     add_row_args(p, budget=True)
-    p.add_argument("--cascade", help="a cascade as search-cascade prints it: '<configuration> -> <configuration> below p=0.87'")
+    p.add_argument("--cascade", help="a cascade as search-cascade and the sweep print it: '<configuration> -> [p<0.87] <configuration> ...'")
     p.add_argument("--selector", help="a trained selector (.safetensors or runs:/ URI): exported for PyTorch only")
     p.add_argument("--checkpoint", help=f"the meta-network (default {DEFAULT_CHECKPOINT}; a sweep row uses the sweep's)")
     p.add_argument("--output", required=True, help="folder to write")
