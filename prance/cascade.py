@@ -237,7 +237,7 @@ def ladder(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], rung
         target = min(rung * budget_gflops, dense)
         try:
             found = static_search.search(meta, target, val, strategies, uniform_only, first_images=first_images, eta=eta,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, progress=progress)  # a line per halving round
         except PranceError:  # nothing fits this rung
             continue
         out.setdefault(found.best.describe(), found.best)
@@ -320,6 +320,9 @@ def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], stra
     costs = [c.gflops for c in configs]
     thresholds = list(thresholds)
     alone = choose(logits, y, costs, budget_gflops, thresholds=(), max_rungs=1)
+    if progress is not None:
+        progress(f"cascade: choosing among chains of up to {max_rungs} of the {len(configs)} ladder rungs"
+                 + (", with a margin fitted on halves of the validation images" if margin else ""))
     held = fit_margin(logits, y, costs, budget_gflops, thresholds, max_rungs) if margin else 0.0
     best = choose(logits, y, costs, budget_gflops * (1 - held), thresholds, max_rungs) or alone
     if best.top1 < alone.top1:  # the margin cost more than escalating gains: the best rung alone
