@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from prance.checkpoint import load_checkpoint, read_header, save_checkpoint
-from prance.config import PretrainConfig, load_config
+from prance.config import load_config
+from prance.train.config import PretrainConfig
 from prance.data import FASHION_MNIST_SPEC, TensorImageDataset, fashion_mnist, make_loader, pretrain_holdout, seeded_subset
 from prance.models import create_meta
 from prance.static_search import num_levels
