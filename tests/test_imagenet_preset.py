@@ -73,6 +73,7 @@ def test_timm_checkpoint_offline_is_one_line_exit_2(tmp_path):
     env.pop("HUGGINGFACE_HUB_CACHE", None)
     proc = subprocess.run(
         [sys.executable, str(SWEEP), "--preset", PRESET, "--set", "checkpoint=timm:deit_tiny_patch16_224",
+         "--set", "use_gpu=false",  # this machine may have no GPU: that check would come first
          "--storage", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
     )

@@ -77,7 +77,8 @@ def sweep(tmp_path_factory, micro_checkpoint):
     from prance.sweep import store
     from prance.sweep.config import SWEEP_OWNED, SweepConfig
     from prance.sweep.plan import plan_sweep
-    from prance.sweep.trial import TrialContext, run_trial
+    from prance.sweep.methods import run_trial
+    from prance.sweep.trial import TrialContext
 
     storage = tmp_path_factory.mktemp("sweeps")
     cfg = SweepConfig.model_validate({
