@@ -387,6 +387,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     assert registered[0]["method"] == top.method and registered[0]["trial"] == top.trial_number
     run = c.get_run(df.loc[df["trial_number"] == top.trial_number, "mlflow_run_id"].iloc[0])
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["fashion-mnist-validation"]  # mlflow.log_input
+    assert torch.is_grad_enabled()  # logging the models (MLflow loads them to check the example) left autograd on
 
     x = top.validation_images()[0][:16]
     np.save(tmp_path / "x.npy", x.numpy())

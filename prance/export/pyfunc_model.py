@@ -18,8 +18,6 @@ from mlflow.pyfunc import PythonModel
 
 class PranceModel(PythonModel):
     def load_context(self, context):
-        import torch
-
         folder = Path(context.artifacts["prance"])
         info = json.loads((folder / "prance_model.json").read_text())
         self.kind = info["kind"]
@@ -34,7 +32,9 @@ class PranceModel(PythonModel):
             self.meta, _ = load_checkpoint(folder / "meta.safetensors")
             self.selector, _ = load_selector(folder / "selector.safetensors", self.meta)
             self.budget = float(info["budget_gflops"])
-        torch.set_grad_enabled(False)
+        # no torch.set_grad_enabled(False) here: MLflow loads the model in the logging
+        # process to check its input example, and that would switch autograd off there
+        # for good; predict runs under inference_mode instead
 
     def predict(self, context, model_input, params=None):
         import torch
