@@ -432,7 +432,7 @@ def test_sweep_survives_a_killed_trial_a_killed_driver_and_ctrl_c(tmp_path, micr
         out = again.stdout
     df = check_report(tmp_path / "cut", out)
     trials = df[df["status"] != "unreachable"]
-    assert len(trials) == 1 + 4 + 2 + 4 and trials["trial_number"].is_unique  # dense + training-free + static + 2 x 2 selector
+    assert len(trials) == 1 + 4 + 2 + 2 + 4 and trials["trial_number"].is_unique  # dense + training-free + static + cascade + 2 x 2 selector
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client, runs = sweep_runs(uri, "cut")
     assert not [r for r in runs if r.info.status != "FINISHED"]
