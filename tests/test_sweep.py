@@ -438,7 +438,7 @@ def test_sweep_survives_a_killed_trial_a_killed_driver_and_ctrl_c(tmp_path, micr
     assert not [r for r in runs if r.info.status != "FINISHED"]
     trial_runs = [r for r in runs if r.data.tags.get("prance.kind") == "sweep-trial"]
     numbers = Counter(r.data.tags["prance.trial_number"] for r in trial_runs)
-    assert len(numbers) == 11 and set(numbers.values()) == {1}  # one run per trial: no duplicates
+    assert len(numbers) == len(trials) == 13 and set(numbers.values()) == {1}  # one run per trial: no duplicates
     assert sum(r.data.tags.get("prance.kind") == "sweep-summary" for r in runs) == 1
     for r in trial_runs:
         if r.data.tags["method"] == "selector":
