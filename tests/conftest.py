@@ -184,3 +184,26 @@ def reap(processes: list, grace_s: float = 15.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def call_main(main, args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of an entry point's ``main(args)`` run in this process
+    (argparse's usage errors caught as their exit code), with one torch thread: the same
+    entry point as a subprocess, without its seconds of imports."""
+    import contextlib
+    import io
+
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()

@@ -12,10 +12,8 @@ what a process prints besides prance's line (Ray's and torch's warnings) is the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import re
@@ -25,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import call_main
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = "prance_vit_micro"
@@ -43,18 +43,7 @@ def run_entry(entry: str, args: list[str]) -> tuple[int, str, str]:
         from prance.cli import main
     else:
         main = _script_main(entry)
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(args)
-            except SystemExit as e:  # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else 2
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
+    return call_main(main, args)
 
 
 def run_process(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import call_main
+
 from prance import flops
 from prance.checkpoint import save_checkpoint
 from prance.data import FASHION_MNIST_CLASSES, load_fashion_mnist, seeded_subset
@@ -54,23 +56,10 @@ def prance(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
     subprocess would give them: the same entry point without ~5 s of imports per call
     (a few tests below still run the real ``python -m prance``). An uncaught exception
     propagates and fails the test, as a traceback would."""
-    import contextlib
-    import io
-
     from prance.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as e:  # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else 2
-    finally:
-        torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(["prance", *map(str, args)], code, out.getvalue(), err.getvalue())
+    code, out, err = call_main(main, [str(a) for a in args])
+    return subprocess.CompletedProcess(["prance", *map(str, args)], code, out, err)
 
 
 def json_out(proc: subprocess.CompletedProcess):
