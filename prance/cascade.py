@@ -69,8 +69,8 @@ class Cascade:
     def describe(self) -> str:
         used = self.used()
         if len(used.rungs) == 1:
-            return f"{used.cheap.describe()} (never escalates)"
-        return " -> ".join([used.rungs[0].describe()] + [f"[p<{t:.2f}] {c.describe()}" for c, t in zip(used.rungs[1:], used.thresholds)])
+            return f"{used.cheap.describe()} {NEVER}"
+        return ARROW.join([used.rungs[0].describe()] + [f"[p<{threshold_text(t)}] {c.describe()}" for c, t in zip(used.rungs[1:], used.thresholds)])
 
     def used(self) -> "Cascade":
         """The rungs an image can reach: a threshold of 0 ends the chain there."""
@@ -79,6 +79,52 @@ class Cascade:
 
     def to_dict(self) -> dict:
         return {"rungs": [c.to_dict() for c in self.rungs], "thresholds": list(self.thresholds), "description": self.describe()}
+
+
+NEVER = "(never escalates)"
+ARROW = " -> "
+
+
+def threshold_text(t: float) -> str:
+    """A threshold as ``describe`` prints it: two decimals (the search's grid), or in full
+    where two decimals would change it, so that :func:`parse` gives the same cascade back."""
+    short = f"{t:.2f}"
+    return short if float(short) == t else repr(float(t))
+
+
+def is_cascade(text: str) -> bool:
+    """Whether ``text`` describes a cascade (:meth:`Cascade.describe`) rather than one static configuration."""
+    s = str(text).strip()
+    return ARROW in s or s.endswith(NEVER)
+
+
+def parse(text: str, meta: MetaViT, base=None) -> Cascade:
+    """The inverse of :meth:`Cascade.describe` (exact, thresholds included): ``"<rung 1> -> [p<0.71] <rung 2> -> [p<0.50] <rung 3>"``
+    or ``"<rung 1> (never escalates)"``; each rung as :func:`prance.static_search.parse` reads it."""
+    import re
+
+    s = str(text).strip()
+    if s.endswith(NEVER):
+        return Cascade((static_search.parse(s[: -len(NEVER)].strip(), meta, base),), ())
+    parts = s.split(ARROW)
+    shape = (f"cascade {text!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
+             "(as search-cascade and the sweep print it)")
+    rungs, thresholds = [static_search.parse(parts[0], meta, base)], []
+    for part in parts[1:]:
+        m = re.fullmatch(r"\[p<([^\]]+)\]\s+(.+)", part.strip())
+        if m is None:
+            raise PranceError(shape)
+        try:
+            t = float(m.group(1))
+        except ValueError:
+            raise PranceError(f"cascade {text!r}: threshold {m.group(1)!r} is not a number") from None
+        if not 0 < t <= 1:
+            raise PranceError(f"cascade {text!r}: a threshold must be in (0, 1], got {t}")
+        thresholds.append(t)
+        rungs.append(static_search.parse(m.group(2), meta, base))
+    if len(rungs) < 2:
+        raise PranceError(shape)
+    return Cascade(tuple(rungs), tuple(thresholds))
 
 
 def confidence(logits: Tensor) -> Tensor:
@@ -102,19 +148,27 @@ def logits_of(meta: MetaViT, config: StaticConfig, x: Tensor, batch_size: int = 
 
 
 @torch.inference_mode()
-def run(meta: MetaViT, cascade: Cascade, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(logits, passes) of the cascade on the images ``x``: each rung runs only on the
-    images still unsure after the one before; ``passes`` is how many rungs each image ran."""
-    logits = logits_of(meta, cascade.rungs[0], x, batch_size)
+def chain(rungs: Sequence[Callable[[Tensor], Tensor]], thresholds: Sequence[float], x: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, passes) of a cascade whose rungs are functions images -> logits (a
+    meta-network's configurations, exported modules): every image runs the first rung;
+    while an image's answer is unsure (:func:`escalates`) it runs the next rung too, whose
+    logits are taken. ``passes`` is how many rungs each image ran."""
+    logits = rungs[0](x).float()
     passes = torch.ones(x.shape[0], dtype=torch.long)
     active = torch.ones(x.shape[0], dtype=torch.bool)
-    for rung, t in zip(cascade.rungs[1:], cascade.thresholds):
+    for rung, t in zip(rungs[1:], thresholds):
         active = active & escalates(logits, t)
         if not bool(active.any()):
             break
-        logits[active] = logits_of(meta, rung, x[active], batch_size)
+        logits[active] = rung(x[active]).float()
         passes[active] += 1
     return logits, passes
+
+
+def run(meta: MetaViT, cascade: Cascade, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(logits, passes) of ``cascade`` on the meta-network, for the images ``x``."""
+    fns = [lambda xs, c=c: logits_of(meta, c, xs, batch_size) for c in cascade.rungs]
+    return chain(fns, cascade.thresholds, x)
 
 
 def evaluate(meta: MetaViT, cascade: Cascade, x: Tensor, y: Tensor, batch_size: int = 256) -> dict:

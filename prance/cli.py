@@ -207,6 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         ds = seeded_subset(ds, args.limit, args.seed)
     loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     result = evaluate(model, loader, plan=plan, device=args.device, amp=args.amp, progress=True)
+    result.update(latency(args, lambda x: model(x, None, plan), loader))
     out = {"checkpoint": _weights(args), "strategy": cfg.name, "params": plan.params, **result}
     if args.skip_bad_images:
         out["skipped_images"] = len(ds) - result["n_images"]
@@ -394,6 +395,7 @@ def _eval_selector(args: argparse.Namespace, loader=None) -> dict:
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
     cfg = cfg.model_copy(update={"amp": args.amp})
     result = evaluate_selector(model, selector, loader, budget, progress=True, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
+    result.update(latency(args, lambda x: selector.run(model, x, budget, amp=args.amp).logits, loader))
     return {"strategy": f"selector:{selector.actions.strategy}", **result}
 
 
@@ -421,6 +423,7 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
         device=args.device,
         amp=args.amp,
         progress=True,
+        latency_runs=args.latency_images,
     )
     if args.output:
         try:
@@ -498,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    _add_latency_arg(p)
     p.add_argument("--json", action="store_true")
     rowcmd.add_row_args(p)  # --config, --sweep/--trial/--best, --storage, --mlflow-uri
     p.set_defaults(func=cmd_eval)
@@ -555,9 +559,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="also write the rows with the command, machine and date to this JSON file")
+    _add_latency_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _add_latency_arg(p: argparse.ArgumentParser) -> None:
+    from prance.evaluate import LATENCY_IMAGES
+
+    p.add_argument("--latency-images", type=int, default=LATENCY_IMAGES,
+                   help=f"time this many single images for the batch-1 latency, median and p95 ms (default {LATENCY_IMAGES}; 0: skip)")
+
+
+def latency(args: argparse.Namespace, fn, batches) -> dict:
+    """Batch-1 latency (median, p95 ms) of ``fn`` (images -> logits) on the first
+    ``--latency-images`` images of ``batches``; {} when 0."""
+    import torch
+
+    from prance.evaluate import latency_b1
+
+    n = getattr(args, "latency_images", 0) or 0
+    if n <= 0:
+        return {}
+    xs, have = [], 0
+    for x, _ in batches:
+        xs.append(x[: n - have])
+        have += xs[-1].shape[0]
+        if have >= n:
+            break
+    return latency_b1({"model": fn}, torch.cat(xs), n, args.device)["model"]
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -565,7 +596,7 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise PranceError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    for name in ("warmup", "workers"):
+    for name in ("warmup", "workers", "latency_images"):
         v = getattr(args, name, None)
         if v is not None and v < 0:
             raise PranceError(f"--{name} must be >= 0, got {v}")
@@ -614,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     elif isinstance(result, list):
-        _print_table(result, ["strategy", "params", "gflops", "flops_speedup", "throughput_img_s", "speedup", "final_token_ratio"])
+        columns = ["strategy", "params", "gflops", "flops_speedup", "throughput_img_s", "speedup", "final_token_ratio"]
+        _print_table(result, columns + [c for c in ("latency_b1_median_ms", "latency_b1_p95_ms") if c in result[0]])
     else:
         for k, v in result.items():  # nested records (the configurations in full) are in --json
             if isinstance(v, dict) and all(isinstance(x, (int, float, str, bool)) for x in v.values()):

@@ -71,6 +71,45 @@ def evaluate(
     }
 
 
+LATENCY_IMAGES = 50  # single images timed for the batch-1 latency
+LATENCY_WARMUP = 3
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, linearly interpolated (as torch.quantile)."""
+    return float(torch.quantile(torch.tensor(list(values), dtype=torch.float64), q))
+
+
+def time_ms(fn, x: Tensor, device: torch.device) -> float:
+    """Wall milliseconds of one ``fn(x)``, the device synchronised around it."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn(x)
+    synchronize(device)
+    return 1000.0 * (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def latency_b1(fns: dict, images: Tensor, runs: int = LATENCY_IMAGES, device: str | torch.device = "cpu") -> dict[str, dict]:
+    """Batch-1 latency of each ``fns[name]`` (images -> logits, whatever it decides per
+    image): median and p95 milliseconds over ``runs`` single images (the first ``runs`` of
+    ``images``, each image timed under every function in turn so that drifting load hits
+    them alike), after a few warm-up images."""
+    device = resolve(device)
+    if images.shape[0] == 0 or runs < 1:
+        raise PranceError("batch-1 latency needs at least one image")
+    images = images[:runs].to(device)
+    for i in range(min(LATENCY_WARMUP, images.shape[0])):
+        for fn in fns.values():
+            fn(images[i : i + 1])
+    ms: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(images.shape[0]):
+        for name, fn in fns.items():
+            ms[name].append(time_ms(fn, images[i : i + 1], device))
+    return {name: {"latency_b1_median_ms": statistics.median(v), "latency_b1_p95_ms": percentile(v, 0.95),
+                   "latency_images": len(v)} for name, v in ms.items()}
+
+
 @torch.inference_mode()
 def bench(
     model: MetaViT,
@@ -83,11 +122,14 @@ def bench(
     device: str | torch.device = "cpu",
     amp: bool = False,
     progress: bool = True,
+    latency_runs: int = LATENCY_IMAGES,
 ) -> list[dict]:
     """Throughput of every strategy on the same batch (each calibrated to the budget when
     one is given). Rounds are interleaved -- one timed forward of each strategy per round
     -- so that drifting machine load hits all strategies alike; the median is reported.
-    ``speedup`` is against the dense model, ``flops_speedup`` the FLOPs-ideal speedup."""
+    ``speedup`` is against the dense model, ``flops_speedup`` the FLOPs-ideal speedup.
+    With ``latency_runs`` > 0, each row also has the batch-1 latency (:func:`latency_b1`)
+    over that many of the images."""
     device = resolve(device)
     model = model.to(device).eval()
     images = images.to(device)
@@ -114,6 +156,15 @@ def bench(
         for name in names:
             times[name].append(run(plans[name][1]))
 
+    latency = {}
+    if latency_runs > 0:
+        def forward(plan):
+            def fn(x):
+                with autocast_for(device, amp):
+                    return model(x, None, plan)
+            return fn
+
+        latency = latency_b1({name: forward(plans[name][1]) for name in names}, images, latency_runs, device)
     rows = []
     bsz = images.shape[0]
     dense = flops.count(model.arch)
@@ -134,6 +185,7 @@ def bench(
                 "throughput_img_s": ips,
                 "speedup": ips / dense_ips,
                 "flops_speedup": dense.gflops / report.gflops,
+                **latency.get(name, {}),
             }
         )
     return rows

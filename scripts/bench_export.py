@@ -34,13 +34,9 @@ sys.path.insert(0, str(ROOT))
 from prance import static_search  # noqa: E402
 from prance.checkpoint import load_checkpoint  # noqa: E402
 from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset  # noqa: E402
+from prance.evaluate import latency_b1  # noqa: E402
 from prance.export import onnx as ox  # noqa: E402
 from prance.export import static  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def main() -> None:
@@ -89,7 +85,6 @@ def main() -> None:
             agree = {name: int((f(x).argmax(-1) == ref.argmax(-1)).sum()) for name, f in runners.items()}
             diff = {name: float((f(x) - ref).abs().max()) for name, f in runners.items()}
             batch_s = {name: [] for name in runners}
-            lat_ms = {name: [] for name in runners}
             for f in runners.values():  # warm-up
                 f(x)
                 f(x[:1])
@@ -98,17 +93,12 @@ def main() -> None:
                     t0 = time.perf_counter()
                     f(x)
                     batch_s[name].append(time.perf_counter() - t0)
-            for i in range(args.latency_runs):
-                one = x[i % x.shape[0]][None]
-                for name, f in runners.items():
-                    t0 = time.perf_counter()
-                    f(one)
-                    lat_ms[name].append(1000 * (time.perf_counter() - t0))
+        latency = latency_b1(runners, x, args.latency_runs)
 
     rows = []
     for name in runners:
         rows.append({"runner": name, "img_s": args.batch_size / statistics.median(batch_s[name]),
-                     "latency_median_ms": statistics.median(lat_ms[name]), "latency_p95_ms": percentile(lat_ms[name], 0.95),
+                     "latency_median_ms": latency[name]["latency_b1_median_ms"], "latency_p95_ms": latency[name]["latency_b1_p95_ms"],
                      "max_abs_diff_vs_meta": diff[name], "same_predictions": agree[name]})
     eager = rows[1]["img_s"]
     for r in rows:

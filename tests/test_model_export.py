@@ -71,8 +71,8 @@ SWEEP = "s1"
 def sweep(tmp_path_factory, micro_checkpoint):
     """A sweep folder as the sweep leaves it (sweep.json, results.csv), its trials run by
     the sweep's own Ray-free trial bodies on the micro meta-network and real images: the
-    dense reference, free_merge, static_merge and static_prune at 50%, and a short
-    selector (prune) trial. Returns (storage, rows by trial number)."""
+    dense reference, free_merge, static_merge, static_prune and a two-rung cascade at
+    50%, and a short selector (prune) trial. Returns (storage, rows by trial number)."""
     from prance.sweep import report as rep
     from prance.sweep import store
     from prance.sweep.config import SWEEP_OWNED, SweepConfig
@@ -83,14 +83,15 @@ def sweep(tmp_path_factory, micro_checkpoint):
     storage = tmp_path_factory.mktemp("sweeps")
     cfg = SweepConfig.model_validate({
         "checkpoint": str(micro_checkpoint), "budgets": ["50%"],
-        "strategies": ["free_merge", "static_merge", "static_prune", "prune"],
+        "strategies": ["free_merge", "static_merge", "static_prune", "cascade", "prune"],
         "selector": {"val_limit": 256, "train_limit": 128, "iterations": 2, "eval_every": 1, "rollout_images": 32,
                      "minibatch": 32, "ppo_epochs": 1, "batch_size": 64, "decision_blocks": [1, 2, 3]},
         "static": {"uniform_only": False, "first_images": 32},
+        "cascade": {"rungs": [0.5, 1.0], "strategies": ["merge"], "max_rungs": 2, "margin": False},
     })
     plan = plan_sweep(cfg)
     ctx = TrialContext(checkpoint=plan.checkpoint, dataset=plan.dataset, selector=cfg.selector.model_dump(),
-                       static=cfg.static.model_dump())
+                       static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump())
     rows = []
     for n, combo in enumerate(plan.schedule):
         config = {**combo.as_config(), "trial_number": n}
@@ -126,11 +127,19 @@ def test_sweep_rows_become_configurations_that_reproduce_their_top1(sweep):
 
     storage, rows = sweep
     methods = {r["method"] for r in rows.values()}
-    assert methods == {"dense", "training_free", "static", "selector"}
+    assert methods == {"dense", "training_free", "static", "cascade", "selector"}
     for n, r in rows.items():
         got = trial_row(storage, SWEEP, n)
         if r["method"] == "selector":
             assert got.selector == r["selector_path"] and got.static is None
+            continue
+        if r["method"] == "cascade":  # the description the trial recorded is the cascade, thresholds exact
+            from prance import cascade as casc
+
+            assert got.cascade.describe() == r["param"] and got.static is None
+            m = casc.evaluate(got.meta, got.cascade, *got.validation_images())
+            assert m["top1"] == pytest.approx(r["top1"], abs=1e-9)
+            assert m["gflops"] == pytest.approx(r["gflops"], rel=1e-9) and m["gflops_max"] == pytest.approx(r["gflops_max"], rel=1e-9)
             continue
         if r["method"] == "static":
             assert got.static.describe() == r["param"]
@@ -165,6 +174,25 @@ def test_eval_sweep_trial_and_eval_config_reproduce_the_row(sweep, capsys, micro
     assert out["trial"] == top["trial_number"] and out["top1"] == pytest.approx(top["top1"], abs=1e-9)
 
 
+def test_eval_of_a_cascade_row_and_its_text(sweep, capsys, micro_checkpoint):
+    """A cascade row runs again from the row and from its description alone, with the
+    per-image GFLOPs spread and the batch-1 latency."""
+    storage, rows = sweep
+    n, row = next((n, r) for n, r in rows.items() if r["method"] == "cascade")
+    rc, out, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, "--split", "sweep",
+                           "--latency-images", "5", "--json")
+    assert rc == 0, err
+    assert out["strategy"] == "cascade" and out["configuration"] == row["param"]
+    assert out["top1"] == pytest.approx(row["top1"], abs=1e-9) and out["gflops_p95"] == pytest.approx(row["gflops_p95"], rel=1e-9)
+    assert out["latency_images"] == 5 and 0 < out["latency_b1_median_ms"] <= out["latency_b1_p95_ms"]
+    common = ["--split", "test", "--limit", "200", "--latency-images", "0", "--json"]
+    rc, by_row, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, *common)
+    assert rc == 0, err
+    rc, by_text, err = run_cli(capsys, "eval", "--config", row["param"], "--checkpoint", str(micro_checkpoint), *common)
+    assert rc == 0, err
+    assert by_text["top1"] == by_row["top1"] and by_text["gflops"] == by_row["gflops"] and "latency_images" not in by_text
+
+
 def test_eval_of_a_selector_row(sweep, capsys):
     storage, rows = sweep
     n, row = next((n, r) for n, r in rows.items() if r["method"] == "selector")
@@ -172,6 +200,7 @@ def test_eval_of_a_selector_row(sweep, capsys):
     assert rc == 0, err
     assert out["strategy"] == "selector:prune" and out["method"] == "selector"
     assert out["top1"] == pytest.approx(row["top1"], abs=1e-9)
+    assert out["gflops"] <= out["gflops_p95"] <= out["gflops_max"] and out["latency_b1_median_ms"] > 0
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -292,7 +321,6 @@ def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decis
     import numpy as np
 
     from prance import cascade as casc
-    from prance.export import parse_cascade
 
     from prance.data import build_dataset, input_spec_for_model, make_loader, seeded_subset
 
@@ -313,7 +341,7 @@ def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decis
                           text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    cascade = parse_cascade(text, decisive_micro)
+    cascade = casc.parse(text, decisive_micro)
     assert cascade.describe() == text and len(cascade.rungs) == 3  # the parser inverts describe
     logits, passes = casc.run(decisive_micro, cascade, x)
     assert got["predictions"] == logits.argmax(-1).tolist() and got["passes"] == passes.tolist()
@@ -380,7 +408,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     df.to_csv(csv, index=False)
 
     logged = log_models(str(tmp_path), SWEEP, uri)
-    assert {r["method"] for r in logged} == {"training_free", "static", "selector"}
+    assert {r["method"] for r in logged} == {"training_free", "static", "cascade", "selector"}
     registered = [r for r in logged if r["registered"]]
     assert len(registered) == 1 and registered[0]["registered"] == "models:/prance-fashion-mnist-50pct/1"
     top = best(str(tmp_path), SWEEP, "50%")
@@ -405,6 +433,22 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
 
             ref = load_selector(top.selector, top.meta)[0].run(top.meta, x, float(top.row["budget_gflops"])).logits
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref.argmax(-1).tolist()
+
+    # the cascade's model: sliced rungs + thresholds, the library cascade's logits
+    import mlflow
+
+    from prance import cascade as casc
+
+    rec = next(r for r in logged if r["method"] == "cascade")
+    row = best(str(tmp_path), SWEEP, "50%", method="cascade")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        got = mlflow.pyfunc.load_model(rec["model_uri"]).predict(x.numpy())
+    finally:
+        mlflow.set_tracking_uri(before)
+    ref, _ = casc.run(row.meta, row.cascade, x)
+    assert np.abs(got - ref.numpy()).max() < 1e-4 and (got.argmax(-1) == ref.argmax(-1).numpy()).all()
 
 
 def test_sweep_experiments_are_marked_as_model_training(tmp_path):

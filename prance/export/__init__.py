@@ -136,35 +136,3 @@ def export_selector(selector_path: str | Path, checkpoint: str | Path, folder: s
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"kind": "selector", "folder": str(folder), "selector": str(folder / SELECTOR_FILE), "onnx": None,
             "why_no_onnx": SELECTOR_REASON}
-
-
-def parse_cascade(text: str, meta, base=None):
-    """The inverse of :meth:`prance.cascade.Cascade.describe`:
-    ``"<rung 1> -> [p<0.71] <rung 2> -> [p<0.50] <rung 3>"`` or ``"<rung 1> (never escalates)"``."""
-    import re
-
-    from prance.cascade import Cascade
-    from prance.static_search import parse
-
-    s = str(text).strip()
-    if s.endswith("(never escalates)"):
-        return Cascade((parse(s[: -len("(never escalates)")].strip(), meta, base),), ())
-    parts = s.split(" -> ")
-    rungs, thresholds = [parse(parts[0], meta, base)], []
-    for part in parts[1:]:
-        m = re.fullmatch(r"\[p<([^\]]+)\]\s+(.+)", part.strip())
-        if m is None:
-            raise PranceError(f"cascade {text!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
-                              "(as search-cascade and the sweep print it)")
-        try:
-            t = float(m.group(1))
-        except ValueError:
-            raise PranceError(f"cascade {text!r}: threshold {m.group(1)!r} is not a number") from None
-        if not 0 < t <= 1:
-            raise PranceError(f"cascade {text!r}: a threshold must be in (0, 1], got {t}")
-        thresholds.append(t)
-        rungs.append(parse(m.group(2), meta, base))
-    if len(rungs) < 2:
-        raise PranceError(f"cascade {text!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
-                          "(as search-cascade and the sweep print it)")
-    return Cascade(tuple(rungs), tuple(thresholds))

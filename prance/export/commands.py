@@ -16,11 +16,12 @@ DEFAULT_CHECKPOINT = "checkpoints/prance_vit_fmnist_supernet.safetensors"
 def add_row_args(p: argparse.ArgumentParser, budget: bool = False) -> None:
     """What picks a configuration: a configuration string, or a sweep row."""
     p.add_argument("--config", dest="static_config", metavar="CONFIGURATION",
-                   help="a static configuration as the sweep prints it, e.g. 'widths=0,0,1,2 merge r=6'")
+                   help="a static configuration or a cascade as the sweep prints it, e.g. 'widths=0,0,1,2 merge r=6' "
+                        "or 'widths=0,0,0,0 merge r=4 -> [p<0.71] widths=3,3,3,3 none'")
     p.add_argument("--sweep", help="a sweep's name (its folder under --storage): run one of its rows")
     p.add_argument("--trial", type=int, help="with --sweep: the row of this trial number")
     p.add_argument("--best", action="store_true", help="with --sweep and --budget: the best row of that budget")
-    p.add_argument("--method", choices=["selector", "static", "training_free"], help="with --best: only rows of this method")
+    p.add_argument("--method", choices=["selector", "cascade", "static", "training_free"], help="with --best: only rows of this method")
     p.add_argument("--storage", help="where the sweep folders are (default $PRANCE_STORAGE, else runs/sweeps)")
     p.add_argument("--mlflow-uri", help="tracking store for runs:/ and models:/ paths (default $PRANCE_MLFLOW_URI, "
                                         "$MLFLOW_TRACKING_URI, else sqlite:///runs/sweeps/mlflow.db)")
@@ -60,19 +61,20 @@ def _checkpoint(args) -> str:
     return path if path.startswith("timm:") else str(resolve_path(path))
 
 
-def static_from_args(args: argparse.Namespace, base=None):
-    """(meta-network, StaticConfig, header, SweepRow or None) of ``--config`` / ``--sweep``;
-    a selector row gives (None, None, None, row)."""
-    from prance import static_search
+def config_from_args(args: argparse.Namespace, base=None):
+    """(meta-network, configuration, header, SweepRow or None) of ``--config`` / ``--sweep``:
+    the configuration is a StaticConfig or a Cascade; a selector row gives (None, None, None, row)."""
+    from prance import cascade, static_search
     from prance.checkpoint import load_checkpoint
 
     if args.sweep:
         row = sweep_row(args)
         if row.selector is not None:
             return None, None, None, row
-        return row.meta, row.static, _header(row.checkpoint), row
+        return row.meta, row.cascade or row.static, _header(row.checkpoint), row
     meta, header = load_checkpoint(_checkpoint(args), getattr(args, "model", None))
-    return meta, static_search.parse(args.static_config, meta, base), header, None
+    parse = cascade.parse if cascade.is_cascade(args.static_config) else static_search.parse
+    return meta, parse(args.static_config, meta, base), header, None
 
 
 def _header(checkpoint: str) -> dict:
@@ -102,7 +104,10 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
         raise PranceError("--split sweep (the sweep's validation images) needs --sweep")
     from prance.cli import _strategy_config
 
-    meta, config, _, row = static_from_args(args, _strategy_config(args, "none"))
+    from prance.cascade import Cascade
+    from prance.cli import latency
+
+    meta, config, _, row = config_from_args(args, _strategy_config(args, "none"))
     if row is not None and row.selector is not None:  # a selector row: eval --selector with the sweep's meta-network
         args.selector, args.checkpoint, args.budget = row.selector, row.checkpoint, None
         loader = None
@@ -110,9 +115,27 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
             loader = list(batches(*row.validation_images(), args.batch_size))
         return {**_row_fields(row), **eval_selector(args, loader)}
     loader = _loader(args, meta, row)
+    if isinstance(config, Cascade):
+        return {**_row_fields(row), **_eval_cascade(args, meta, config, loader)}
     result = evaluate(meta, loader, config.subnet, config.plan, device=args.device, amp=args.amp, progress=not args.json)
+    result.update(latency(args, lambda x: meta(x, config.subnet, config.plan), loader))
     return {**_row_fields(row), "configuration": config.describe(), "strategy": config.strategy.name,
             "params": dict(config.plan.params), **result}
+
+
+def _eval_cascade(args, meta, cascade, loader) -> dict:
+    """A cascade's Top-1, per-image GFLOPs (mean, p95, max), escalation shares, img/s and batch-1 latency."""
+    import torch
+
+    from prance import cascade as casc
+    from prance.cli import latency
+    from prance.device import resolve
+
+    meta.to(resolve(args.device))
+    xs, ys = zip(*loader)
+    result = casc.evaluate(meta, cascade, torch.cat(xs), torch.cat(ys), args.batch_size)
+    result.update(latency(args, lambda x: casc.run(meta, cascade, x)[0], loader))
+    return {"configuration": cascade.describe(), "strategy": "cascade", "rungs": len(cascade.used().rungs), **result}
 
 
 def _loader(args, meta, row):
@@ -146,7 +169,8 @@ def _check_images(args, meta):
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
-    from prance.export import export_cascade, export_selector, export_static, parse_cascade
+    from prance.cascade import Cascade, is_cascade
+    from prance.export import export_cascade, export_selector, export_static
 
     chosen = [bool(args.static_config), bool(args.sweep), bool(args.cascade), bool(args.selector)]
     if sum(chosen) != 1:
@@ -164,17 +188,17 @@ def cmd_export(args: argparse.Namespace) -> dict:
             args.checkpoint = SelectorConfig.model_validate(read_selector_header(path)["config"]).checkpoint
         return export_selector(path, _checkpoint(args), args.output)
     if args.cascade:
-        from prance.checkpoint import load_checkpoint
-
-        ckpt = _checkpoint(args)
-        meta, header = load_checkpoint(ckpt)
-        cascade = parse_cascade(args.cascade, meta)
-        say(f"cascade {cascade.describe()} -> {args.output} (two ONNX exports: a minute or two on a busy CPU)")
-        return export_cascade(meta, cascade, args.output, header.get("model", ""), header.get("model_kwargs") or {},
-                              check=_check_images(args, meta))
-    meta, config, header, row = static_from_args(args)
+        args.static_config = args.cascade
+        if not is_cascade(args.cascade):
+            raise PranceError(f"--cascade {args.cascade!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
+                              "(as search-cascade and the sweep print it); a static configuration goes to --config")
+    meta, config, header, row = config_from_args(args)
     if row is not None and row.selector is not None:
         return {**_row_fields(row), **export_selector(row.selector, row.checkpoint, args.output)}
+    if isinstance(config, Cascade):
+        say(f"cascade {config.describe()} -> {args.output} (one ONNX export per rung: a minute or two each on a busy CPU)")
+        return {**_row_fields(row), **export_cascade(meta, config, args.output, header.get("model", ""),
+                                                     header.get("model_kwargs") or {}, check=_check_images(args, meta))}
     ckpt = row.checkpoint if row is not None else _checkpoint(args)
     say(f"{config.describe()} -> {args.output}" + ("" if args.no_onnx else " (the ONNX export takes about a minute on a busy CPU)"))
     out = export_static(meta, config, args.output, header.get("model", ""), header.get("model_kwargs") or {},

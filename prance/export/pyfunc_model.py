@@ -25,6 +25,11 @@ class PranceModel(PythonModel):
             from prance.export import static
 
             self.module = static.load(folder)
+        elif self.kind == "cascade":  # sliced modules, run while the answer is unsure (prance.cascade.chain)
+            from prance.export import static
+
+            self.rungs = [static.load(folder / name) for name in info["rungs"]]
+            self.thresholds = [float(t) for t in info["thresholds"]]
         else:  # a selector with its meta-network
             from prance.checkpoint import load_checkpoint
             from prance.selector.store import load_selector
@@ -43,6 +48,10 @@ class PranceModel(PythonModel):
         with torch.inference_mode():
             if self.kind == "static":
                 logits = self.module(x)
+            elif self.kind == "cascade":
+                from prance.cascade import chain
+
+                logits = chain(self.rungs, self.thresholds, x)[0]
             else:
                 logits = self.selector.run(self.meta, x, self.budget).logits
         return logits.float().numpy()

@@ -18,7 +18,7 @@ from pathlib import Path
 from prance.errors import PranceError
 from prance.sweep import rows as sweep_rows
 
-METHODS = ("training_free", "static", "selector")
+METHODS = ("training_free", "static", "cascade", "selector")
 PYFUNC_FILE = Path(__file__).resolve().parent.parent / "export" / "pyfunc_model.py"
 
 
@@ -37,6 +37,14 @@ def _artifacts(row: sweep_rows.SweepRow, folder: Path) -> Path:
         header = read_header(row.checkpoint)
         static.save(static.slice_static(row.meta, row.static, header.get("model", ""), header.get("model_kwargs") or {}), folder)
         info = {"kind": "static", "configuration": row.static.describe()}
+    elif row.cascade is not None:  # one sliced module per rung, and the thresholds between them
+        header = read_header(row.checkpoint)
+        cascade = row.cascade.used()
+        for i, config in enumerate(cascade.rungs, 1):
+            static.save(static.slice_static(row.meta, config, header.get("model", ""), header.get("model_kwargs") or {}),
+                        folder / f"rung{i}")
+        info = {"kind": "cascade", "configuration": cascade.describe(), "thresholds": list(cascade.thresholds),
+                "rungs": [f"rung{i}" for i in range(1, len(cascade.rungs) + 1)]}
     else:
         shutil.copyfile(row.selector, folder / "selector.safetensors")
         shutil.copyfile(row.checkpoint, folder / "meta.safetensors")
@@ -78,6 +86,10 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
                     with torch.inference_mode():
                         if row.static is not None:
                             logits = row.meta(x[:2], row.static.subnet, row.static.plan).numpy()
+                        elif row.cascade is not None:
+                            from prance import cascade as casc
+
+                            logits = casc.run(row.meta, row.cascade, x[:2])[0].numpy()
                         else:
                             logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
                     with mlflow.start_run(run_id=run_id):

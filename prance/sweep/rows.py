@@ -4,6 +4,8 @@ read from the sweep's ``results.csv``, turned into the configuration it stands f
 - ``dense``, ``training_free`` and ``static`` rows are static configurations
   (:class:`prance.static_search.StaticConfig`): the full widths with the strategy's
   parameter for the first two, the configuration string the search chose for the third.
+- ``cascade`` rows are a confidence cascade of static configurations
+  (:class:`prance.cascade.Cascade`), read back from the description the trial recorded.
 - ``selector`` rows are a trained selector: ``selector_path`` in results.csv (older sweeps:
   found in the trial's folder from its trial id).
 
@@ -55,7 +57,8 @@ def read_results(storage: str, name: str):
 @dataclass
 class SweepRow:
     """One row of a sweep, with what is needed to run it: ``meta`` (the sweep's
-    meta-network), ``static`` (a StaticConfig) or ``selector`` (a selector file)."""
+    meta-network), and ``static`` (a StaticConfig), ``cascade`` (a Cascade) or
+    ``selector`` (a selector file)."""
 
     sweep: str
     row: dict
@@ -63,6 +66,7 @@ class SweepRow:
     dataset: str
     selector_settings: dict = field(default_factory=dict)  # the sweep's shared SelectorConfig fields
     static: object | None = None  # StaticConfig
+    cascade: object | None = None  # prance.cascade.Cascade
     selector: str | None = None
     meta: object | None = None  # MetaViT
 
@@ -82,6 +86,8 @@ class SweepRow:
     def describe(self) -> str:
         if self.static is not None:
             return self.static.describe()
+        if self.cascade is not None:
+            return self.cascade.describe()
         return f"selector {self.selector}"
 
     def validation_images(self):
@@ -137,6 +143,13 @@ def load_row(storage: str, name: str, row: dict) -> SweepRow:
         return out
     top = ",".join([str(static_search.num_levels(meta.space) - 1)] * len(meta.space.stage_starts))
     token = row.get("token_strategy") or "none"
+    if method == "cascade":
+        from prance import cascade
+
+        if _nan(row.get("param")):
+            raise PranceError(f"trial {row.get('trial_number')} of sweep {name} records no cascade")
+        out.cascade = cascade.parse(str(row["param"]), meta)
+        return out
     if method == "static":
         text = row.get("param")
     elif method == "training_free":
@@ -176,7 +189,7 @@ def _record(series) -> dict:
 def best(storage: str, name: str, budget: str | float, method: str | None = None) -> SweepRow:
     """The best row of ``budget`` (its label in the sweep, e.g. ``"20%"``, or its GFLOPs):
     the highest Top-1 among finished rows within the budget (ties: fewer GFLOPs), over
-    every method or only ``method`` (selector, static, training_free)."""
+    every method or only ``method`` (selector, cascade, static, training_free)."""
     df = read_results(storage, name)
     df = df[df["method"] != "dense"]
     label = str(budget).strip()
