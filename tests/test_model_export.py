@@ -416,6 +416,10 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     run = c.get_run(df.loc[df["trial_number"] == top.trial_number, "mlflow_run_id"].iloc[0])
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["fashion-mnist-validation"]  # mlflow.log_input
     assert torch.is_grad_enabled()  # logging the models (MLflow loads them to check the example) left autograd on
+    # a resumed sweep calls it again: nothing is logged or registered twice
+    again = log_models(str(tmp_path), SWEEP, uri)
+    assert [(r["model_uri"], r["registered"]) for r in again] == [(r["model_uri"], r["registered"]) for r in logged]
+    assert [len(c.get_run(r["run_id"]).inputs.dataset_inputs) for r in again] == [1] * len(again)
 
     x = top.validation_images()[0][:16]
     np.save(tmp_path / "x.npy", x.numpy())
@@ -459,3 +463,38 @@ def test_sweep_experiments_are_marked_as_model_training(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.ensure_experiment(uri, "prance-sweep-x")
     assert MlflowClient(uri).get_experiment(exp).tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+
+
+def test_compare_methods_runs_every_methods_best_row_on_the_same_test_images(sweep, tmp_path, capsys):
+    """scripts/compare_methods.py: each method's best row of the budget and the dense model
+    on the sweep's test images; the static row's Top-1 is evaluate()'s, and the paired
+    differences are the differences of Top-1 (the same images for every row)."""
+    import importlib.util
+    import json
+
+    from prance.evaluate import evaluate
+    from prance.selector.train import batches
+    from prance.sweep import best
+
+    spec = importlib.util.spec_from_file_location("compare_methods", Path(__file__).resolve().parent.parent / "scripts" / "compare_methods.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    storage, _ = sweep
+    out = tmp_path / "compare.json"
+    assert cm.main(["--sweep", SWEEP, "--storage", storage, "--limit", "300", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = record["budgets"]["50%"]
+    assert set(rows) == {"training_free", "static", "cascade", "selector"} and record["dense"]["n_images"] == 300
+    static = best(storage, SWEEP, "50%", method="static")
+    x, y = static.test_images(300)
+    assert rows["static"]["test_top1"] == pytest.approx(evaluate(static.meta, batches(x, y, 64), static.static.subnet,
+                                                                 static.static.plan, progress=False)["top1"], abs=1e-9)
+    for method in ("training_free", "cascade", "selector"):
+        r = rows[method]
+        assert r["vs_static"] == pytest.approx(r["test_top1"] - rows["static"]["test_top1"], abs=1e-9)
+        assert r["test_gflops"] <= r["test_gflops_p95"] * (1 + 1e-9) <= r["test_gflops_max"] * (1 + 1e-9)
+    assert rows["static"]["meets_cap"] and rows["static"]["test_gflops"] == pytest.approx(rows["static"]["test_gflops_max"], rel=1e-12)
+    assert "| 50% | cascade |" in capsys.readouterr().out
+    assert cm.main(["--sweep", "nope", "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare_methods: error: no sweep 'nope'") and err.count("\n") == 1

@@ -53,17 +53,79 @@ def _artifacts(row: sweep_rows.SweepRow, folder: Path) -> Path:
     return folder
 
 
-def log_models(storage: str, name: str, uri: str, register: bool = True) -> list[dict]:
-    """Log the best row of every budget x method (pyfunc) and register each budget's best.
-    Returns one record per logged model (budget, method, trial, model_uri, registered)."""
-    import mlflow
-    import mlflow.data
+TAG_MODEL = "prance.model"  # on a trial run: the configuration whose pyfunc model it holds (a resumed sweep skips it)
+TAG_MODEL_URI = "prance.model_uri"  # ... and that model's URI (MLflow 3: models:/m-<id>)
+
+
+def _example(row: sweep_rows.SweepRow):
+    """(validation images, labels, a two-image input example, its logits) of ``row``."""
     import numpy as np
     import torch
+
+    x, y = row.validation_images()
+    example = x[:2].numpy().astype(np.float32)
+    with torch.inference_mode():
+        if row.static is not None:
+            logits = row.meta(x[:2], row.static.subnet, row.static.plan).numpy()
+        elif row.cascade is not None:
+            from prance import cascade as casc
+
+            logits = casc.run(row.meta, row.cascade, x[:2])[0].numpy()
+        else:  # a selector: only the shape matters for the signature
+            logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
+    return x, y, example, logits
+
+
+def _log_one(row: sweep_rows.SweepRow, run_id: str, folder: Path) -> str:
+    """Log ``row`` as the pyfunc model ``model`` of its trial run (with the images it was
+    chosen on as the run's input); returns the model URI. A run that already holds the
+    model of this configuration (a resumed sweep) is not logged again."""
+    import mlflow
+    import mlflow.data
     from mlflow.models import infer_signature
 
+    from prance import tracking
+
+    tags = tracking.client(mlflow.get_tracking_uri()).get_run(run_id).data.tags
+    if tags.get(TAG_MODEL) == row.describe() and tags.get(TAG_MODEL_URI):
+        return tags[TAG_MODEL_URI]
+    x, y, example, logits = _example(row)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), name=f"{row.dataset}-validation"),
+                         context="validation")
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE), artifacts={"prance": str(_artifacts(row, folder))},
+                                       signature=infer_signature(example, logits), input_example=example,
+                                       pip_requirements=["prance", "torch", "timm", "safetensors"])
+        mlflow.set_tags({TAG_MODEL: row.describe(), TAG_MODEL_URI: info.model_uri})
+    return info.model_uri
+
+
+def _register(model_uri: str, run_id: str, name: str) -> str:
+    """``models:/<name>/<version>`` of ``model_uri``: a new version, or the one a resumed
+    sweep registered before from the same run."""
+    import mlflow
+
+    from prance import tracking
+
+    client = tracking.client(mlflow.get_tracking_uri())
+    try:
+        known = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
+    except Exception:  # no such registered model yet
+        known = []
+    version = known[0] if known else mlflow.register_model(model_uri, name)
+    return f"models:/{name}/{version.version}"
+
+
+def log_models(storage: str, name: str, uri: str, register: bool = True) -> list[dict]:
+    """Log the best row of every budget x method (pyfunc) and register each budget's best.
+    Returns one record per logged model (budget, method, trial, model_uri, registered).
+    Safe to call again on the same sweep (after a resume): nothing is logged or
+    registered twice."""
+    import mlflow
+
     df = sweep_rows.read_results(storage, name)
-    budgets = [b for b in dict.fromkeys(df.loc[df["method"] != "dense", "budget"].dropna().astype(str))]
+    budgets = list(dict.fromkeys(df.loc[df["method"] != "dense", "budget"].dropna().astype(str)))
+    dataset = sweep_rows._settings(storage, name).get("config", {}).get("dataset", "fashion-mnist")
     out = []
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     mlflow.set_tracking_uri(uri)
@@ -80,36 +142,13 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
                     run_id = row.row.get("mlflow_run_id")
                     if not run_id:
                         continue
-                    folder = _artifacts(row, Path(tmp) / f"{budget}-{method}".replace("%", "pct"))
-                    x, y = row.validation_images()
-                    example = x[:2].numpy().astype(np.float32)
-                    with torch.inference_mode():
-                        if row.static is not None:
-                            logits = row.meta(x[:2], row.static.subnet, row.static.plan).numpy()
-                        elif row.cascade is not None:
-                            from prance import cascade as casc
-
-                            logits = casc.run(row.meta, row.cascade, x[:2])[0].numpy()
-                        else:
-                            logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
-                    with mlflow.start_run(run_id=run_id):
-                        # the images the row was chosen and scored on, as the run's dataset input
-                        mlflow.log_input(mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), name=f"{row.dataset}-validation"),
-                                         context="validation")
-                        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
-                                                       artifacts={"prance": str(folder)},
-                                                       signature=infer_signature(example, logits), input_example=example,
-                                                       pip_requirements=["prance", "torch", "timm", "safetensors"])
-                    rec = {"budget": budget, "method": method, "trial": row.trial_number, "top1": row.top1,
-                           "model_uri": info.model_uri, "registered": None}
-                    logged.append(rec)
-                    out.append(rec)
+                    model_uri = _log_one(row, run_id, Path(tmp) / f"{budget}-{method}".replace("%", "pct"))
+                    logged.append({"budget": budget, "method": method, "trial": row.trial_number, "top1": row.top1,
+                                   "model_uri": model_uri, "registered": None, "run_id": run_id})
                 if register and logged:
                     top = max(logged, key=lambda r: r["top1"])
-                    settings = sweep_rows._settings(storage, name)
-                    reg = registered_name(settings.get("config", {}).get("dataset", "fashion-mnist"), budget)
-                    version = mlflow.register_model(top["model_uri"], reg)
-                    top["registered"] = f"models:/{reg}/{version.version}"
+                    top["registered"] = _register(top["model_uri"], top["run_id"], registered_name(dataset, budget))
+                out.extend(logged)
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])

@@ -97,6 +97,48 @@ class SweepRow:
         spec = splits.SplitSpec.of_settings(self.dataset, self.checkpoint, self.selector_settings)
         return splits.load(self.meta, spec, parts=("val",))["val"]
 
+    def test_images(self, limit: int | None = None):
+        """(x, y): the sweep's test images (disjoint from its validation and rollout images;
+        the first ``limit`` of them), the same for every row of the sweep."""
+        from dataclasses import replace
+
+        from prance import splits
+
+        spec = splits.SplitSpec.of_settings(self.dataset, self.checkpoint, self.selector_settings)
+        return splits.load(self.meta, replace(spec, test_limit=limit if limit is not None else 10**9), parts=("test",))["test"]
+
+    def run(self, x, batch_size: int = 256):
+        """(logits, GFLOPs of each image) of the row's configuration on the images ``x``: a
+        static configuration costs the same on every image, a cascade the rungs an image
+        ran, a selector what its episode spent (its own cost included)."""
+        import torch
+
+        from prance import cascade as casc
+
+        if self.static is not None:
+            logits = casc.logits_of(self.meta, self.static, x, batch_size)
+            return logits, torch.full((x.shape[0],), float(self.static.gflops), dtype=torch.float64)
+        if self.cascade is not None:
+            logits, passes = casc.run(self.meta, self.cascade, x, batch_size)
+            return logits, torch.tensor(self.cascade.costs(), dtype=torch.float64)[passes - 1]
+        return self._run_selector(x, batch_size)
+
+    def _run_selector(self, x, batch_size: int):
+        import torch
+
+        from prance.selector.store import load_selector
+
+        if getattr(self, "_selector", None) is None:
+            self._selector = load_selector(self.selector, self.meta)[0]
+        budget = float(self.row["budget_gflops"])
+        logits, gflops = [], []
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], batch_size):
+                ep = self._selector.run(self.meta, x[i : i + batch_size], budget)
+                logits.append(ep.logits.float().cpu())
+                gflops.append(ep.macs.double().cpu() / 1e9)
+        return torch.cat(logits), torch.cat(gflops)
+
 
 def _nan(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
