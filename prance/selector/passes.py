@@ -128,6 +128,20 @@ class Episode:
     passes: Tensor  # (B,)
 
 
+def _advance(state: dict, action: Tensor, rung_logits, costs: Tensor) -> None:
+    """Run the rung each image chose (``action`` j >= 1: rung j - 1; STOP: nothing) and
+    update its answer, previous answer, rung, passes and GFLOPs spent."""
+    for j in action.unique().tolist():
+        if j == STOP:
+            continue
+        idx = (action == j).nonzero().squeeze(1)
+        state["prev"][idx] = state["answer"][idx].argmax(-1)
+        state["answer"][idx] = rung_logits(j - 1, idx)
+        state["rung"][idx] = j - 1
+        state["passes"][idx] += 1
+        state["spent"][idx] += costs[j - 1]
+
+
 def _step(policy, state: dict, table_rung, costs: Tensor, budget: float, rungs: int, max_passes: int, overhead: float,
           greedy: bool, generator) -> tuple:
     """One decision for the images of ``state``; ``table_rung(j, idx)`` gives rung j's logits on images idx."""
@@ -139,15 +153,7 @@ def _step(policy, state: dict, table_rung, costs: Tensor, budget: float, rungs: 
         d = policy.act(obs, mask, (True,), (0,), greedy, generator)
     action = torch.where(active, d.actions[:, 0], torch.zeros_like(d.actions[:, 0]))
     state["spent"] = state["spent"] + overhead * active.double()
-    for j in action.unique().tolist():
-        if j == STOP:
-            continue
-        idx = (action == j).nonzero().squeeze(1)
-        state["prev"][idx] = state["answer"][idx].argmax(-1)
-        state["answer"][idx] = table_rung(j - 1, idx)
-        state["rung"][idx] = j - 1
-        state["passes"][idx] += 1
-        state["spent"][idx] += costs[j - 1]
+    _advance(state, action, table_rung, costs)
     state["active"] = active & (action != STOP) & (state["passes"] < max_passes)
     return obs, action, mask, d.logp, active
 
@@ -239,13 +245,7 @@ def imitate(policy: ActorCritic, cascade: casc.Cascade, ladder: list[StaticConfi
         masks.append(allowed(state["rung"], state["passes"], len(ladder), max_passes)[active])
         a = cascade_actions(cascade, ladder, state["answer"], state["rung"], active)
         acts.append(a[active])
-        for j in a[active].unique().tolist():
-            if j != STOP:
-                idx = (active & (a == j)).nonzero().squeeze(1)
-                state["prev"][idx] = state["answer"][idx].argmax(-1)
-                state["answer"][idx], state["rung"][idx] = rule(j - 1, idx), j - 1
-                state["passes"][idx] += 1
-                state["spent"][idx] += table.costs[j - 1]
+        _advance(state, a, rule, table.costs)  # a is STOP wherever the image no longer decides
         active = active & (a != STOP)
     o, a, m = torch.cat(obs), torch.cat(acts), torch.cat(masks)
     opt = torch.optim.Adam(policy.actor.parameters(), lr=lr)
