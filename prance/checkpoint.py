@@ -4,7 +4,10 @@ sub-network space in the header, so one file is enough to rebuild the meta-netwo
 Loading never unpickles code: safetensors files (recognised by content) are parsed by safetensors;
 ``.pt``/``.pth``/``.bin`` files (e.g. the DeiT release) go through
 ``torch.load(weights_only=True)``, which accepts only tensors and plain containers.
-``timm:NAME`` stands for no file at all: timm's pretrained weights of NAME, made a
+``timm:NAME`` names weights rather than a file: for a model prance ships weights for
+(``timm:prance_vit_fmnist``, the default meta-network; ``timm:prance_vit_fmnist.base``) the
+shipped checkpoint, found by name through the model's pretrained_cfg wherever the package is
+installed (:func:`locate`); for any other timm model its pretrained weights, made a
 meta-network the way ``sweeps/pretrain.py`` starts from them (channels reordered by importance).
 """
 
@@ -19,7 +22,7 @@ import torch
 from prance.errors import PranceError, first_line
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubnetSpace
-from prance.models.zoo import create_vit
+from prance.models.zoo import create_vit, shipped_checkpoint
 
 FORMAT = "prance.meta_vit.v1"
 TIMM_PREFIX = "timm:"  # a checkpoint "timm:deit_small_patch16_224": timm's pretrained weights, no pretraining run
@@ -30,15 +33,39 @@ def is_timm_source(path: str | Path) -> bool:
     return isinstance(path, str) and path.strip().lower().startswith(TIMM_PREFIX)
 
 
+def _timm_name(spec: str) -> str:
+    name = spec.strip()[len(TIMM_PREFIX):].strip()
+    if not name:
+        raise PranceError(f"checkpoint {spec!r} names no model: write timm:NAME, e.g. timm:deit_small_patch16_224")
+    return name
+
+
+def _shipped(source: str | Path) -> str | Path:
+    """``source``, or for ``timm:NAME`` of a model prance ships weights for, that file."""
+    if is_timm_source(source):
+        shipped = shipped_checkpoint(_timm_name(str(source)))
+        if shipped is not None:
+            return shipped
+    return source
+
+
+def locate(source: str | Path) -> str:
+    """Where the weights of a checkpoint ``source`` are: ``timm:NAME`` of a model prance ships
+    weights for, that file (absolute); another ``timm:NAME`` unchanged (timm's download); a
+    path made absolute (a relative one is relative to the working folder). For a checkpoint
+    that is copied, or handed to a process that may run in another folder."""
+    if is_timm_source(source):
+        return str(_shipped(source)).strip()
+    return str(Path(source).expanduser().resolve())
+
+
 def _from_timm(spec: str, **model_kwargs) -> tuple[MetaViT, dict]:
     """``timm:NAME``: the meta-network around timm's pretrained NAME, channels sorted by
     importance (as pretraining with ``pretrained: true, reorder: true`` starts); the
     download needs internet (or timm's cache) on every node that loads it."""
     from prance.models import create_meta, reorder_by_importance
 
-    name = spec.strip()[len(TIMM_PREFIX):].strip()
-    if not name:
-        raise PranceError(f"checkpoint {spec!r} names no model: write timm:NAME, e.g. timm:deit_small_patch16_224")
+    name = _timm_name(spec)
     model = create_meta(name, pretrained=True, **model_kwargs)  # unknown name, failed download -> PranceError
     reorder_by_importance(model.vit)
     header = {"format": FORMAT, "model": name, "model_kwargs": dict(model_kwargs), "space": asdict(model.space),
@@ -79,9 +106,11 @@ def save_checkpoint(
 
 
 def read_header(path: str | Path) -> dict:
-    """The decoded header of a prance safetensors checkpoint."""
+    """The decoded header of a prance safetensors checkpoint (or of the shipped one a
+    ``timm:NAME`` names)."""
     from safetensors import safe_open
 
+    path = _shipped(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -146,9 +175,10 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
     """Rebuild the meta-network saved at ``path``; returns (model in eval mode, header).
 
     For a bare state dict (a ``.pt`` file, or a safetensors file without our header)
-    ``model_name`` says which timm model it belongs to. ``timm:NAME``: timm's pretrained
-    weights of NAME, reordered (no file; see :func:`is_timm_source`).
+    ``model_name`` says which timm model it belongs to. ``timm:NAME``: the checkpoint prance
+    ships for NAME, else timm's pretrained weights of NAME, reordered (see :func:`locate`).
     """
+    path = _shipped(path)
     if is_timm_source(path):
         return _from_timm(str(path), **model_kwargs)
     path = Path(path)

@@ -33,7 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
     if checkpoint:
         p.add_argument("--checkpoint", help="a prance .safetensors checkpoint, a .pt/.pth state dict with --model, or an MLflow "
-                                            "runs:/ or models:/ URI (default: checkpoints/<model>.safetensors when the model has one shipped)")
+                                            "runs:/ or models:/ URI, or timm:NAME (default: the model's shipped weights where prance ships some, "
+                                            "timm:prance_vit_fmnist.base for the default model)")
         p.add_argument("--random-init", action="store_true", help="a randomly initialised model even where a checkpoint is shipped")
 
 
@@ -73,7 +74,7 @@ def _check_strategy_flags(args: argparse.Namespace, names: list[str]) -> None:
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     """What ``search-static`` and ``search-cascade`` share: the meta-network, the
     selector's image split, the successive halving of the static searches."""
-    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet, timm:prance_vit_fmnist)")
     p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
     p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
@@ -106,12 +107,19 @@ def _strategy_config(args: argparse.Namespace, name: str | None = None):
     )
 
 
-def shipped_checkpoint(model_name: str):
-    """``checkpoints/<model>.safetensors`` of this checkout, when the model has one shipped."""
-    from pathlib import Path
+CLI_WEIGHTS_TAG = "base"  # flops / eval / bench default to <model>.base where it is shipped (README's numbers)
 
-    path = Path(__file__).resolve().parent.parent / "checkpoints" / f"{model_name}.safetensors"
-    return path if path.is_file() else None
+
+def shipped_checkpoint(model_name: str):
+    """The file of ``<model>.base`` (or of the tag ``--model`` names) where prance ships it,
+    found by name through the model's pretrained_cfg (in a checkout or an installed wheel);
+    else None."""
+    import timm
+
+    from prance.models.zoo import shipped_checkpoint as shipped
+
+    name = model_name if "." in model_name else f"{model_name}.{CLI_WEIGHTS_TAG}"
+    return shipped(name) if name in timm.list_pretrained(name.split(".")[0] + ".*") else None
 
 
 def _load_model(args: argparse.Namespace):
@@ -509,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     rowcmd.add_export_parser(sub)
 
     p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
-    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
+    p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet, timm:prance_vit_fmnist)")
     p.add_argument("--strategy", help="prune, merge or prune_merge")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.04) or share of the full sub-network (e.g. 50%%)")
     p.add_argument("--budget-kind", choices=["mean", "cap"], help="mean (default): the average GFLOPs per image within the budget; "

@@ -125,7 +125,7 @@ def main() -> None:
                           device=str(dev), amp=args.amp, rollout_images=args.rollout_images,
                           minibatch=min(SelectorConfig().minibatch, args.rollout_images), train_limit=args.train_limit, val_limit=args.val_limit,
                           warm_start=args.warm_start)
-    meta, _ = load_checkpoint(ROOT / base.checkpoint)
+    meta, _ = load_checkpoint(base.checkpoint)
     meta.to(dev)
     data = splits.load(meta, splits.SplitSpec.of(base))
     budget = Budget.of(args.budget, meta.arch).gflops

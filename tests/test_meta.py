@@ -160,5 +160,5 @@ def test_unsupported_models_are_refused_clearly():
         create_vit("deit_tiny_distilled_patch16_224", img_size=32)
     with pytest.raises(PranceError, match="unknown model"):
         create_vit("not_a_model")
-    with pytest.raises(PranceError, match="no downloadable weights"):
-        create_vit("prance_vit_fmnist", pretrained=True)
+    with pytest.raises(PranceError, match="prance_vit_micro has no shipped weights"):
+        create_vit("prance_vit_micro", pretrained=True)

@@ -254,7 +254,7 @@ def test_resume_with_another_architecture_is_refused(smoke_run):
         (["--preset", "smoke", "--num-workers", "8"], "the cluster has"),
         (["--preset", "smoke", "--set", "epoch=1"], "unknown key"),
         (["--preset", "smoke", "--set", "init_from=/nonexistent.safetensors"], "not found"),
-        (["--preset", "smoke", "--set", "init_from=checkpoints/prance_vit_fmnist.safetensors"], "is a prance_vit_fmnist"),
+        (["--preset", "smoke", "--set", "init_from=timm:prance_vit_fmnist.base"], "is a prance_vit_fmnist"),  # a shipped one, by name
     ],
 )
 def test_bad_input_is_one_line_before_training(tmp_path, args, message):

@@ -1,26 +1,24 @@
-"""The meta-networks shipped in checkpoints/ (the default and the supernet): each loads,
-and its Top-1 on the fixed test subset is what the record beside it says (so the record
-was made from this file)."""
+"""The meta-networks prance ships (every pretrained tag of its models: the first one and the
+supernet), found by name: each loads, and its Top-1 on the fixed test subset is what the
+record beside it says (so the record was made from this file)."""
 
 import json
-from pathlib import Path
 
 import pytest
+import timm
 
 from prance.checkpoint import load_checkpoint
 from prance.data import build_dataset, input_spec_for_model, seeded_subset
+from prance.models.zoo import shipped_checkpoint
 from prance.train.export import subnet_top1
 
-SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 
-
-@pytest.mark.parametrize("name", ["prance_vit_fmnist", "prance_vit_fmnist_supernet"])
-def test_shipped_checkpoint_matches_its_record(name):
-    checkpoint = SHIPPED / f"{name}.safetensors"
-    if not checkpoint.is_file():
-        pytest.skip(f"{checkpoint.name} has not been shipped yet")
+@pytest.mark.parametrize("tag", ["prance_vit_fmnist.base", "prance_vit_fmnist.supernet"])
+def test_shipped_checkpoint_matches_its_record(tag):
+    assert tag in timm.list_pretrained("prance_*")
+    checkpoint = shipped_checkpoint(tag)
     record = json.loads(checkpoint.with_suffix(".json").read_text())
-    model, header = load_checkpoint(checkpoint)
+    model, header = load_checkpoint(f"timm:{tag}")
     assert header["model"] == record["model"] == "prance_vit_fmnist"
     fixed = record["fixed_subset"]
     test = build_dataset("fashion-mnist", "test", input_spec_for_model(model.vit))

@@ -9,8 +9,7 @@ import os
 import sys
 
 from prance.errors import PranceError
-
-DEFAULT_CHECKPOINT = "checkpoints/prance_vit_fmnist_supernet.safetensors"
+from prance.selector.config import DEFAULT_CHECKPOINT
 
 
 def add_row_args(p: argparse.ArgumentParser, budget: bool = False) -> None:
@@ -54,11 +53,10 @@ def sweep_row(args: argparse.Namespace):
 
 def _checkpoint(args) -> str:
     from prance.artifacts import local_path
-    from prance.sweep.plan import resolve_path
+    from prance.checkpoint import locate
 
     path = args.checkpoint or DEFAULT_CHECKPOINT
-    path = local_path(path, args.mlflow_uri, what="checkpoint")
-    return path if path.startswith("timm:") else str(resolve_path(path))
+    return locate(local_path(path, args.mlflow_uri, what="checkpoint"))  # a shipped one: its file, which exports copy
 
 
 def config_from_args(args: argparse.Namespace, base=None):

@@ -9,12 +9,16 @@ from pydantic import Field, model_validator
 from prance.config import Strict
 from prance.tokens.strategies import SELECTOR_STRATEGIES
 
+# The default meta-network: the supernet prance ships, found by name (prance.checkpoint.locate;
+# its file is named once, in prance/models/zoo.py), so the default works in an installed wheel.
+DEFAULT_CHECKPOINT = "timm:prance_vit_fmnist"
+
 
 class SelectorConfig(Strict):
     """PRANCE selector: PPO over the stage MDP with Result-to-Go rewards (docs/selector.md)."""
 
     # what to select
-    checkpoint: str = "checkpoints/prance_vit_fmnist_supernet.safetensors"
+    checkpoint: str = DEFAULT_CHECKPOINT
     dataset: str = "fashion-mnist"
     strategy: Literal[SELECTOR_STRATEGIES] = "prune"
     budget: str = "50%"  # GFLOPs ("0.04") or a share of the full sub-network ("50%")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from prance.config import Strict
-from prance.selector.config import SelectorConfig
+from prance.selector.config import DEFAULT_CHECKPOINT, SelectorConfig
 from prance.sweep import methods
 
 
@@ -88,7 +88,7 @@ class SweepConfig(Strict):
     hyper-parameters (docs/sweep.md)."""
 
     # what to compress, on which images
-    checkpoint: str = "checkpoints/prance_vit_fmnist_supernet.safetensors"
+    checkpoint: str = DEFAULT_CHECKPOINT
     dataset: str = "fashion-mnist"
     budgets: list[str] = Field(default_factory=lambda: ["15%", "20%", "35%"], min_length=1)  # GFLOPs or % of dense
     budget_kind: Literal["mean", "cap"] = "mean"  # mean: average GFLOPs per image within the budget; cap: every image

@@ -24,8 +24,6 @@ from prance.sweep.config import SWEEP_STRATEGIES, SweepConfig
 from prance.errors import PranceError
 from prance.sweep.methods import METHODS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-
 
 @dataclass(frozen=True)
 class BudgetStrategy:
@@ -56,7 +54,7 @@ class BudgetStrategy:
 
 @dataclass
 class SweepPlan:
-    checkpoint: str  # absolute, or timm:NAME
+    checkpoint: str  # absolute, or timm:NAME (a shipped checkpoint is found by name on each node)
     dataset: str  # absolute path for image folders
     model: str
     dense_gflops: float
@@ -76,13 +74,9 @@ class SweepPlan:
 
 
 def resolve_path(path: str) -> Path:
-    """A user path: as given when absolute or present from the working directory, else
-    relative to the repository (so the shipped checkpoint is found from anywhere)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    alt = REPO_ROOT / p
-    return alt.resolve() if alt.exists() else p.resolve()
+    """A user path, absolute (a relative one is relative to the working folder). Shipped
+    checkpoints are named, not looked up in the source tree: ``timm:prance_vit_fmnist``."""
+    return Path(path).expanduser().resolve()
 
 
 def resolve_dataset(name: str) -> str:
@@ -100,12 +94,12 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     from prance.checkpoint import is_timm_source, load_checkpoint
     from prance.data import build_dataset, input_spec_for_model
 
-    if is_timm_source(cfg.checkpoint):  # timm:NAME, timm's pretrained weights: no file to find
+    if is_timm_source(cfg.checkpoint):  # timm:NAME: shipped weights or timm's, found by name wherever a trial runs
         checkpoint = cfg.checkpoint.strip()
     else:
         checkpoint = resolve_path(cfg.checkpoint)
         if not checkpoint.is_file():
-            raise PranceError(f"checkpoint {cfg.checkpoint} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+            raise PranceError(f"checkpoint {cfg.checkpoint} not found (looked in {Path.cwd()})")
     model, header = load_checkpoint(checkpoint)
     dataset = resolve_dataset(cfg.dataset)
     image_spec = input_spec_for_model(model.vit)

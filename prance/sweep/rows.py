@@ -168,12 +168,13 @@ def _find_selector(storage: str, name: str, row: dict) -> str:
 def load_row(storage: str, name: str, row: dict) -> SweepRow:
     """The configuration of ``row`` (a dict of results.csv) on the sweep's meta-network."""
     from prance import static_search
-    from prance.checkpoint import load_checkpoint
-    from prance.sweep.plan import resolve_dataset, resolve_path
+    from prance.checkpoint import load_checkpoint, locate
+    from prance.selector.config import DEFAULT_CHECKPOINT
+    from prance.sweep.plan import resolve_dataset
 
     settings = _settings(storage, name)
     cfg = settings.get("config", {})
-    checkpoint = str(resolve_path(cfg.get("checkpoint", "checkpoints/prance_vit_fmnist_supernet.safetensors")))
+    checkpoint = locate(cfg.get("checkpoint", DEFAULT_CHECKPOINT))  # a file: exports copy it
     dataset = resolve_dataset(cfg.get("dataset", "fashion-mnist"))
     meta, _ = load_checkpoint(checkpoint)
     out = SweepRow(name, row, checkpoint, dataset, dict(cfg.get("selector") or {}), meta=meta)

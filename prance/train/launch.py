@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prance import tracking
-from prance.checkpoint import read_header
+from prance.checkpoint import locate, read_header
 from prance.train.config import PretrainConfig
 from prance.errors import PranceError
 from prance.storage import absolute, is_remote, local_path
@@ -138,9 +138,9 @@ def _check_architecture(header: dict, cfg: PretrainConfig, what: str) -> None:
 def _check_init_from(cfg: PretrainConfig) -> None:
     """``init_from`` must be a prance checkpoint of the configured model; a warning when it
     was trained on the images this run holds out (they no longer validate cleanly)."""
-    path = Path(cfg.init_from)
+    path = Path(locate(cfg.init_from))  # a path, or a shipped checkpoint by name (timm:prance_vit_fmnist.base)
     if not path.is_file():
-        raise PranceError(f"init_from: checkpoint {path} not found")
+        raise PranceError(f"init_from: checkpoint {cfg.init_from} not found")
     header = read_header(path)
     _check_architecture(header, cfg, f"init_from: {path}")
     seen = header.get("info", {}).get("config", {}).get("holdout_fraction", 0.0)
@@ -246,7 +246,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resume_from: str | Path 
     resume_from = check_inputs(cfg, resume, saved_state) or saved_state
     # workers may run in another folder: they get the absolute path, while the config (and so
     # every checkpoint header and record) keeps init_from as given, e.g. relative to the checkout
-    init_path = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
+    init_path = locate(cfg.init_from) if cfg.init_from else None
     storage = absolute(cfg.storage)
     remote = is_remote(storage)
     # a run on remote storage: its best checkpoint and MLflow run id come to the local staging folder
