@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies of the ladder's static configurations")
     p.add_argument("--rungs", help="the ladder: the best static configuration at each of these multiples of the budget "
                                    "(default 0.5,0.65,0.8,1,1.6,2.5,4; the full sub-network is always a rung)")
-    p.add_argument("--max-rungs", type=int, default=3, help="the most configurations an image may run (default 3)")
+    p.add_argument("--max-rungs", type=int, default=3, help="the most configurations an image may run: 1..3 (default 3)")
     p.add_argument("--no-margin", action="store_true", help="choose at the budget itself, without holding back the margin "
                                                              "that keeps the mean within it on unseen images")
     _add_search_args(p)

@@ -61,6 +61,9 @@ def trainable(config: dict, ctx: TrialContext) -> None:
 
     for name in ("ray.tune", "ray.train"):  # no "Checkpoint successfully created" line per report
         logging.getLogger(name).setLevel(logging.WARNING)
+    from prance.rayinit import quiet_sigterm_in_callbacks
+
+    quiet_sigterm_in_callbacks()
     workdir = Path(tempfile.mkdtemp(prefix="prance-selector-"))
     checkpoint = tune.get_checkpoint()  # a retried trial, or an unfinished one of a resumed sweep
     restored = checkpoint is not None and restore_checkpoint(checkpoint, workdir)
