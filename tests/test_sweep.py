@@ -251,13 +251,14 @@ class MlflowServer:
                str(self.folder / "artifacts"), "--workers", "1"]
         log = open(self.folder / "server.log", "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # minutes on a loaded 2-core machine, seconds on an idle one
         while True:
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()  # no server left behind, listening after the test gave up on it
                     pytest.fail(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.3)
 
