@@ -45,6 +45,32 @@ THRESHOLDS = tuple(round(0.3 + 0.01 * i, 2) for i in range(71))  # top-1 softmax
 MAX_RUNGS = 3
 
 
+def ladder_problem(rungs: Sequence[float], strategies: Sequence[str], max_rungs: int) -> str | None:
+    """What is wrong with a ladder's settings, or None: one rule for ``search-cascade``'s
+    flags and the sweep's ``cascade:`` settings. A rung or strategy listed twice, or more
+    rungs per chain than :func:`choose` searches, would otherwise be accepted and do the
+    same as without it."""
+    from prance.tokens.strategies import STRATEGIES
+
+    rungs = [float(r) for r in rungs]
+    if not rungs:
+        return "the ladder needs at least one rung (a multiple of the budget)"
+    if min(rungs) <= 0:
+        return f"rungs are positive multiples of the budget, got {rungs}"
+    if len(set(rungs)) != len(rungs):
+        return f"a rung is listed twice in {rungs}"
+    if not strategies:
+        return "the ladder needs at least one token strategy"
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        return f"unknown token strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}"
+    if len(set(strategies)) != len(strategies):
+        return f"a strategy is listed twice in {list(strategies)}"
+    if not 1 <= max_rungs <= MAX_RUNGS:
+        return f"max_rungs must be in 1..{MAX_RUNGS} (a chain runs at most {MAX_RUNGS} configurations), got {max_rungs}"
+    return None
+
+
 @dataclass(frozen=True)
 class Cascade:
     rungs: tuple[StaticConfig, ...]  # cheapest first

@@ -27,6 +27,17 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.error_prefix}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, and an option given an empty value (``--config ""``, an unset
+        shell variable) is an error: it would otherwise read as not given at all."""
+        ns, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(ns, action.dest, None) if action.option_strings else None
+            values = value if isinstance(value, list) else [value]
+            if value is not action.default and any(isinstance(v, str) and not v.strip() for v in values):
+                self.error(f"{action.option_strings[-1]} was given an empty value")
+        return ns, extras
+
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--model", help=HELP_MODEL + "; default prance_vit_fmnist with its shipped checkpoint")
@@ -61,6 +72,19 @@ FLAG_STRATEGIES = {
     "fuse": ("prune",),
     "no_prop_attn": REDUCING_STRATEGIES,
 }
+
+
+def strategy_list(text: str, flag: str = "--strategies") -> list[str]:
+    """The token strategies of a comma-separated flag; PranceError for an unknown one, an
+    empty list or one listed twice (it would run twice)."""
+    from prance.tokens.strategies import check_strategy
+
+    names = [check_strategy(s.strip()) for s in text.split(",") if s.strip()]
+    if not names:
+        raise PranceError(f"{flag} names no strategy")
+    if len(set(names)) != len(names):
+        raise PranceError(f"{flag} lists a strategy twice: {text}")
+    return names
 
 
 def _check_strategy_flags(args: argparse.Namespace, names: list[str]) -> None:
@@ -243,7 +267,7 @@ def _selector_config(args: argparse.Namespace):
     if getattr(args, "amp", False):
         overrides["amp"] = True
     if args.config:
-        return load_config(SelectorConfig, "selector", args.config, overrides)
+        return load_config(SelectorConfig, "selector", args.config, overrides, set_keys=parse_overrides(args.set))
     return validate(SelectorConfig, overrides, "selector config")
 
 
@@ -295,13 +319,10 @@ def _search_inputs(args: argparse.Namespace, command: str):
     from prance import splits
     from prance.budget import Budget
     from prance.selector.config import SelectorConfig
-    from prance.tokens.strategies import check_strategy
 
     if args.budget is None:
         raise PranceError("--budget is required (GFLOPs, e.g. 0.03, or a share of the full sub-network, e.g. 30%)")
-    names = [check_strategy(s.strip()) for s in args.strategies.split(",") if s.strip()]
-    if not names:
-        raise PranceError("--strategies names no strategy")
+    names = strategy_list(args.strategies)
     for name in ("first_images", "val_limit", "test_limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -355,11 +376,10 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
         rungs = list(cascade.RUNGS) if args.rungs is None else [float(v) for v in args.rungs.split(",") if v.strip()]
     except ValueError:
         raise PranceError(f"--rungs must be comma-separated multiples of the budget, got {args.rungs!r}") from None
-    if not rungs or min(rungs) <= 0:
-        raise PranceError(f"--rungs must be positive multiples of the budget, got {args.rungs!r}")
+    problem = cascade.ladder_problem(rungs, strategy_list(args.strategies), args.max_rungs)
+    if problem:
+        raise PranceError(f"--rungs/--strategies/--max-rungs: {problem}")
     model, budget, data, names, say = _search_inputs(args, "search-cascade")
-    if args.max_rungs < 1:
-        raise PranceError(f"--max-rungs must be at least 1, got {args.max_rungs}")
     found = cascade.search(model, budget, data["val"], names, rungs, first_images=args.first_images, eta=args.eta,
                            batch_size=args.batch_size, progress=say, max_rungs=args.max_rungs, margin=not args.no_margin)
     test = cascade.evaluate(model, found.best, *data["test"], batch_size=args.batch_size)
@@ -411,13 +431,7 @@ def cmd_bench(args: argparse.Namespace) -> list[dict]:
     from prance.evaluate import bench
 
     model = _load_model(args)
-    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    from prance.tokens.strategies import check_strategy
-
-    if not names:
-        raise PranceError("--strategies names no strategy")
-    for s in names:
-        check_strategy(s)
+    names = strategy_list(args.strategies)
     base = _strategy_config(args, "none")
     images = _images(args, model, args.batch_size)
     rows = bench(
@@ -548,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies of the ladder's static configurations")
     p.add_argument("--rungs", help="the ladder: the best static configuration at each of these multiples of the budget "
                                    "(default 0.5,0.65,0.8,1,1.6,2.5,4; the full sub-network is always a rung)")
-    p.add_argument("--max-rungs", type=int, default=3, help="the most configurations an image may run (default 3)")
+    p.add_argument("--max-rungs", type=int, default=3, help="the most configurations an image may run: 1..3 (default 3)")
     p.add_argument("--no-margin", action="store_true", help="choose at the budget itself, without holding back the margin "
                                                              "that keeps the mean within it on unseen images")
     _add_search_args(p)
@@ -619,7 +633,14 @@ def _check_args(args: argparse.Namespace) -> None:
     elif hasattr(args, "locs"):  # the commands with strategy flags
         names = [args.strategy] if hasattr(args, "strategy") else [n.strip() for n in args.strategies.split(",") if n.strip()]
         _check_strategy_flags(args, names)
+    if hasattr(args, "sweep"):  # eval, export: what picks a configuration
+        from prance.export.commands import check_row_args
+
+        check_row_args(args)
     _check_outputs(args)
+
+
+OUTPUT_FOLDERS = ("train-selector", "export")  # commands whose --output is a folder (the others write a file)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -629,7 +650,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     out = getattr(args, "output", None)
     if not out:
         return
-    if args.command == "train-selector" and not out.endswith(".safetensors"):
+    if args.command in OUTPUT_FOLDERS and not out.endswith(".safetensors"):
         check_output_dir(out, "--output")
     else:
         check_output_file(out, "--output")

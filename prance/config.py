@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -94,8 +94,11 @@ def presets(kind: str) -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(model: type[T], kind: str, preset_or_path: str, overrides: dict[str, Any] | None = None) -> T:
-    """A preset name (``prance/presets/<kind>/<name>.yaml``) or a YAML path, plus overrides."""
+def load_config(model: type[T], kind: str, preset_or_path: str, overrides: dict[str, Any] | None = None,
+                set_keys: Iterable[str] = ()) -> T:
+    """A preset name (``prance/presets/<kind>/<name>.yaml``) or a YAML path, plus overrides.
+    ``set_keys``: the overrides the user gave with ``--set``; a mistake in one of them is
+    reported as ``--set KEY: ...``, not as the file's."""
     path: Any = Path(preset_or_path)
     if not path.suffix:
         path = CONFIG_ROOT / kind / f"{preset_or_path}.yaml"
@@ -110,7 +113,13 @@ def load_config(model: type[T], kind: str, preset_or_path: str, overrides: dict[
     if not isinstance(data, dict):
         raise PranceError(f"{path} must hold a mapping of keys to values")
     _apply_overrides(data, overrides or {})
-    return validate(model, data, str(path))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        given = loc and any(k == loc or loc.startswith(f"{k}.") or k.startswith(f"{loc}.") for k in set_keys)
+        text = _format_error(e, model, "--set" if given else str(path))
+        raise PranceError(text.replace("--set: ", "--set ", 1) if given else text) from None
 
 
 def validate(model: type[T], data: dict[str, Any], where: str) -> T:

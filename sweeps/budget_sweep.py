@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(args, key) is not None:
                     overrides[key] = getattr(args, key)
             source = args.config or args.preset or "default"
-            cfg = load_config(SweepConfig, "sweep", source, overrides)
+            cfg = load_config(SweepConfig, "sweep", source, overrides, set_keys=parse_overrides(args.set))
         command = "python sweeps/budget_sweep.py " + " ".join(argv)
         out = run_sweep(cfg, source=source, resume=args.resume, settings=settings, command=command.strip(), address=args.address)
     except PranceError as e:

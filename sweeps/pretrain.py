@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("num_workers", "use_gpu", "epochs", "storage", "name", "mlflow_uri"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
-        cfg = load_config(PretrainConfig, "pretrain", args.config or args.preset, overrides)
+        cfg = load_config(PretrainConfig, "pretrain", args.config or args.preset, overrides, set_keys=parse_overrides(args.set))
         if args.export_only and not (args.export or args.export_resume):
             raise PranceError("--export-only needs --export PATH or --export-resume DIR")
         if cfg.num_workers < 1 and not args.export_only:  # 0 runs the loop in-process: for unit tests, reports no checkpoint

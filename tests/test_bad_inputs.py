@@ -85,6 +85,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_checkpoint(root / "micro.safetensors", create_meta(MICRO), MICRO)
     (root / "a_file").write_text("not a folder\n")
     (root / "garbage.db").write_bytes(bytes(range(256)) * 8)
+    (root / "selector_bad_kind.yaml").write_text("budget: 50%\nbudget_kind: median\n")
     rng = np.random.default_rng(0)
     for cls in ("ants", "bees"):
         (root / "images" / "test" / cls).mkdir(parents=True)
@@ -95,7 +96,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a sweep storage: an earlier sweep's finished report, and a sweep that stopped before its trials
     storage = root / "sweeps"
     (storage / "earlier").mkdir(parents=True)
-    (storage / "earlier" / "results.csv").write_text("trial_number,status,top1\n0,finished,80.5\n")
+    (storage / "earlier" / "results.csv").write_text("trial_number,status,top1,method,budget,budget_gflops,gflops,within_budget,param\n"
+                                                     "0,finished,80.5,static,20%,0.01,0.009,True,\"widths=0,0,0,0 none\"\n")
+    (storage / "earlier" / "sweep.json").write_text(json.dumps({"name": "earlier", "created": 1.0, "config": {"checkpoint": str(root / "micro.safetensors")}}))
     (storage / "halfmade").mkdir()
     (storage / "halfmade" / "sweep.json").write_text(json.dumps({"name": "halfmade", "created": 2e9, "mlflow_uri": "sqlite:///x.db", "config": {}}))
     return root
@@ -152,6 +155,90 @@ CASES = {
     "resume_named_unstarted_sweep": (SWEEP, ["--resume", "--name", "halfmade", "--storage", "{tmp}/sweeps"], r"never started its trials"),
     "selector_resume_without_state": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--output", "{tmp}/nosel", "--resume"],
                                       r"nothing to resume: no training state .*selector_state\.pt"),
+    # --- budget kinds: the sweep's, train-selector's flag, a selector config's
+    "sweep_budget_kind": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "budget_kind=median"],
+                          r"--set budget_kind: Input should be 'mean' or 'cap'"),
+    "selector_budget_kind_flag": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--budget-kind", "median"],
+                                  r"--budget-kind: invalid choice: 'median'"),
+    "selector_budget_kind_set": ("prance", ["train-selector", "--checkpoint", "{tmp}/micro.safetensors", "--set", "budget_kind=p95"],
+                                 r"budget_kind: Input should be 'mean' or 'cap'"),
+    "selector_budget_kind_config": ("prance", ["train-selector", "--config", "{tmp}/selector_bad_kind.yaml"],
+                                    r"selector_bad_kind\.yaml: budget_kind: Input should be 'mean' or 'cap'"),
+    "cascade_only_with_cap_budgets": (SWEEP, ["--preset", "tiny", "--set", "checkpoint={tmp}/micro.safetensors", "--set", "selector.decision_blocks=[1,2,3]",
+                                              "--set", "strategies=[cascade]", "--set", "budget_kind=cap", "--storage", "{tmp}/sweeps"],
+                                      r"no budget x strategy of this sweep can run \(cascade@55%: meets mean budgets only, not cap"),
+    # --- the sweep's cascade settings and search-cascade: one rule (prance.cascade.ladder_problem)
+    "sweep_cascade_rungs_empty": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.rungs=[]"], r"--set cascade\.rungs: List should have at least 1 item"),
+    "sweep_cascade_rung_negative": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.rungs=[0.5,-1]"],
+                                    r"--set cascade: cascade: rungs are positive multiples of the budget"),
+    "sweep_cascade_rung_twice": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.rungs=[1.0,1.0]"], r"a rung is listed twice"),
+    "sweep_cascade_rung_not_number": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.rungs=[0.5,abc]"],
+                                      r"cascade\.rungs\.1: Input should be a valid number"),
+    "sweep_cascade_unknown_strategy": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.strategies=[tome]"],
+                                       r"unknown token strategy 'tome'"),
+    "sweep_cascade_strategy_twice": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.strategies=[merge,merge]"],
+                                     r"a strategy is listed twice"),
+    "sweep_cascade_max_rungs_0": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.max_rungs=0"], r"cascade\.max_rungs: Input should be greater"),
+    "sweep_cascade_max_rungs_9": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.max_rungs=9"], r"max_rungs must be in 1\.\.3"),
+    "sweep_cascade_margin_not_bool": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.margin=maybe"],
+                                      r"cascade\.margin: Input should be a valid boolean"),
+    "sweep_cascade_unknown_key": (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--set", "cascade.ladder=3"],
+                                  r"--set unknown key 'cascade\.ladder'; allowed keys: rungs, strategies, max_rungs"),
+    "search_cascade_max_rungs_0": ("prance", ["search-cascade", "--checkpoint", "{tmp}/micro.safetensors", "--budget", "50%", "--max-rungs", "0"],
+                                   r"--max-rungs: max_rungs must be in 1\.\.3"),
+    "search_cascade_max_rungs_4": ("prance", ["search-cascade", "--checkpoint", "{tmp}/micro.safetensors", "--budget", "50%", "--max-rungs", "4"],
+                                   r"max_rungs must be in 1\.\.3"),
+    "search_cascade_max_rungs_text": ("prance", ["search-cascade", "--budget", "50%", "--max-rungs", "three"], r"--max-rungs: invalid int value"),
+    "search_cascade_rung_twice": ("prance", ["search-cascade", "--checkpoint", "{tmp}/micro.safetensors", "--budget", "50%", "--rungs", "1,1"],
+                                  r"a rung is listed twice"),
+    "search_cascade_strategy_twice": ("prance", ["search-cascade", "--checkpoint", "{tmp}/micro.safetensors", "--budget", "50%", "--strategies", "merge,merge"],
+                                      r"--strategies lists a strategy twice"),
+    # --- eval --config / --sweep
+    "eval_config_not_a_configuration": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "merge r=6"],
+                                        r"configuration 'merge r=6' is not 'widths=L,L,\.\. STRATEGY"),
+    "eval_config_wrong_stages": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0 merge r=2"],
+                                 r"widths needs 4 levels in 0\.\.2"),
+    "eval_config_unknown_strategy": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 tome r=2"],
+                                     r"unknown token strategy 'tome'"),
+    "eval_config_bad_parameter": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 merge r=abc"],
+                                  r"r must be a number, got 'abc'"),
+    "eval_config_parameter_out_of_range": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 merge r=999"],
+                                           r"r must be an integer in 0\.\.\d+ for this model, got 999"),
+    "eval_config_empty": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", ""], r"--config was given an empty value"),
+    "eval_config_with_budget": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 merge r=2", "--budget", "50%"],
+                                r"name the token strategy and its parameter themselves: drop .*--budget"),
+    "eval_sweep_missing": ("prance", ["eval", "--sweep", "nope", "--trial", "0", "--storage", "{tmp}/sweeps"], r"no sweep 'nope' in .*sweeps"),
+    "eval_sweep_no_results": ("prance", ["eval", "--sweep", "halfmade", "--trial", "0", "--storage", "{tmp}/sweeps"],
+                              r"sweep 'halfmade' has no results\.csv yet"),
+    "eval_sweep_missing_trial": ("prance", ["eval", "--sweep", "earlier", "--trial", "7", "--storage", "{tmp}/sweeps"], r"sweep earlier has no trial 7 \(trials 0\.\.0\)"),
+    "eval_sweep_missing_budget": ("prance", ["eval", "--sweep", "earlier", "--budget", "99%", "--best", "--storage", "{tmp}/sweeps"],
+                                  r"sweep earlier has no budget '99%' \(budgets: 20%\)"),
+    "eval_sweep_without_row": ("prance", ["eval", "--sweep", "earlier", "--storage", "{tmp}/sweeps"], r"--sweep needs --trial N, or --budget B --best"),
+    "eval_trial_without_sweep": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--trial", "3"], r"--trial picks a sweep row: it needs --sweep"),
+    "eval_method_without_best": ("prance", ["eval", "--sweep", "earlier", "--trial", "0", "--method", "static", "--storage", "{tmp}/sweeps"],
+                                 r"--method applies to --best only"),
+    # --- export
+    "export_nothing_chosen": ("prance", ["export", "--output", "{tmp}/exp"], r"export one thing: --config, --sweep"),
+    "export_two_chosen": ("prance", ["export", "--config", "widths=0,0,0,0 none", "--selector", "{tmp}/s.safetensors", "--output", "{tmp}/exp"], r"export one thing"),
+    "export_output_is_file": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none", "--output", "{tmp}/a_file"],
+                              r"--output .*a_file: is a file, not a folder"),
+    "export_output_unwritable": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none", "--output", "/proc/prance-x"],
+                                 r"--output /proc/prance-x is not writable"),
+    "export_check_limit_negative": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none", "--check-limit", "-1",
+                                               "--output", "{tmp}/exp"], r"--check-limit must be >= 0, got -1"),
+    "export_cascade_malformed": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--cascade", "widths=0,0,0,0 none -> widths=2,2,2,2 none",
+                                            "--output", "{tmp}/exp"], r"is not '<configuration> -> \[p<threshold\] <configuration>"),
+    "export_cascade_threshold": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--cascade", "widths=0,0,0,0 none -> [p<2] widths=2,2,2,2 none",
+                                            "--output", "{tmp}/exp"], r"a threshold must be in \(0, 1\], got 2"),
+    "export_selector_missing": ("prance", ["export", "--selector", "{tmp}/none.safetensors", "--output", "{tmp}/exp"], r"selector checkpoint .*none\.safetensors not found"),
+    "export_selector_not_a_selector": ("prance", ["export", "--selector", "{tmp}/micro.safetensors", "--output", "{tmp}/exp"], r"is not a prance selector checkpoint"),
+    "export_sweep_missing": ("prance", ["export", "--sweep", "nope", "--trial", "0", "--storage", "{tmp}/sweeps", "--output", "{tmp}/exp"], r"no sweep 'nope'"),
+    "export_trial_without_sweep": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none", "--trial", "3",
+                                              "--output", "{tmp}/exp"], r"--trial picks a sweep row: it needs --sweep"),
+    "export_budget_with_trial": ("prance", ["export", "--sweep", "earlier", "--trial", "0", "--budget", "20%", "--storage", "{tmp}/sweeps", "--output", "{tmp}/exp"],
+                                 r"a --trial row has its own budget: drop --budget"),
+    "export_missing_checkpoint": ("prance", ["export", "--checkpoint", "{tmp}/no.safetensors", "--config", "widths=0,0,0,0 none", "--output", "{tmp}/exp"],
+                                  r"no\.safetensors"),
 }
 if torch.cuda.device_count() == 0:
     CASES["sweep_use_gpu_without_gpu"] = (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--use-gpu"], r"--use-gpu: a trial needs 1 GPU, this machine has 0")

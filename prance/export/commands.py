@@ -29,7 +29,22 @@ def add_row_args(p: argparse.ArgumentParser, budget: bool = False) -> None:
 
 
 def wants_row(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "static_config", None) or getattr(args, "sweep", None))
+    return getattr(args, "static_config", None) is not None or getattr(args, "sweep", None) is not None
+
+
+def check_row_args(args: argparse.Namespace) -> None:
+    """A flag that picks a sweep row without ``--sweep`` (or ``--method`` without
+    ``--best``) is an error before any work: it would be ignored without a word."""
+    if args.sweep is None:
+        given = [f for f in ("trial", "best", "method", "storage") if getattr(args, f) not in (None, False)]
+        if args.command == "export" and args.budget is not None:
+            given.append("budget")
+        if given:
+            raise PranceError(f"--{given[0]} picks a sweep row: it needs --sweep NAME")
+    elif args.method is not None and not args.best:
+        raise PranceError("--method applies to --best only (a --trial row is that trial's method)")
+    elif args.trial is not None and args.budget is not None:
+        raise PranceError("--budget picks the row with --best; a --trial row has its own budget: drop --budget")
 
 
 def _storage(args) -> str:
@@ -94,8 +109,8 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
     from prance.evaluate import evaluate
     from prance.selector.train import batches
 
-    if args.strategy != "none" or args.r is not None or args.keep is not None:
-        raise PranceError("--config / --sweep name the token strategy themselves: drop --strategy/--r/--keep")
+    if args.strategy != "none" or args.r is not None or args.keep is not None or (args.budget is not None and not args.best):
+        raise PranceError("--config / --sweep name the token strategy and its parameter themselves: drop --strategy/--r/--keep/--budget")
     if args.selector:
         raise PranceError("--selector and --config/--sweep: give one")
     if args.split == "sweep" and not args.sweep:

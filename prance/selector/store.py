@@ -84,3 +84,18 @@ def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
     selector.policy.load_state_dict(load_file(str(path)))
     selector.policy.eval()
     return selector, header
+
+
+def check_training_folder(folder: str | Path) -> None:
+    """A folder a selector run saved (the selector so far and its training state) can be
+    continued from: both files there and readable to the last byte; PranceError naming
+    the file when not (a checkpoint truncated by a full disk or a half-finished copy)."""
+    from prance.checkpoint import load_state, verify_safetensors
+
+    folder = Path(folder)
+    for name in (SELECTOR_FILE, STATE_FILE):
+        if not (folder / name).is_file():
+            raise PranceError(f"{folder} holds no {name}")
+    read_selector_header(folder / SELECTOR_FILE)
+    verify_safetensors(folder / SELECTOR_FILE)
+    load_state(folder / STATE_FILE)

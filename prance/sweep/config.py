@@ -23,6 +23,8 @@ class StaticSearchSettings(Strict):
     first_images: int = Field(default=64, ge=1)  # images every candidate is scored on first
     eta: int = Field(default=3, ge=2)  # keep the best 1/eta, score them on eta x as many images
     uniform_only: bool = False  # only the same width level in every stage
+
+
 class CascadeSettings(Strict):
     """The ``cascade`` method (prance.cascade): its ladder, computed once per budget, and
     the chains it chooses from. The ladder searches each rung with the static search's
@@ -38,13 +40,11 @@ class CascadeSettings(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "CascadeSettings":
-        from prance.tokens.strategies import STRATEGIES
+        from prance.cascade import ladder_problem
 
-        if min(self.rungs) <= 0:
-            raise ValueError(f"cascade rungs are positive multiples of the budget, got {self.rungs}")
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown:
-            raise ValueError(f"cascade.strategies: unknown token strategy {unknown[0]!r}: choose from {', '.join(STRATEGIES)}")
+        problem = ladder_problem(self.rungs, self.strategies, self.max_rungs)
+        if problem:
+            raise ValueError(f"cascade: {problem}")
         return self
 
 

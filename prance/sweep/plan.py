@@ -143,6 +143,10 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             param = setting(model, token, b.gflops) if ok and setting is not None else ""
             combos.append(BudgetStrategy(method, name, token, text, b.gflops, dense, b.kind, ok, note, param))
 
+    if combos and not any(c.reachable for c in combos):  # nothing but the dense reference would run
+        c = combos[0]
+        raise PranceError(f"no budget x strategy of this sweep can run ({c.strategy}@{c.budget}: {c.note}; "
+                          f"budget_kind {cfg.budget_kind}, strategies {', '.join(cfg.strategies)})")
     plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
     plan.schedule = [BudgetStrategy("dense", "dense", "none", "100%", dense, dense, cfg.budget_kind)]
     # one trial per cell of the methods that search nothing, in report order, then the

@@ -7,20 +7,27 @@ by the end of that session: FINISHED, FAILED, or KILLED when the sweep was inter
 (and reopened when the resumed sweep runs that trial again).
 
 An MLflow server that stops answering does not stop the sweep: every write is an
-operation queued in order and retried (``flush``) once the server answers again; the
-driver waits for it at the end (:meth:`SweepRuns.drain`). Per-iteration metrics are
-written once per step: a trial restored from an older checkpoint than its last logged
-step does not log that step again.
+operation (plain data naming its trial by number, not by run id) queued in order and
+retried (``flush``) once the server answers again; the driver waits for it at the end
+(:meth:`SweepRuns.drain`). The queue is kept on disk while it is not empty
+(``<sweep folder>/mlflow_queue/``: ``queue.jsonl`` and copies of the selector files
+waiting for their upload), so that a driver killed during an outage loses nothing: the
+resumed sweep replays it first. Per-iteration metrics are written once per step: a
+trial restored from an older checkpoint than its last logged step does not log that
+step again, and a replayed write does not either.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prance import tracking
 from prance.errors import PranceError, first_line
@@ -31,40 +38,101 @@ SUMMARY_KIND = "sweep-summary"
 TAG_NUMBER = "prance.trial_number"
 STEP_METRIC = "score"  # every trial report carries it: its history tells the last step logged
 RETRY_EVERY_S = 5.0  # while the server is away, how often a write checks whether it is back
+QUEUE_FOLDER = "mlflow_queue"  # in the sweep's folder, while writes wait for the server
+QUEUE_FILE = "queue.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for a numpy scalar or anything else a queued write holds."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 class SweepRuns:
-    def __init__(self, uri: str, experiment_id: str, sweep_id: str):
+    def __init__(self, uri: str, experiment_id: str, sweep_id: str, queue_dir: str | os.PathLike | None = None):
+        """``queue_dir``: where writes waiting for the server are kept (none: memory only);
+        writes an earlier driver left there are loaded, to be replayed first."""
         self.uri, self.experiment_id, self.sweep_id = uri, experiment_id, sweep_id
         self.run_ids: dict[int, str] = {}  # trial number -> run id
         self.status: dict[int, str] = {}  # trial number -> MLflow status
         self.tags: dict[int, dict] = {}
         self.last_step: dict[int, int] = {}  # trial number -> last per-iteration step logged
-        self.pending: list[tuple[str, Callable[[], None]]] = []  # writes waiting for the server, in order
-        self.offline_since: float | None = None
+        self.queue_dir = Path(queue_dir) if queue_dir is not None else None
+        self.pending: list[dict] = self._load()  # writes waiting for the server, in order
+        self.offline_since: float | None = time.monotonic() if self.pending else None
         self._next_try = 0.0
-        self._stash: Path | None = None  # copies of artifact folders whose upload waits
+        self._stash: Path | None = None  # copies of artifact folders whose upload waits (no queue_dir)
         self.refresh()
 
+    # ------------------------------------------------------------ the queue on disk
+    @property
+    def _queue_file(self) -> Path | None:
+        return self.queue_dir / QUEUE_FILE if self.queue_dir is not None else None
+
+    def _load(self) -> list[dict]:
+        path = self._queue_file
+        if path is None or not path.is_file():
+            return []
+        ops = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                ops.append(json.loads(line))
+            except ValueError:  # the line being written when the driver died
+                print(f"warning: {path}:{n} is not a complete queued MLflow write: skipped", file=sys.stderr, flush=True)
+        return ops
+
+    def _save(self) -> None:
+        """The queue on disk as it is in memory (atomically); gone once it is empty."""
+        path = self._queue_file
+        if path is None:
+            return
+        if not self.pending:
+            if path.is_file():
+                path.unlink()
+            shutil.rmtree(path.parent / "artifacts", ignore_errors=True)
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for op in self.pending:
+                f.write(json.dumps(op, default=_plain) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
     # ------------------------------------------------------------ writes, in order
-    def _write(self, what: str, op: Callable[[], None]) -> None:
-        """Run ``op`` now, or queue it behind earlier writes while the server is away."""
+    def _write(self, op: dict) -> None:
+        """Apply ``op`` now, or queue it behind earlier writes while the server is away."""
         if self.pending and not self.flush():
-            self.pending.append((what, op))
+            self._queue(op)
             return
         try:
-            op()
+            self._apply(op)
         except Exception as e:
             if tracking.is_reachable(self.uri):
                 raise  # the server answers: a real error, not an outage
-            self.pending.append((what, op))
+            self._queue(op)
             self._went_offline(e)
+
+    def _queue(self, op: dict) -> None:
+        self.pending.append(op)
+        self._save()
+
+    @staticmethod
+    def _what(op: dict) -> str:
+        return f"{op['op']} of trial {op.get('trial')}" + (f" at step {op['step']}" if op["op"] == "metrics" else "")
 
     def _went_offline(self, error: Exception) -> None:
         if self.offline_since is None:
             self.offline_since = time.monotonic()
+            where = f" (kept in {self.queue_dir} until then)" if self.queue_dir is not None else ""
             print(f"warning: MLflow at {self.uri} stopped answering ({first_line(error, 160)}); the sweep goes on and writes its "
-                  "runs when it is back", file=sys.stderr, flush=True)
+                  f"runs when it is back{where}", file=sys.stderr, flush=True)
         self._next_try = time.monotonic() + RETRY_EVERY_S
 
     def flush(self, force: bool = False) -> bool:
@@ -77,17 +145,16 @@ class SweepRuns:
             self._next_try = time.monotonic() + RETRY_EVERY_S
             return False
         while self.pending:
-            what, op = self.pending[0]
+            op = self.pending[0]
             try:
-                op()
+                self._apply(op)
             except Exception as e:
-                if tracking.is_reachable(self.uri):
-                    print(f"warning: MLflow write dropped ({what}): {e}", file=sys.stderr, flush=True)
-                    self.pending.pop(0)
-                    continue
-                self._went_offline(e)
-                return False
+                if not tracking.is_reachable(self.uri):
+                    self._went_offline(e)
+                    return False
+                print(f"warning: MLflow write dropped ({self._what(op)}): {first_line(e)}", file=sys.stderr, flush=True)
             self.pending.pop(0)
+            self._save()
         away = time.monotonic() - (self.offline_since or time.monotonic())
         print(f"[sweep] MLflow at {self.uri} answers again after {away:.0f}s: queued writes done", flush=True)
         self.offline_since = None
@@ -98,18 +165,62 @@ class SweepRuns:
         deadline = time.monotonic() + timeout_s
         while not self.flush(force=True):
             if time.monotonic() > deadline:
+                kept = f" (kept in {self.queue_dir})" if self.queue_dir is not None else ""
                 raise PranceError(
                     f"MLflow at {self.uri} has not answered for {time.monotonic() - (self.offline_since or 0):.0f}s: "
-                    f"{len(self.pending)} write(s) to the trials' runs are not in MLflow")
+                    f"{len(self.pending)} write(s) to the trials' runs are not in MLflow{kept}")
             time.sleep(min(RETRY_EVERY_S, max(0.1, deadline - time.monotonic())))
 
     def _stashed(self, folder: Path, name: str) -> Path:
-        """A private folder holding a copy of ``folder/name``."""
-        if self._stash is None:
-            self._stash = Path(tempfile.mkdtemp(prefix="prance-mlflow-queue-"))
-        dest = Path(tempfile.mkdtemp(dir=self._stash))
+        """A private folder holding a copy of ``folder/name``: beside the queue on disk,
+        so that an upload still waiting when the driver dies is there on resume."""
+        if self.queue_dir is not None:
+            dest = self.queue_dir / "artifacts" / uuid.uuid4().hex[:12]
+            dest.mkdir(parents=True)
+        else:
+            if self._stash is None:
+                self._stash = Path(tempfile.mkdtemp(prefix="prance-mlflow-queue-"))
+            dest = Path(tempfile.mkdtemp(dir=self._stash))
         shutil.copy2(folder / name, dest / name)
         return dest
+
+    def _apply(self, op: dict) -> None:
+        """Do one write. A write for a trial whose run does not exist does nothing (its
+        run was never created: the end of the session writes it whole)."""
+        kind, number = op["op"], op.get("trial")
+        if kind == "create":
+            if number not in self.run_ids:
+                run = tracking.client(self.uri).create_run(self.experiment_id, run_name=op["run_name"], tags=op["tags"])
+                self.run_ids[number] = run.info.run_id
+            return
+        run_id = self.run_ids.get(number)
+        if kind == "artifact":
+            if run_id is not None and Path(op["folder"]).is_dir():
+                tracking.log_artifacts(self.uri, run_id, op["folder"], op["path"])
+            shutil.rmtree(op["folder"], ignore_errors=True)
+            return
+        if run_id is None:
+            return
+        if kind == "params":
+            tracking.log_batch(self.uri, run_id, params=op["params"])
+        elif kind == "reopen":
+            if number not in self.last_step:
+                self.last_step[number] = self._logged_steps(run_id)
+            tracking.set_status(self.uri, run_id, "RUNNING")
+            tracking.log_batch(self.uri, run_id, tags={tracking.TAG_STATUS: "running", tracking.TAG_TRIAL: op["trial_id"]})
+        elif kind == "metrics":
+            if number not in self.last_step:
+                self.last_step[number] = self._logged_steps(run_id)
+            if op["step"] <= self.last_step[number]:
+                return
+            tracking.log_batch(self.uri, run_id, metrics=op["metrics"], step=op["step"])
+            self.last_step[number] = op["step"]
+        elif kind == "final":
+            tracking.log_batch(self.uri, run_id, metrics=op["metrics"], tags=op["tags"], step=op["step"])
+        elif kind == "status":
+            tracking.set_status(self.uri, run_id, op["status"])
+        else:
+            raise ValueError(f"unknown queued MLflow write {kind!r}")
 
     # ------------------------------------------------------------------- reading
     def refresh(self) -> None:
@@ -132,69 +243,31 @@ class SweepRuns:
         if number not in self.run_ids:
             all_tags = {tracking.TAG_KIND: TRIAL_KIND, tracking.TAG_SWEEP: self.sweep_id, tracking.TAG_TRIAL: trial_id,
                         TAG_NUMBER: str(number), **{k: str(v) for k, v in tags.items()}}
-
-            def create() -> None:
-                if number in self.run_ids:
-                    return
-                run = tracking.client(self.uri).create_run(self.experiment_id, run_name=run_name, tags=all_tags)
-                self.run_ids[number] = run.info.run_id
-
-            self._write(f"create run of trial {number}", create)
-            self._write(f"params of trial {number}", lambda: tracking.log_batch(self.uri, self.run_ids[number], params=params))
+            self._write({"op": "create", "trial": number, "run_name": run_name, "tags": all_tags})
+            self._write({"op": "params", "trial": number, "params": {k: str(v)[:6000] for k, v in params.items()}})
             self.last_step.setdefault(number, -1)
         else:
-            run_id = self.run_ids[number]
-
-            def reopen() -> None:
-                if number not in self.last_step:
-                    self.last_step[number] = self._logged_steps(run_id)
-                tracking.set_status(self.uri, run_id, "RUNNING")
-                tracking.log_batch(self.uri, run_id, tags={tracking.TAG_STATUS: "running", tracking.TAG_TRIAL: trial_id})
-
-            self._write(f"reopen run of trial {number}", reopen)
+            self._write({"op": "reopen", "trial": number, "trial_id": trial_id})
         self.status[number] = "RUNNING"
 
     def log(self, number: int, metrics: dict[str, Any], step: int) -> None:
         """Per-iteration metrics; a step already logged (a trial restored from an older
         checkpoint) is not logged again."""
-
-        def write() -> None:
-            if number not in self.run_ids:
-                return
-            if number not in self.last_step:
-                self.last_step[number] = self._logged_steps(self.run_ids[number])
-            if step <= self.last_step[number]:
-                return
-            tracking.log_batch(self.uri, self.run_ids[number], metrics=metrics, step=step)
-            self.last_step[number] = step
-
-        self._write(f"metrics of trial {number} at step {step}", write)
+        self._write({"op": "metrics", "trial": number, "metrics": dict(metrics), "step": int(step)})
 
     def close(self, number: int, status: str, outcome: str, metrics: dict[str, Any] | None = None,
               tags: dict[str, Any] | None = None, step: int = 0, artifacts: Path | None = None) -> None:
         """Final metrics, the artifacts folder, ``prance.status`` = outcome, then the run status."""
         if number not in self.run_ids and not self.pending:
             return
-
-        def final() -> None:
-            if number in self.run_ids:
-                tracking.log_batch(self.uri, self.run_ids[number], metrics=metrics or {},
-                                   tags={tracking.TAG_STATUS: outcome, **(tags or {})}, step=step)
-
-        self._write(f"final metrics of trial {number}", final)
+        self._write({"op": "final", "trial": number, "metrics": dict(metrics or {}),
+                     "tags": {tracking.TAG_STATUS: outcome, **{k: str(v) for k, v in (tags or {}).items()}}, "step": int(step)})
         if artifacts is not None:
             # the selector only (its training state is for resuming, not for MLflow), copied:
             # the trial's checkpoint folder may be gone when a queued upload runs
-            folder = self._stashed(artifacts, SELECTOR_FILE)
-
-            def upload() -> None:
-                if number in self.run_ids:
-                    tracking.log_artifacts(self.uri, self.run_ids[number], folder, "selector")
-                shutil.rmtree(folder, ignore_errors=True)
-
-            self._write(f"selector artifact of trial {number}", upload)
-        self._write(f"status of trial {number}",
-                    lambda: tracking.set_status(self.uri, self.run_ids[number], status) if number in self.run_ids else None)
+            self._write({"op": "artifact", "trial": number, "folder": str(self._stashed(artifacts, SELECTOR_FILE)),
+                         "path": "selector"})
+        self._write({"op": "status", "trial": number, "status": status})
         self.status[number] = status
         self.tags.setdefault(number, {})[tracking.TAG_STATUS] = outcome
 

@@ -33,11 +33,11 @@ from pydantic import ValidationError
 
 from prance.config import _format_error
 from prance.sweep.config import SWEEP_OWNED, SweepConfig
-from prance.errors import PranceError, first_line
+from prance.errors import PranceError, first_line, one_line
 from prance.sweep import report as rep
 from prance.sweep import store
 from prance.sweep.plan import SweepPlan, plan_sweep, trial_threads
-from prance.sweep.runs import SweepRuns
+from prance.sweep.runs import QUEUE_FOLDER, SweepRuns
 from prance.sweep.space import DefineByRun
 from prance.selector.store import SELECTOR_FILE
 from prance.sweep.methods import DENSE, METHODS, run_trial
@@ -61,13 +61,12 @@ def trainable(config: dict, ctx: TrialContext) -> None:
 
     for name in ("ray.tune", "ray.train"):  # no "Checkpoint successfully created" line per report
         logging.getLogger(name).setLevel(logging.WARNING)
+    from prance.rayinit import quiet_sigterm_in_callbacks
+
+    quiet_sigterm_in_callbacks()
     workdir = Path(tempfile.mkdtemp(prefix="prance-selector-"))
-    restored = False
     checkpoint = tune.get_checkpoint()  # a retried trial, or an unfinished one of a resumed sweep
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, workdir, dirs_exist_ok=True)
-        restored = True
+    restored = checkpoint is not None and restore_checkpoint(checkpoint, workdir)
 
     def report(metrics: dict, folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
@@ -77,6 +76,50 @@ def trainable(config: dict, ctx: TrialContext) -> None:
         run_trial(config, ctx, report, workdir, restored)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _older_checkpoints(checkpoint) -> list:
+    """The trial's checkpoints before ``checkpoint`` (Tune keeps ``num_to_keep`` of them
+    in the trial's folder), newest first, on the same filesystem."""
+    import pyarrow.fs
+    from ray import tune
+
+    fs, path = checkpoint.filesystem, str(checkpoint.path).rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    except Exception:  # the trial's folder cannot be listed: only the checkpoint Tune gave
+        return []
+    older = sorted((f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
+                    and f.base_name.startswith("checkpoint_") and f.base_name < name), reverse=True)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in older]
+
+
+def restore_checkpoint(checkpoint, workdir: Path) -> bool:
+    """Copy the trial's newest readable checkpoint into ``workdir``: ``checkpoint`` (what
+    Tune restores), or, when that one is corrupt or incomplete, the one before it, with a
+    warning. False, ``workdir`` empty, when none is readable: the trial starts over rather
+    than fail."""
+    from prance.selector.store import check_training_folder
+
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        try:
+            with candidate.as_directory() as folder:
+                shutil.copytree(folder, workdir, dirs_exist_ok=True)
+            check_training_folder(workdir)
+        except Exception as e:
+            print(f"warning: checkpoint {candidate.path} is unreadable ({one_line(e) if isinstance(e, PranceError) else first_line(e)}): "
+                  "trying the one before it", file=sys.stderr, flush=True)
+            continue
+        if candidate is not checkpoint:
+            print(f"warning: the trial continues from its earlier checkpoint {candidate.path}", file=sys.stderr, flush=True)
+        return True
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    print("warning: no checkpoint of the trial is readable: it starts again from its beginning", file=sys.stderr, flush=True)
+    return False
 
 
 # ------------------------------------------------------------------------- the driver
@@ -475,7 +518,13 @@ def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: 
             "config": cfg.model_dump(exclude={"name": True, "storage": True, "selector": set(SWEEP_OWNED)}),
         })
     experiment_id = tracking.ensure_experiment(uri, experiment)
-    runs = SweepRuns(uri, experiment_id, sweep_id)
+    runs = SweepRuns(uri, experiment_id, sweep_id, queue_dir=store.report_folder(storage, name) / QUEUE_FOLDER)
+    if resume and runs.pending:  # what the interrupted session could not write (MLflow was away): first, in order
+        queued = len(runs.pending)
+        if not runs.flush(force=True):
+            raise PranceError(f"MLflow at {uri} does not answer: {queued} write(s) the interrupted session queued are kept in "
+                              f"{runs.queue_dir}; resume once it answers")
+        print(f"[sweep] wrote the {queued} MLflow write(s) the interrupted session had queued", flush=True)
     if resume:
         closed = runs.close_running()
         if closed:
