@@ -54,6 +54,8 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
     import torch
     from mlflow.models import infer_signature
 
+    from prance.data import input_spec_for_model, preprocess
+
     df = sweep_rows.read_results(storage, name)
     budgets = [b for b in dict.fromkeys(df.loc[df["method"] != "dense", "budget"].dropna().astype(str))]
     out = []
@@ -73,8 +75,8 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
                     if not run_id:
                         continue
                     folder = _artifacts(row, Path(tmp) / f"{budget}-{method}".replace("%", "pct"))
-                    x, y = row.validation_images()
-                    example = x[:2].numpy().astype(np.float32)
+                    x, y = row.validation_images()  # uint8, as the sweep held them; the model takes normalised floats
+                    example = preprocess(x[:2], input_spec_for_model(row.meta.vit)).numpy()
                     with torch.inference_mode():
                         if row.static is not None:
                             logits = row.meta(x[:2], row.static.subnet, row.static.plan).numpy()
