@@ -389,7 +389,9 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["fashion-mnist-validation"]  # mlflow.log_input
     assert torch.is_grad_enabled()  # logging the models (MLflow loads them to check the example) left autograd on
 
-    x = top.validation_images()[0][:16]
+    from prance.data import input_spec_for_model, preprocess
+
+    x = preprocess(top.validation_images()[0][:16], input_spec_for_model(top.meta.vit))  # held as uint8; the model takes floats
     np.save(tmp_path / "x.npy", x.numpy())
     code = ("import json, sys, mlflow, numpy as np; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1]); "
             "m = mlflow.pyfunc.load_model('models:/prance-fashion-mnist-50pct/1'); "

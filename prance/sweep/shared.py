@@ -128,16 +128,23 @@ def _registry(name: str):
     return ray.get_actor(name)
 
 
+def image_ref(name: str, spec, image_spec, part: str):
+    """The ObjectRef of a decoded part of the split; the first caller's node decodes it."""
+    import ray
+
+    reg = _registry(name)
+    [ref] = ray.get(reg.images.remote(key_of("images", spec, image_spec, part), spec, image_spec, part,
+                                      ray.get_runtime_context().get_node_id()))
+    return ref
+
+
 def images(name: str, spec, image_spec, part: str):
     """A part of the split as (uint8 x, int64 y) tensors read from the node's shared copy
     in Ray's object store (read-only: nothing writes into images it is given)."""
     import ray
     import torch
 
-    reg = _registry(name)
-    [ref] = ray.get(reg.images.remote(key_of("images", spec, image_spec, part), spec, image_spec, part,
-                                      ray.get_runtime_context().get_node_id()))
-    got = ray.get(ref)
+    got = ray.get(image_ref(name, spec, image_spec, part))
     with warnings.catch_warnings():  # the arrays are read-only views of the object store
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(got["x"]), torch.from_numpy(got["y"])
