@@ -310,14 +310,16 @@ def _match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 def preprocess(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """Turn uint8 images [N,H,W] or [N,C,H,W] into normalised float [N,C,H,W] for ``spec``.
 
-    Steps: scale to [0,1], resize to ``spec.img_size``, match channels, normalise.
+    Steps: scale to [0,1], resize to ``spec.img_size``, match channels, normalise; on the
+    images' device. On images :func:`held_images` decoded from a folder (already resized
+    and cropped) it does what timm's ``ToTensor`` + ``Normalize`` do, op for op.
     """
     x = images.unsqueeze(1) if images.dim() == 3 else images
     x = x.to(torch.float32).div_(255.0)
     x = _resize(x, spec.img_size, spec.interpolation)
     x = _match_channels(x, spec.in_chans)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
@@ -368,12 +370,16 @@ def fashion_mnist(
 # ------------------------------------------------------------------------ image folders
 
 
+DECODED = {"images": 0}  # image files this process opened (tests count what planning decodes)
+
+
 def _open_image(path: str, mode: str, skip_bad: bool = False) -> Any:
     """Open an image file with PIL and convert it to ``mode`` ("L" or "RGB"). An unreadable
     file (truncated, not an image) is a PranceError naming it; with ``skip_bad`` a warning
     line on stderr and None (the loader's collate function drops the item)."""
     from PIL import Image
 
+    DECODED["images"] += 1
     try:
         with open(path, "rb") as handle:
             return Image.open(handle).convert(mode)
@@ -414,27 +420,49 @@ def _split_folder(root: Path, split: str) -> Path:
     raise PranceError(f"image folder {root} has no {' or '.join(n + '/' for n in names)} subfolder")
 
 
-def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False) -> Dataset:
+def _timm_transform(spec: InputSpec, train: bool) -> Any:
+    from timm.data import create_transform
+
+    return create_transform(input_size=(spec.in_chans, *spec.img_size), is_training=train, mean=spec.mean, std=spec.std,
+                            interpolation=spec.interpolation, crop_pct=spec.crop_pct)
+
+
+def _to_uint8(image: Any) -> torch.Tensor:
+    """A PIL image as a uint8 tensor [C,H,W] (what ``ToTensor`` reads, before it scales)."""
+    array = torch.from_numpy(np.array(image, np.uint8, copy=True))
+    return array.unsqueeze(0) if array.dim() == 2 else array.permute(2, 0, 1).contiguous()
+
+
+def decode_transform(spec: InputSpec) -> Any:
+    """timm's evaluation transform for ``spec`` up to its ``ToTensor`` and ``Normalize``
+    (resize and centre crop), ending in a uint8 tensor [C,H,W]: 0.14 MiB per 3x224x224
+    image instead of float32's 0.57 MiB. :func:`preprocess` does the rest per batch."""
+    from torchvision.transforms import Compose
+
+    steps = list(_timm_transform(spec, False).transforms)
+    tail = [type(t).__name__ for t in steps[-2:]]
+    if tail not in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]):
+        raise RuntimeError(f"timm's evaluation transform no longer ends in ToTensor, Normalize: {steps}")
+    return Compose([*steps[:-2], _to_uint8])
+
+
+def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False,
+                 uint8: bool = False) -> Dataset:
     """An ImageNet-style folder ``root/<split>/<class>/<image>`` as a torchvision ImageFolder.
 
     ``split`` is "train" or "val" ("test" is accepted when only one of test/ and val/ exists).
     Images go through timm's transform for ``spec`` (training augmentation when ``train``);
-    they are read as grey when the model takes one channel, else as RGB. An unreadable
-    image is a PranceError naming it, or with ``skip_bad`` a warning and an item the
-    loader of :func:`make_loader` leaves out.
+    they are read as grey when the model takes one channel, else as RGB. ``uint8``: items
+    are resized and cropped uint8 images (:func:`decode_transform`), not normalised floats.
+    An unreadable image is a PranceError naming it, or with ``skip_bad`` a warning and an
+    item the loader of :func:`make_loader` leaves out.
     """
-    from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
+    if uint8 and train:
+        raise ValueError("uint8 images are evaluation images: no augmentation")
     folder = _split_folder(Path(root).expanduser(), split)
-    transform = create_transform(
-        input_size=(spec.in_chans, *spec.img_size),
-        is_training=train,
-        mean=spec.mean,
-        std=spec.std,
-        interpolation=spec.interpolation,
-        crop_pct=spec.crop_pct,
-    )
+    transform = decode_transform(spec) if uint8 else _timm_transform(spec, train)
     mode = "L" if spec.in_chans == 1 else "RGB"
     try:
         return ImageFolder(
@@ -452,18 +480,21 @@ def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, trai
 DATASET_FORMS = ("fashion-mnist", "imagefolder:PATH")
 
 
-def build_dataset(name: str, split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False) -> Dataset:
+def build_dataset(name: str, split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False,
+                  uint8: bool = False) -> Dataset:
     """Build a dataset by name: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
 
     ``split`` is "train" or "test"/"val".  ``train`` turns on augmentation for image
     folders; Fashion-MNIST tensors are served without augmentation. ``skip_bad``: an
     image folder's unreadable images are skipped with a warning (else a PranceError).
+    ``uint8``: an image folder's items are uint8 images for :func:`held_images`.
+    Building a dataset lists files; it decodes no image.
     """
     key = name.strip()
     if key.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return fashion_mnist(split, spec)
     if key.lower().startswith("imagefolder:") and key[len("imagefolder:") :].strip():
-        return image_folder(key[len("imagefolder:") :].strip(), split, spec, train=train, skip_bad=skip_bad)
+        return image_folder(key[len("imagefolder:") :].strip(), split, spec, train=train, skip_bad=skip_bad, uint8=uint8)
     raise PranceError(f"unknown dataset {name!r}: use one of {', '.join(DATASET_FORMS)}")
 
 
@@ -611,3 +642,47 @@ class EpochShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+# ------------------------------------------------------------------ images held as uint8
+
+DECODE_BATCH = 64
+
+
+def decode_workers(n_images: int) -> int:
+    """Loader processes for decoding ``n_images``: none for a few hundred, else one per
+    core up to 8 (each runs one torch thread, :func:`one_thread_worker`)."""
+    return 0 if n_images < 512 else min(8, os.cpu_count() or 1)
+
+
+def held_images(dataset: Dataset, indices: Sequence[int], workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``indices`` of ``dataset`` as they are held in memory: uint8 [N,C,H,W]
+    and int64 labels [N]. A model reads them directly: the meta-network scales, resizes
+    and normalises each batch on its device (:func:`preprocess`, called by
+    ``prance.models.engine.stem``), with the same values as the float path.
+
+    ``dataset``: a TensorImageDataset (its uint8 images are indexed) or a dataset of uint8
+    items (``image_folder(..., uint8=True)``), decoded by ``workers`` loader processes
+    (default :func:`decode_workers`) into one preallocated array: no float copy, no
+    concatenation of batches."""
+    if isinstance(dataset, TensorImageDataset):
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        x = dataset.images[idx]
+        return (x.unsqueeze(1) if x.dim() == 3 else x), dataset.labels[idx]
+    n = len(indices)
+    workers = decode_workers(n) if workers is None else workers
+    loader = make_loader(Subset(dataset, list(indices)), batch_size=DECODE_BATCH, num_workers=workers,
+                         prefetch_factor=4 if workers else None)
+    x = y = None
+    at = 0
+    for xb, yb in loader:
+        if xb.dtype != torch.uint8:
+            raise ValueError(f"held_images needs a dataset of uint8 images, got {xb.dtype}")
+        if x is None:
+            x, y = torch.empty((n, *xb.shape[1:]), dtype=torch.uint8), torch.empty(n, dtype=torch.int64)
+        x[at : at + len(xb)] = xb
+        y[at : at + len(xb)] = yb
+        at += len(xb)
+    if x is None:
+        raise PranceError("no images to load")
+    return x[:at], y[:at]  # fewer than n only when unreadable images were skipped

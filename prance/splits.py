@@ -12,7 +12,9 @@ training images, which teaches a selector how confident the network is on data i
 memorised (docs/selector.md).
 
 :func:`layout` works out the parts as index lists without decoding an image (what a
-driver checks); :func:`load` decodes the parts asked for.
+driver checks); :func:`load` decodes the parts asked for, once, into uint8 images
+(:func:`prance.data.held_images`: resized and cropped, 0.14 MiB per 3x224x224 image) that
+the meta-network normalises per batch on its device.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from prance.checkpoint import read_header
-from prance.data import build_dataset, input_spec_for_model, make_loader, pretrain_holdout
+from prance.data import build_dataset, held_images, input_spec_for_model, pretrain_holdout
 from prance.errors import PranceError
 
 # The fixed permutation of the test split into validation, rollout and test images.
@@ -87,7 +89,7 @@ def layout(spec: SplitSpec, image_spec) -> Layout:
     source = spec.source()
     if source == "train_holdout":
         return Layout(_train_holdout_parts(spec, image_spec), source)
-    test = build_dataset(spec.dataset, "test", image_spec)
+    test = build_dataset(spec.dataset, "test", image_spec, uint8=True)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED)).tolist()
     v_idx, rest = perm[: spec.val_limit], perm[spec.val_limit :]
     if source == "holdout":
@@ -95,7 +97,7 @@ def layout(spec: SplitSpec, image_spec) -> Layout:
         r_idx, rest = rest[:n], rest[n:]
         rollouts = (test, r_idx)
     else:
-        train = build_dataset(spec.dataset, "train", image_spec)
+        train = build_dataset(spec.dataset, "train", image_spec, uint8=True)
         g = torch.Generator().manual_seed(spec.seed)
         rollouts = (train, torch.randperm(len(train), generator=g)[: spec.train_limit or len(train)].tolist())
     if not rest and spec.test_limit is not None:
@@ -113,7 +115,7 @@ def _train_holdout_parts(spec: SplitSpec, image_spec) -> dict:
     if not fraction:
         raise PranceError(f"rollouts_from: train_holdout needs a checkpoint pretrained with holdout_fraction > 0; "
                           f"{spec.checkpoint} held out no train images (use rollouts_from: holdout)")
-    held = pretrain_holdout(build_dataset(spec.dataset, "train", image_spec), fraction)[1]
+    held = pretrain_holdout(build_dataset(spec.dataset, "train", image_spec, uint8=True), fraction)[1]
     idx = held.indices
     n_rollouts = spec.train_limit or (len(idx) - spec.val_limit)
     if spec.val_limit + n_rollouts > len(idx):
@@ -121,23 +123,24 @@ def _train_holdout_parts(spec: SplitSpec, image_spec) -> dict:
                           f"{len(idx)} held-out train images")
     parts = {"val": (held.dataset, idx[: spec.val_limit]), "train": (held.dataset, idx[spec.val_limit : spec.val_limit + n_rollouts])}
     if spec.test_limit is not None:
-        test = build_dataset(spec.dataset, "test", image_spec)
+        test = build_dataset(spec.dataset, "test", image_spec, uint8=True)
         parts["test"] = (test, list(range(min(spec.test_limit, len(test)))))
     return parts
 
 
-def tensors(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
-    """The images ``indices`` of ``dataset`` as (x, y) tensors."""
-    if hasattr(dataset, "batch"):
-        return dataset.batch(indices)
-    from torch.utils.data import Subset
+def tensors(dataset, indices: list[int], workers: int | None = None) -> tuple[Tensor, Tensor]:
+    """The images ``indices`` of a :func:`layout` part's ``dataset`` as (uint8 x, int64 y)
+    tensors (:func:`prance.data.held_images`)."""
+    return held_images(dataset, indices, workers)
 
-    xs, ys = zip(*make_loader(Subset(dataset, indices), batch_size=256))
-    return torch.cat(xs), torch.cat(ys)
+
+def load_images(spec: SplitSpec, image_spec, parts: Iterable[str] = PARTS, workers: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The asked-for parts of the split (those the spec has: ``test`` only with a
+    ``test_limit``) as (uint8 x, int64 y) tensors, for images shaped by ``image_spec``."""
+    lay = layout(spec, image_spec)
+    return {p: tensors(*lay.parts[p], workers) for p in parts if p in lay.parts}
 
 
 def load(meta, spec: SplitSpec, parts: Iterable[str] = PARTS) -> dict[str, tuple[Tensor, Tensor]]:
-    """The asked-for parts of the split (those the spec has: ``test`` only with a
-    ``test_limit``) as (x, y) tensors for the meta-network ``meta``."""
-    lay = layout(spec, input_spec_for_model(meta.vit))
-    return {p: tensors(*lay.parts[p]) for p in parts if p in lay.parts}
+    """:func:`load_images` for the meta-network ``meta``."""
+    return load_images(spec, input_spec_for_model(meta.vit), parts)

@@ -421,7 +421,9 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     assert [(r["model_uri"], r["registered"]) for r in again] == [(r["model_uri"], r["registered"]) for r in logged]
     assert [len(c.get_run(r["run_id"]).inputs.dataset_inputs) for r in again] == [1] * len(again)
 
-    x = top.validation_images()[0][:16]
+    from prance.data import input_spec_for_model, preprocess
+
+    x = preprocess(top.validation_images()[0][:16], input_spec_for_model(top.meta.vit))  # held as uint8; the model takes floats
     np.save(tmp_path / "x.npy", x.numpy())
     code = ("import json, sys, mlflow, numpy as np; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1]); "
             "m = mlflow.pyfunc.load_model('models:/prance-fashion-mnist-50pct/1'); "

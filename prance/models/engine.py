@@ -137,7 +137,13 @@ def embed(vit: nn.Module, images: Tensor, width: int) -> Tensor:
 
 def stem(vit: nn.Module, images: Tensor) -> Tensor:
     """What the patch projection reads: the images, or a hybrid ViT's conv-stem feature
-    map. It does not depend on the width, so images embedded at several widths share it."""
+    map. It does not depend on the width, so images embedded at several widths share it.
+    uint8 images (as :func:`prance.data.held_images` holds them) are scaled, resized and
+    normalised here, per batch on their device (:func:`prance.data.preprocess`)."""
+    if images.dtype == torch.uint8:
+        from prance.data import input_spec_for_model, preprocess
+
+        images = preprocess(images, input_spec_for_model(vit))
     pe = vit.patch_embed
     expected = tuple(pe.img_size)
     if tuple(images.shape[-2:]) != expected:

@@ -22,9 +22,11 @@ start on validation (:func:`prance.selector.train.train_selector`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -40,6 +42,22 @@ from prance.tokens.state import TokenPlan
 
 
 MAX_WIDTH_SCHEDULES = 10_000  # per-stage width combinations enumerated at most
+
+# How find_anchor runs its static search: prance.static_search.search, or what a caller
+# puts in its place (a sweep trial shares the search of its (strategy, budget) combo).
+_ANCHOR_SEARCH: contextvars.ContextVar[Callable] = contextvars.ContextVar("anchor_search", default=search)
+
+
+@contextlib.contextmanager
+def anchor_searches(fn: Callable) -> Iterator[None]:
+    """Within the block, :func:`find_anchor` calls ``fn`` with
+    :func:`prance.static_search.search`'s arguments instead of it (e.g. a search shared by
+    the trials of a sweep that would run the very same one)."""
+    token = _ANCHOR_SEARCH.set(fn)
+    try:
+        yield
+    finally:
+        _ANCHOR_SEARCH.reset(token)
 
 
 @dataclass(frozen=True)
@@ -121,8 +139,8 @@ def find_anchor(
     margin = plain.overhead_macs + flops.embed_macs(arch, arch.embed_dim) - flops.embed_macs(arch, min(space.embed))
     for _ in range(3):  # the anchor's own dimension makes the policy a little dearer: re-search if it no longer fits
         try:
-            found = search(meta, budget_gflops - margin / 1e9, images, [plain.actions.strategy], first_images=first_images,
-                           eta=eta, batch_size=batch_size)
+            found = _ANCHOR_SEARCH.get()(meta, budget_gflops - margin / 1e9, images, [plain.actions.strategy],
+                                         first_images=first_images, eta=eta, batch_size=batch_size)
         except PranceError:
             return None
         selector = make(found.best.strategy)

@@ -1,8 +1,8 @@
 """The ``cascade`` sweep method's trial: the best confidence cascade (:mod:`prance.cascade`)
 at a mean budget, chosen on the sweep's validation images.
 
-Each budget's ladder of static configurations is computed once per worker process and
-shared by every trial there that needs it (:func:`shared_ladder`); the chain and its
+Each budget's ladder of static configurations is computed once per sweep and shared by
+every trial that needs it (:func:`shared_ladder`, through :mod:`prance.sweep.shared`); the chain and its
 thresholds are chosen from the ladder's logits, then the chosen cascade is run again on
 the validation images, so its row carries measured Top-1, per-image GFLOPs (mean, p95,
 max) and throughput like every other row.
@@ -26,19 +26,23 @@ def ladder_key(ctx: TrialContext, budget_gflops: float) -> tuple:
 
 def shared_ladder(ctx: TrialContext, budget_gflops: float) -> list:
     """The ladder of static configurations at ``budget_gflops`` (:func:`prance.cascade.ladder`),
-    computed once per budget in this process."""
+    computed once per budget (in this process, and across the sweep's trials)."""
     from prance import cascade
+    from prance.sweep import shared
 
-    key = ladder_key(ctx, budget_gflops)
-    if key not in _LADDERS:
+    def compute() -> list:
         model = model_of(ctx.checkpoint)
         c = ctx.cascade
         rungs = sorted(set(list(c.get("rungs", cascade.RUNGS)) + [1.0]))
-        _LADDERS[key] = cascade.ladder(model, budget_gflops, validation_images(ctx, model), rungs,
-                                       c.get("strategies", ["none", "merge", "prune_merge"]),
-                                       first_images=ctx.static.get("first_images", 64), eta=ctx.static.get("eta", 3),
-                                       uniform_only=c.get("uniform_only", True))
         LADDER_CALLS["computed"] += 1
+        return cascade.ladder(model, budget_gflops, validation_images(ctx, model), rungs,
+                              c.get("strategies", ["none", "merge", "prune_merge"]),
+                              first_images=ctx.static.get("first_images", 64), eta=ctx.static.get("eta", 3),
+                              uniform_only=c.get("uniform_only", True))
+
+    key = ladder_key(ctx, budget_gflops)
+    if key not in _LADDERS:
+        _LADDERS[key] = shared.value(ctx.shared, shared.key_of("ladder", *key), compute)
     return _LADDERS[key]
 
 

@@ -62,8 +62,10 @@ def _example(row: sweep_rows.SweepRow):
     import numpy as np
     import torch
 
-    x, y = row.validation_images()
-    example = x[:2].numpy().astype(np.float32)
+    from prance.data import input_spec_for_model, preprocess
+
+    x, y = row.validation_images()  # uint8, as the sweep held them; the model takes normalised floats
+    example = preprocess(x[:2], input_spec_for_model(row.meta.vit)).numpy()
     with torch.inference_mode():
         if row.static is not None:
             logits = row.meta(x[:2], row.static.subnet, row.static.plan).numpy()

@@ -16,8 +16,11 @@ training-free strategy at the same budget (the dense Top-1 when none reaches it)
 
     score = top1 - baseline_top1(budget) - overshoot_penalty * max(0, gflops / budget - 1)
 
-Baselines are evaluated at most once per worker process and budget (cached), on the same
-validation images as the trial.
+Baselines are evaluated once per budget (cached per worker process, and shared by all the
+sweep's trials through :mod:`prance.sweep.shared`), on the same validation images as the
+trial. So are the images themselves (one uint8 copy per node in Ray's object store) and a
+selector's warm-start anchor search (once per strategy and budget). Ray is reached only
+through :mod:`prance.sweep.shared`, and only when ``TrialContext.shared`` names a registry.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class TrialContext:
     progress: bool = False
     static: dict = field(default_factory=dict)  # StaticSearchSettings fields
     cascade: dict = field(default_factory=dict)  # CascadeSettings fields
+    shared: str = ""  # the name of the sweep's registry of shared work (prance.sweep.shared); "" in-process
 
 
 def score(top1: float, gflops: float, budget_gflops: float, baseline_top1: float, overshoot_penalty: float) -> float:
@@ -76,23 +80,30 @@ def split_of(ctx: TrialContext):
     return SplitSpec.of_settings(ctx.dataset, ctx.checkpoint, ctx.selector)
 
 
-def split_images(model, spec, part: str):
+def split_images(model, spec, part: str, shared: str = ""):
     """A part of a split (``val``: what every trial is scored on; ``train``: the
-    selector's rollout images) as (x, y) tensors, decoded once per worker process and
-    handed to every trial there that needs it."""
+    selector's rollout images) as (uint8 x, int64 y) tensors, loaded once per worker
+    process and handed to every trial there that needs it; with ``shared`` (the sweep's
+    registry) read from the node's one copy in Ray's object store."""
     from prance import splits
+    from prance.data import input_spec_for_model
 
     key = (repr(spec), part)
     if key not in _IMAGES:
         if any(k[0] != key[0] for k in _IMAGES):
             _IMAGES.clear()  # another split: one split's images at a time
-        _IMAGES[key] = splits.load(model, spec, parts=(part,))[part]
+        if shared:
+            from prance.sweep import shared as registry
+
+            _IMAGES[key] = registry.images(shared, spec, input_spec_for_model(model.vit), part)
+        else:
+            _IMAGES[key] = splits.load(model, spec, parts=(part,))[part]
     return _IMAGES[key]
 
 
 def validation_images(ctx: TrialContext, model):
     """The validation images every trial is scored on (:mod:`prance.splits`)."""
-    return split_images(model, split_of(ctx), "val")
+    return split_images(model, split_of(ctx), "val", ctx.shared)
 
 
 def evaluate_fixed(ctx: TrialContext, token_strategy: str, budget_gflops: float | None) -> dict:
@@ -147,14 +158,49 @@ def baseline_top1(ctx: TrialContext, budget_gflops: float) -> float:
     from prance.errors import PranceError
     from prance.tokens.strategies import TRAINING_FREE_STRATEGIES
 
-    best = None
-    for token in TRAINING_FREE_STRATEGIES:
-        try:
-            t = _top1(ctx, token, budget_gflops)
-        except PranceError:  # this strategy cannot reach the budget
-            continue
-        best = t if best is None else max(best, t)
-    return best if best is not None else _top1(ctx, "none", None)
+    from prance.sweep import shared
+
+    def compute() -> float:
+        best = None
+        for token in TRAINING_FREE_STRATEGIES:
+            try:
+                t = _top1(ctx, token, budget_gflops)
+            except PranceError:  # this strategy cannot reach the budget
+                continue
+            best = t if best is None else max(best, t)
+        return best if best is not None else _top1(ctx, "none", None)
+
+    key = ("baseline", ctx.checkpoint, ctx.dataset, repr(split_of(ctx)), ctx.selector.get("batch_size", 64), budget_gflops)
+    if key not in _TOP1:
+        _TOP1[key] = shared.value(ctx.shared, shared.key_of(*key), compute)
+    return _TOP1[key]
+
+
+def anchor_search(ctx: TrialContext, spec, images: int):
+    """The warm-start anchor search of a selector trial (:func:`prance.static_search.search`
+    as :func:`prance.selector.static.find_anchor` calls it), run once per set of its
+    arguments across the sweep: the trials of one (strategy, budget) combo search the same
+    configurations on the same first ``images`` rollout images, whatever their tuned
+    hyper-parameters. A search that finds nothing is shared as such."""
+    from prance import static_search
+    from prance.errors import PranceError
+    from prance.sweep import shared
+
+    def search(meta, budget_gflops, val, strategies, **kw):
+        key = ("anchor", ctx.checkpoint, repr(spec), images, list(strategies), budget_gflops, sorted(kw.items()))
+
+        def compute():
+            try:
+                return "found", static_search.search(meta, budget_gflops, val, strategies, **kw)
+            except PranceError as e:
+                return "none", str(e)
+
+        status, out = shared.value(ctx.shared, shared.key_of(*key), compute)
+        if status == "none":
+            raise PranceError(out)
+        return out
+
+    return search
 
 
 def selector_config(config: dict, ctx: TrialContext):
@@ -229,6 +275,7 @@ def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir:
     checkpoint (the selector so far and its training state) in ``workdir``; ``restored``:
     ``workdir`` already holds one (a retried or resumed trial), training continues from it."""
     from prance.selector.run import run_selector
+    from prance.selector.static import anchor_searches
     from prance.selector.store import SELECTOR_FILE
     from prance.splits import SplitSpec
 
@@ -240,7 +287,7 @@ def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir:
     workdir.mkdir(parents=True, exist_ok=True)
     model = model_of(ctx.checkpoint)
     spec = SplitSpec.of(cfg.model_copy(update={"test_limit": None}))  # a trial's own suggestions may change its split
-    data = {part: split_images(model, spec, part) for part in ("val", "train")}
+    data = {part: split_images(model, spec, part, ctx.shared) for part in ("val", "train")}
 
     def with_score(m: dict) -> dict:
         out = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
@@ -259,8 +306,9 @@ def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir:
         if int(m.get("iteration", 0)) < cfg.iterations:
             report(with_score(m), checkpoint_dir())
 
-    final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress, resume_from=workdir if restored else None,
-                                    budget=budget_of(config), data=data))
+    with anchor_searches(anchor_search(ctx, spec, min(cfg.static_images, len(data["train"][1])))):
+        final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress, resume_from=workdir if restored else None,
+                                        budget=budget_of(config), data=data))
     # The final metrics are those of the best validation iteration (the selector that is
     # kept), reported at the last iteration so that MLflow and Tune show them last.
     final["best_iteration"] = final.get("iteration", cfg.iterations)

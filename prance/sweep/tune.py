@@ -566,8 +566,11 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
             store.remove_unstarted(storage, name)
         raise
 
+    from prance.sweep import shared
+
+    _registry, registry_name = shared.start()  # images, anchors, baselines, ladders: once per sweep (alive while run_sweep holds it)
     ctx = TrialContext(
-        checkpoint=plan.checkpoint, dataset=plan.dataset,
+        checkpoint=plan.checkpoint, dataset=plan.dataset, shared=registry_name,
         selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
         threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
         device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
