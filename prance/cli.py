@@ -12,6 +12,7 @@ import json
 import sys
 
 from prance.errors import PranceError, one_line
+from prance.halving import Halving
 from prance.tokens.strategies import REDUCING_STRATEGIES, STRATEGIES
 
 HELP_MODEL = "timm model name (e.g. deit_small_patch16_224, prance_vit_fmnist)"
@@ -74,8 +75,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     """What ``search-static`` and ``search-cascade`` share: the meta-network, the
     selector's image split, the successive halving of the static searches."""
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
-    p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
-    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
+    p.add_argument("--first-images", type=int, default=Halving.first_images, help="successive halving: images every candidate is scored on first")
+    p.add_argument("--eta", type=int, default=Halving.eta, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
     p.add_argument("--val-limit", type=int, default=2000,
                    help="validation images the choice is made on (default 2000, the default sweep's: the same defaults give its static rows)")
@@ -241,7 +242,7 @@ def _selector_config(args: argparse.Namespace):
 def cmd_train_selector(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
-    from prance.selector.run import run_selector
+    from prance.selector.pipeline import run_selector
     from prance.selector.store import SELECTOR_FILE
 
     cfg = _selector_config(args)
@@ -313,6 +314,10 @@ def _search_inputs(args: argparse.Namespace, command: str):
     return model, budget, data, names, say
 
 
+def _halving(args: argparse.Namespace) -> Halving:
+    return Halving(first_images=args.first_images, eta=args.eta)
+
+
 def cmd_search_static(args: argparse.Namespace) -> dict:
     """The best static configuration at a budget, chosen on the selector's validation
     images and reported on its held-out test images (the same images ``train-selector``
@@ -322,7 +327,7 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
     from prance.selector.train import batches
 
     model, budget, data, names, say = _search_inputs(args, "search-static")
-    found = static_search.search(model, budget, data["val"], names, args.uniform_only, args.first_images, args.eta,
+    found = static_search.search(model, budget, data["val"], names, args.uniform_only, halving=_halving(args),
                                  base=_strategy_config(args, "none"), progress=say)
     best = found.best
     val = evaluate(model, batches(*data["val"], args.batch_size), best.subnet, best.plan, progress=False)
@@ -351,7 +356,7 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
     model, budget, data, names, say = _search_inputs(args, "search-cascade")
     if args.max_rungs < 1:
         raise PranceError(f"--max-rungs must be at least 1, got {args.max_rungs}")
-    found = cascade.search(model, budget, data["val"], names, rungs, first_images=args.first_images, eta=args.eta,
+    found = cascade.search(model, budget, data["val"], names, rungs, halving=_halving(args),
                            batch_size=args.batch_size, progress=say, max_rungs=args.max_rungs, margin=not args.no_margin)
     test = cascade.evaluate(model, found.best, *data["test"], batch_size=args.batch_size)
     st = found.static
