@@ -315,7 +315,7 @@ def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decis
     got = json.loads(proc.stdout)
     cascade = parse_cascade(text, decisive_micro)
     assert cascade.describe() == text and len(cascade.rungs) == 3  # the parser inverts describe
-    logits, passes = casc.run(decisive_micro, cascade, x)
+    logits, passes = casc.forward(decisive_micro, cascade, x)
     assert got["predictions"] == logits.argmax(-1).tolist() and got["passes"] == passes.tolist()
 
 
@@ -403,7 +403,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
         else:
             from prance.selector.store import load_selector
 
-            ref = load_selector(top.selector, top.meta)[0].run(top.meta, x, float(top.row["budget_gflops"])).logits
+            ref = load_selector(top.selector, top.meta)[0].run_episode(top.meta, x, float(top.row["budget_gflops"])).logits
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref.argmax(-1).tolist()
 
 

@@ -44,7 +44,7 @@ class PranceModel(PythonModel):
             if self.kind == "static":
                 logits = self.module(x)
             else:
-                logits = self.selector.run(self.meta, x, self.budget).logits
+                logits = self.selector.run_episode(self.meta, x, self.budget).logits
         return logits.float().numpy()
 
 

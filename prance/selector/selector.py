@@ -79,15 +79,16 @@ class Selector:
             )
         return budget_gflops
 
-    def run(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, greedy: bool = True, generator=None, rtg: bool = False,
-            amp: bool = False) -> execute.Episode:
-        """One episode per image of ``images`` (on the meta-network's device); see :func:`execute.run`."""
+    def run_episode(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, *, greedy: bool = True, generator=None,
+                    rtg: bool = False, amp: bool = False) -> execute.Episode:
+        """One episode per image of ``images`` (on the meta-network's device); see :func:`execute.run_episode`."""
         b = images.shape[0]
         budget = torch.as_tensor(budget_gflops, dtype=torch.float64) * 1e9
         budget = budget.expand(b) if budget.dim() == 0 else budget
         # a mean budget caps no image below the full sub-network (its policy and all)
         cap = budget if self.budget_kind == "cap" else torch.full((b,), float(self.table.full_macs + self.overhead_macs), dtype=torch.float64)
-        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg, amp, cap_macs=cap)
+        return execute.run_episode(meta, self.actions, self.table, self.policy, images, budget, greedy=greedy, generator=generator,
+                                   rtg=rtg, amp=amp, cap_macs=cap)
 
 
 @torch.inference_mode()
@@ -96,6 +97,7 @@ def evaluate_selector(
     selector: Selector,
     batches: Iterable[tuple[Tensor, Tensor]],
     budget_gflops: float,
+    *,
     progress: bool = True,
     reward_fn: Callable[[Tensor, Tensor, execute.Episode], Tensor] | None = None,
     amp: bool = False,
@@ -116,7 +118,7 @@ def evaluate_selector(
         x = x.to(dev, non_blocking=True)
         synchronize(dev)
         t0 = time.perf_counter()
-        ep = selector.run(meta, x, budget_gflops, amp=amp)
+        ep = selector.run_episode(meta, x, budget_gflops, amp=amp)
         synchronize(dev)
         seconds += time.perf_counter() - t0
         correct += int((ep.logits.argmax(dim=-1) == y).sum())
