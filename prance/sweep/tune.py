@@ -311,7 +311,21 @@ def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
     return cfg, settings
 
 
-def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | None):
+@dataclass
+class SweepSession:
+    """What one session of a sweep works on, checked before Ray starts (:func:`_check_inputs`)."""
+
+    cfg: SweepConfig
+    plan: SweepPlan
+    name: str
+    storage: str  # absolute
+    exp_path: str  # Tune's folder of the sweep
+    uri: str  # the MLflow tracking URI
+    resume: bool
+    t_start: float  # time.monotonic() when the session began
+
+
+def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | None, t_start: float) -> SweepSession:
     """Step 1, before Ray and before anything is written to MLflow: the plan, the sweep's
     name, storage, Tune folder and MLflow URI; PranceError on anything wrong."""
     if not resume and cfg.mlflow_uri:
@@ -343,7 +357,7 @@ def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | 
     if resume:
         store.check_tune_state(storage, name)
 
-    return plan, name, storage, exp_path, uri
+    return SweepSession(cfg, plan, name, storage, exp_path, uri, resume, t_start)
 
 
 def _check_local_gpus(cfg: SweepConfig) -> None:
@@ -360,14 +374,15 @@ def _check_local_gpus(cfg: SweepConfig) -> None:
         raise PranceError(f"--use-gpu: a trial needs {cfg.gpus_per_trial:g} GPU, this machine has {gpus}")
 
 
-def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, storage: str, exp_path: str,
-           slots: int, resume: bool):
-    """Step 3b: a new Tuner for the plan, or the interrupted one restored from ``exp_path``."""
+def _tuner(session: SweepSession, ctx: TrialContext, slots: int):
+    """Step 3b: a new Tuner for the plan, or the interrupted one restored from its folder."""
     from ray import tune
+
+    cfg, plan, name, storage, exp_path = session.cfg, session.plan, session.name, session.storage, session.exp_path
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if cfg.use_gpu else 0}
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources)
-    if resume:
+    if session.resume:
         try:
             tuner = tune.Tuner.restore(exp_path, fn, resume_unfinished=True, resume_errored=False)
         except Exception as e:  # a truncated or corrupted experiment state (tuner.pkl, experiment_state-*.json)
@@ -393,10 +408,11 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, stor
     return tuner
 
 
-def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: Progress, name: str, storage: str,
-            resume: bool, slots: int, fit_s: float, t_start: float, uri: str, experiment_id: str) -> SweepOutcome:
+def _report(session: SweepSession, grid, runs: SweepRuns, progress: Progress, slots: int, fit_s: float,
+            experiment_id: str) -> SweepOutcome:
     """Step 4: MLflow catches up (writes queued while a server was away), then the report
     from Tune's results -- written whatever MLflow does -- then the summary run."""
+    cfg, plan, name, storage, uri, t_start = session.cfg, session.plan, session.name, session.storage, session.uri, session.t_start
     multi = cfg.multi_objective
     tracking_error = settle_runs(runs, cfg.mlflow_wait_s)
     rows = result_rows(grid, plan, runs, progress)
@@ -409,7 +425,7 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
     results = folder / "results.csv"
     df.to_csv(results, index=False)
     plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs of {Path(str(plan.checkpoint)).name}")
-    timing = store.append_timing(folder, {"resumed": resume, "slots": slots, "fit_s": round(fit_s, 2),
+    timing = store.append_timing(folder, {"resumed": session.resume, "slots": slots, "fit_s": round(fit_s, 2),
                                           "session_s": round(time.monotonic() - t_start, 2), "trials": len(progress.wall)})
     store.publish(storage, name, [results, plot, timing])
     interrupted = int(df["status"].isin(["interrupted", "pending"]).sum())
@@ -461,10 +477,10 @@ def _start_ray(address: str | None, storage: str, uri: str) -> None:
     check_shared_locations(storage, uri)
 
 
-def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: str, command: str,
-                   resume: bool, settings: dict | None):
+def _open_tracking(session: SweepSession, source: str, command: str, settings: dict | None):
     """Step 3: the sweep's settings file (new sweeps), its MLflow experiment and the
     per-trial run bookkeeping; on resume, runs the interrupted session left RUNNING close."""
+    cfg, name, storage, uri, resume = session.cfg, session.name, session.storage, session.uri, session.resume
     if resume:
         sweep_id, experiment = settings["sweep_id"], settings["experiment"]
     else:
@@ -483,6 +499,16 @@ def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: 
     return runs, experiment, experiment_id
 
 
+def _trial_context(cfg: SweepConfig, plan: SweepPlan) -> TrialContext:
+    """What every trial of the sweep shares."""
+    return TrialContext(
+        checkpoint=plan.checkpoint, dataset=plan.dataset,
+        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
+        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
+        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
+    )
+
+
 def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False, settings: dict | None = None,
               command: str = "", address: str | None = None) -> SweepOutcome:
     """Check everything, run (or resume) the sweep, write the report."""
@@ -490,7 +516,8 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     t_start = time.monotonic()
 
     # 1. inputs
-    plan, name, storage, exp_path, uri = _check_inputs(cfg, source, resume, settings)
+    session = _check_inputs(cfg, source, resume, settings, t_start)
+    plan, name, storage, exp_path, uri = session.plan, session.name, session.storage, session.exp_path, session.uri
     # 2. Ray, and what needs it
     _start_ray(address, storage, uri)
     from ray import tune
@@ -503,7 +530,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     # fails before its trials start leaves no folder behind (it would be a sweep --resume
     # picks and cannot continue).
     try:
-        runs, experiment, experiment_id = _open_tracking(cfg, name, storage, uri, source, command, resume, settings)
+        runs, experiment, experiment_id = _open_tracking(session, source, command, settings)
     except PranceError:
         if not resume:
             store.remove_unstarted(storage, name)
@@ -517,12 +544,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
             store.remove_unstarted(storage, name)
         raise
 
-    ctx = TrialContext(
-        checkpoint=plan.checkpoint, dataset=plan.dataset,
-        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
-        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
-        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
-    )
+    ctx = _trial_context(cfg, plan)
     counts = plan.counts()
     progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
     progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
@@ -536,7 +558,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         flush=True,
     )
 
-    tuner = _tuner(cfg, plan, ctx, name, storage, exp_path, slots, resume)
+    tuner = _tuner(session, ctx, slots)
     t_fit = time.monotonic()
     try:
         grid = tuner.fit()
@@ -545,7 +567,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     fit_s = time.monotonic() - t_fit
 
     # 4. the report
-    return _report(cfg, plan, grid, runs, progress, name, storage, resume, slots, fit_s, t_start, uri, experiment_id)
+    return _report(session, grid, runs, progress, slots, fit_s, experiment_id)
 
 
 
