@@ -481,13 +481,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    _add_flops_parser(sub)
+    _add_eval_parser(sub)
+    rowcmd.add_export_parser(sub)
+    _add_train_selector_parser(sub)
+    _add_search_parsers(sub)
+    _add_bench_parser(sub)
+    return parser
 
+
+def _add_flops_parser(sub) -> None:
+    """``flops``."""
     p = sub.add_parser("flops", help="analytic GFLOPs and token ratios, checked against FlopCounterMode")
     _add_model_args(p)
     _add_strategy_args(p)
     p.add_argument("--reference-batch", type=int, default=2, help="images in the FlopCounterMode forward")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
+
+
+def _add_eval_parser(sub) -> None:
+    """``eval``: a model, a static configuration, a sweep row or a selector on a dataset."""
+    from prance.export import commands as rowcmd
 
     p = sub.add_parser("eval", help="Top-1, GFLOPs, token ratios and throughput on a dataset")
     _add_model_args(p)
@@ -507,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     rowcmd.add_row_args(p)  # --config, --sweep/--trial/--best, --storage, --mlflow-uri
     p.set_defaults(func=cmd_eval)
 
-    rowcmd.add_export_parser(sub)
 
+def _add_train_selector_parser(sub) -> None:
+    """``train-selector``."""
     p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet checkpoints/prance_vit_fmnist_supernet.safetensors)")
     p.add_argument("--strategy", help="prune, merge or prune_merge")
@@ -528,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_selector)
 
+
+def _add_search_parsers(sub) -> None:
+    """``search-static`` and ``search-cascade``."""
     p = sub.add_parser("search-static", help="the best static sub-network x token strategy at a budget")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.03) or share of the full sub-network (e.g. 30%%)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies to combine with the widths")
@@ -547,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_args(p)
     p.set_defaults(func=cmd_search_cascade)
 
+
+def _add_bench_parser(sub) -> None:
+    """``bench``."""
     p = sub.add_parser("bench", help="throughput of token strategies against the dense model")
     _add_model_args(p)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated strategies")
@@ -562,7 +584,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the rows with the command, machine and date to this JSON file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
