@@ -92,7 +92,7 @@ def sweep(tmp_path_factory, micro_checkpoint):
     ctx = TrialContext(checkpoint=plan.checkpoint, dataset=plan.dataset, selector=cfg.selector.model_dump(),
                        static=cfg.static.model_dump())
     rows = []
-    for n, combo in enumerate(plan.schedule):
+    for n, combo in enumerate(plan.trials):
         config = {**combo.as_config(), "trial_number": n}
         workdir = storage / SWEEP / f"trial_{n}"
         final = run_trial(config, ctx, lambda m, folder: None, workdir)

@@ -85,7 +85,7 @@ def test_default_plan_has_static_rows_at_every_budget_and_needs_tokens_at_the_lo
     budget, at budgets where the smallest sub-network alone does not fit (the lowest two)."""
     default = load_config(SweepConfig, "sweep", "default")
     plan = plan_sweep(default)
-    labels = {c.label for c in plan.schedule}
+    labels = {c.label for c in plan.trials}
     for b in default.budgets:
         assert {f"static_merge@{b}", f"static_prune_merge@{b}", f"merge@{b}", f"prune_merge@{b}"} <= labels, b
     low = sorted(default.budgets, key=lambda b: float(b.rstrip("%")))[:2]
@@ -96,16 +96,16 @@ def test_plan_orders_trials_and_marks_unreachable_combos(micro_checkpoint):
     cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%", "75%"], strategies=["prune", "merge", "free_prune", "free_ppt", "static_merge"],
                       trials_per_combo=2, selector={"decision_blocks": [1, 2, 3]})
     plan = plan_sweep(cfg)
-    assert [c.label for c in plan.schedule if c.method == "static"] == ["static_merge@55%", "static_merge@75%"]
-    methods = [c.method for c in plan.schedule]
-    assert methods[0] == "dense" and plan.schedule[0].budget == "100%"
+    assert [c.label for c in plan.trials if c.method == "static"] == ["static_merge@55%", "static_merge@75%"]
+    methods = [c.method for c in plan.trials]
+    assert methods[0] == "dense" and plan.trials[0].budget == "100%"
     assert methods == sorted(methods, key=["dense", "training_free", "static", "selector"].index)  # fixed ones first
-    selector = [c.label for c in plan.schedule if c.method == "selector"]
+    selector = [c.label for c in plan.trials if c.method == "selector"]
     assert selector == ["prune@55%", "merge@55%", "prune@75%", "merge@75%"] * 2  # round-robin, trials_per_combo times
     # PPT prunes at 3 blocks only: 55% of the micro model is out of its reach, 75% is not
     assert [c.label for c in plan.unreachable] == ["free_ppt@55%"]
-    assert "free_ppt@75%" in [c.label for c in plan.schedule]
-    assert all(c.param.startswith(("keep=", "r=")) for c in plan.schedule if c.method == "training_free")
+    assert "free_ppt@75%" in [c.label for c in plan.trials]
+    assert all(c.param.startswith(("keep=", "r=")) for c in plan.trials if c.method == "training_free")
 
 
 @pytest.mark.parametrize(
@@ -482,8 +482,8 @@ def test_cascade_cells_are_planned_for_mean_budgets_only(micro_checkpoint):
                                       strategies=["static_merge", "cascade"], selector={"decision_blocks": [1, 2, 3]}))
 
     mean = plan("mean")
-    assert [c.label for c in mean.schedule] == ["dense@100%", "static_merge@55%", "cascade@55%"]
-    assert mean.schedule[-1].budget_kind == "mean" and mean.budgets["55%"].kind == "mean"
+    assert [c.label for c in mean.trials] == ["dense@100%", "static_merge@55%", "cascade@55%"]
+    assert mean.trials[-1].budget_kind == "mean" and mean.budgets["55%"].kind == "mean"
     cap = plan("cap")
     assert [(c.label, c.note) for c in cap.unreachable] == [("cascade@55%", "meets mean budgets only, not cap")]
 
@@ -499,7 +499,7 @@ def test_the_cascade_trial_shares_its_ladder_per_budget_and_meets_the_mean(micro
     plan = plan_sweep(SweepConfig(checkpoint=str(micro_checkpoint), budgets=["50%", "70%"], strategies=["cascade"],
                                   selector={"decision_blocks": [1, 2, 3], "val_limit": 120, "train_limit": 40,
                                             "rollouts_from": "holdout"}))
-    cells = [c for c in plan.schedule if c.method == "cascade"]
+    cells = [c for c in plan.trials if c.method == "cascade"]
     before = cascade_trial.LADDER_CALLS["computed"]
     reports = []
     finals = [run_trial({**c.as_config(), "trial_number": i}, ctx, lambda m, f: reports.append(m), tmp_path)

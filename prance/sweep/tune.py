@@ -229,11 +229,11 @@ def _searcher(cfg: SweepConfig, plan: SweepPlan, multi: bool):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    fixed = sum(1 for c in plan.schedule if not METHODS[c.method].searches)
+    fixed = sum(1 for c in plan.trials if not METHODS[c.method].searches)
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, seed=cfg.seed, n_startup_trials=fixed + cfg.startup_trials, constant_liar=True
     )
-    space = DefineByRun([c.as_config() for c in plan.schedule], {k: v.model_dump() for k, v in cfg.space.items()},
+    space = DefineByRun([c.as_config() for c in plan.trials], {k: v.model_dump() for k, v in cfg.space.items()},
                         cfg.selector.model_dump())
     if multi:
         return OptunaSearch(space, metric=[tracking.TOP1, tracking.GFLOPS], mode=["max", "min"], sampler=sampler)
@@ -394,7 +394,7 @@ def _tuner(session: SweepSession, ctx: TrialContext, slots: int):
             fn,
             tune_config=tune.TuneConfig(
                 search_alg=_searcher(cfg, plan, cfg.multi_objective), scheduler=_scheduler(cfg, cfg.multi_objective),
-                num_samples=len(plan.schedule), max_concurrent_trials=slots, reuse_actors=True,
+                num_samples=len(plan.trials), max_concurrent_trials=slots, reuse_actors=True,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
@@ -546,11 +546,11 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
 
     ctx = _trial_context(cfg, plan)
     counts = plan.counts()
-    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
+    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.trials))
     progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
     _ACTIVE = progress
     print(
-        f"[sweep] {name}: {len(plan.schedule)} trials ({', '.join(f'{n} {m}' for m, n in counts.items())}) "
+        f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(f'{n} {m}' for m, n in counts.items())}) "
         f"on {budget_list(plan)}, {slots} at a time"
         + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
         + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
@@ -661,7 +661,7 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
             row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else type(result.error).__name__
         rows.append(row)
     seen = {int(r["trial_number"]) for r in rows}
-    for number, c in enumerate(plan.schedule):
+    for number, c in enumerate(plan.trials):
         if number not in seen:  # never started (the sweep was interrupted before)
             rows.append({**c.as_config(), "trial_number": number, "status": "pending"})
     for c in plan.unreachable:
