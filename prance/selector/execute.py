@@ -68,10 +68,10 @@ class Group:
 
 
 @dataclass
-class Schedule:
-    """Images of one group with the same tokens and decision, rows ``start``..``stop-1``
-    of the group (a group holds its schedules one after the other): one token operation
-    each."""
+class RowSpan:
+    """Images of one group with the same schedule (tokens and decision): rows
+    ``start``..``stop-1`` of the group, which holds its spans one after the other; one
+    token operation each."""
 
     start: int
     stop: int
@@ -83,9 +83,9 @@ class Schedule:
         return slice(self.start, self.stop)
 
 
-def _per_row(values: list, schedules: list[Schedule], dtype=torch.long, device=None) -> Tensor:
+def _per_row(values: list, spans: list[RowSpan], dtype=torch.long, device=None) -> Tensor:
     """One value per schedule, repeated over its rows: (rows of the group,)."""
-    lengths = torch.tensor([s.stop - s.start for s in schedules], device=device)
+    lengths = torch.tensor([s.stop - s.start for s in spans], device=device)
     return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(lengths)
 
 
@@ -163,44 +163,44 @@ def _take(parts: list[tuple[Group, Tensor, Tensor]], width: int, tokens: int, nu
     return Group(idx, TokenState(x, sizes, num_prefix), n)
 
 
-def _per_schedule(ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenOp | None:
+def _per_schedule(ops: list[TokenOp | None], spans: list[RowSpan]) -> TokenOp | None:
     """A block's token operation for a group: schedule ``j``'s rows get ``ops[j]``, as
     on their own (unpadded) tokens, and the results are padded to a common count --
     pruning and merging as batched per-row operations, anything else schedule by schedule."""
     if all(op is None for op in ops):
         return None
-    if len(schedules) == 1:
+    if len(spans) == 1:
         return ops[0]  # one schedule: the rows hold no padding the op could see
     needs = frozenset().union(*(op.needs for op in ops if op is not None))
     steps = _row_steps(ops)
 
     def apply(state: TokenState) -> TokenState:
         if steps is not None and ("merge" not in steps or state.num_prefix <= 1):
-            return _per_row_steps(state, steps, ops, schedules)
-        return _each_schedule(state, ops, schedules)
+            return _per_row_steps(state, steps, ops, spans)
+        return _each_schedule(state, ops, spans)
 
     return TokenOp("per_schedule", apply, lambda n: n, needs=needs)
 
 
-def _each_schedule(state: TokenState, ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+def _each_schedule(state: TokenState, ops: list[TokenOp | None], spans: list[RowSpan]) -> TokenState:
     """Schedule ``j``'s rows through ``ops[j]`` on their own tokens, one schedule at a time."""
     outs = []
-    for sch, op in zip(schedules, ops):
+    for span, op in zip(spans, ops):
         part = TokenState(
-            state.x[sch.rows, : sch.n],
-            state.sizes()[sch.rows, : sch.n],
+            state.x[span.rows, : span.n],
+            state.sizes()[span.rows, : span.n],
             state.num_prefix,
-            cls_attn=None if state.cls_attn is None else state.cls_attn[sch.rows, :, : sch.n],
-            metric=None if state.metric is None else state.metric[sch.rows, : sch.n],
-            v_norm=None if state.v_norm is None else state.v_norm[sch.rows, : sch.n],
+            cls_attn=None if state.cls_attn is None else state.cls_attn[span.rows, :, : span.n],
+            metric=None if state.metric is None else state.metric[span.rows, : span.n],
+            v_norm=None if state.v_norm is None else state.v_norm[span.rows, : span.n],
         )
         outs.append(part if op is None else op.apply(part))
     top = max(o.x.shape[1] for o in outs)
     x = state.x.new_zeros(state.x.shape[0], top, state.x.shape[2])
     size = state.x.new_zeros(state.x.shape[0], top, 1, dtype=torch.float32)
-    for sch, o in zip(schedules, outs):
-        x[sch.rows, : o.x.shape[1]] = o.x.to(x.dtype)
-        size[sch.rows, : o.x.shape[1]] = o.sizes().float()
+    for span, o in zip(spans, outs):
+        x[span.rows, : o.x.shape[1]] = o.x.to(x.dtype)
+        size[span.rows, : o.x.shape[1]] = o.sizes().float()
     return TokenState(x, size, state.num_prefix, stats=state.stats)
 
 
@@ -218,35 +218,35 @@ def _row_steps(ops: list[TokenOp | None]) -> list[str] | None:
     return steps
 
 
-def _per_row_steps(state: TokenState, steps: list[str], ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+def _per_row_steps(state: TokenState, steps: list[str], ops: list[TokenOp | None], spans: list[RowSpan]) -> TokenState:
     """Schedule ``j``'s rows get ``ops[j]``, each step one per-row operation for all rows
     (:func:`prune_rows`, :func:`merge_rows`; a row without that step keeps its tokens)."""
     dev, p = state.x.device, state.num_prefix
-    n = [s.n for s in schedules]
+    n = [s.n for s in spans]
     for step in steps:
         part = [next((q for q in _parts(op) if q.name == step), None) for op in ops]
         out = [m if q is None else q.out_tokens(m) for m, q in zip(n, part)]
-        counts = _per_row(n, schedules, device=dev)
+        counts = _per_row(n, spans, device=dev)
         if step == "prune":  # keep the top out - p patches
-            state = prune_rows(state, counts, _per_row([o - p for o in out], schedules, device=dev))
+            state = prune_rows(state, counts, _per_row([o - p for o in out], spans, device=dev))
         else:  # merge n - out tokens
-            state = merge_rows(state, counts, _per_row([m - o for m, o in zip(n, out)], schedules, device=dev))
+            state = merge_rows(state, counts, _per_row([m - o for m, o in zip(n, out)], spans, device=dev))
         n = out
     return state
 
 
-def _run_stage(vit, g: Group, start: int, stop: int, dec: StageDecision, schedules: list[Schedule], ops: list[list], counts: Tensor) -> Group:
+def _run_stage(vit, g: Group, start: int, stop: int, dec: StageDecision, spans: list[RowSpan], ops: list[list], counts: Tensor) -> Group:
     """Blocks ``start``..``stop-1`` at ``dec``'s widths, schedule ``j`` with its per-block
     ``ops[j]``; ``counts`` (B, depth) records the tokens each image brings to each block."""
-    n = [s.n for s in schedules]
+    n = [s.n for s in spans]
     for i in range(start, stop):
-        block_ops = [ops[j][i - start] for j in range(len(schedules))]
-        counts[g.idx, i] = _per_row(n, schedules)
-        now = [Schedule(s.start, s.stop, n[j], s.combo) for j, s in enumerate(schedules)]
+        block_ops = [ops[j][i - start] for j in range(len(spans))]
+        counts[g.idx, i] = _per_row(n, spans)
+        now = [RowSpan(s.start, s.stop, n[j], s.combo) for j, s in enumerate(spans)]
         g.state = engine.block(vit.blocks[i], g.state, dec.heads, dec.mlp, dec.embed, _per_schedule(block_ops, now),
                                prop_attn=True, pack=True)
         n = [m if op is None else op.out_tokens(m) for m, op in zip(n, block_ops)]
-    g.n = _per_row(n, schedules)
+    g.n = _per_row(n, spans)
     return g
 
 
@@ -407,14 +407,14 @@ def _stage(ep: _Pass, groups: list[Group], t: int, start: int, stop: int, flat: 
     p = ep.arch.num_prefix_tokens
     call_macs = ep.call_macs and ep.call_macs * (stop - start)
     new_groups = []
-    for g, schedules in _regroup(groups, table.combos[flat][:, : actions.num_width_dims], n_in, flat, ep.width_of, table.cost[t], call_macs, p, ep.dev):
-        d = ep.decision(schedules[0].combo)
-        ops = [actions.stage_ops(t, ep.decision(s.combo)) for s in schedules]
+    for g, spans in _regroup(groups, table.combos[flat][:, : actions.num_width_dims], n_in, flat, ep.width_of, table.cost[t], call_macs, p, ep.dev):
+        d = ep.decision(spans[0].combo)
+        ops = [actions.stage_ops(t, ep.decision(s.combo)) for s in spans]
         with ep.net():
             if t == 0 and stem_out is not None:
                 g = Group(g.idx, TokenState(engine.embed_features(ep.vit, stem_out[g.idx.to(ep.dev)], d.embed), None, p), g.n)
-            g = _run_stage(ep.vit, g, start, stop, d, schedules, ops, ep.counts)
-        ep.spent[g.idx] += _per_row([float(table.cost[t, s.n, s.combo]) for s in schedules], schedules, dtype=torch.float64)
+            g = _run_stage(ep.vit, g, start, stop, d, spans, ops, ep.counts)
+        ep.spent[g.idx] += _per_row([float(table.cost[t, s.n, s.combo]) for s in spans], spans, dtype=torch.float64)
         new_groups.append(g)
     return new_groups
 
@@ -443,7 +443,7 @@ def _finish(ep: _Pass, groups: list[Group], trace: _Trace, sub_batches: int) -> 
     )
 
 
-def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, width_of, cost: Tensor, call_macs, p: int, dev) -> list[tuple[Group, list[Schedule]]]:
+def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, width_of, cost: Tensor, call_macs, p: int, dev) -> list[tuple[Group, list[RowSpan]]]:
     """The sub-batches of the next stage: the images of ``groups`` (in their order; one
     row of ``widths``, ``n_in``, ``flat`` each) partitioned by their widths, each width's
     schedules ``(n_in, flat)`` bucketed by :func:`_buckets` (``cost[n, combo]``: MACs
@@ -462,11 +462,11 @@ def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, wi
             own = owner[pos]
             parts = [(groups[k], local[pos[own == k]], (own == k).nonzero().flatten()) for k in own.unique().tolist()]
             g = _take(parts, width_of(c_list[bucket[0]]), max(n_list[j] for j in bucket), p, len(pos))
-            schedules, at = [], 0
+            spans, at = [], 0
             for j in bucket:
-                schedules.append(Schedule(at, at + len(scheds[j]), n_list[j], c_list[j]))
+                spans.append(RowSpan(at, at + len(scheds[j]), n_list[j], c_list[j]))
                 at += len(scheds[j])
-            out.append((g, schedules))
+            out.append((g, spans))
     return out
 
 
