@@ -87,16 +87,14 @@ def _clock(seconds: float) -> str:
     return f"{m:d}:{s:02d}"
 
 
-def run_name(config: dict) -> str:
-    return f"{config['strategy']}@{config['budget']}#{config['trial_number']}"
+def trial_label(config: dict) -> str:
+    """``prune@55%#7``: a trial's one label -- its cell (:attr:`BudgetStrategy.label`) and
+    number -- in the progress lines and as its MLflow run's name."""
+    return f"{config.get('strategy')}@{config.get('budget')}#{config.get('trial_number')}"
 
 
 def run_tags(config: dict) -> dict:
     return {k: config.get(k) for k in ("method", "strategy", "token_strategy", "budget", "budget_gflops")}
-
-
-def _label(config: dict) -> str:
-    return f"{config.get('strategy')}@{config.get('budget')} #{config.get('trial_number')}"
 
 
 @dataclass
@@ -135,7 +133,7 @@ class Progress:
         c = trial.config
         n = int(c["trial_number"])
         self.started.setdefault(n, time.monotonic())
-        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, run_name(c), self.params(c), run_tags(c)))
+        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, trial_label(c), self.params(c), run_tags(c)))
 
     def on_result(self, trial, result: dict) -> None:
         c = trial.config
@@ -144,7 +142,7 @@ class Progress:
         metrics = {k: v for k, v in result.items() if k not in NOT_LOGGED}
         self.tracked(f"metrics of trial {n}", lambda: self.runs.log(n, metrics, step))
         if METHODS[c["method"]].searches and not result.get(FINAL):
-            self.line(f"      {_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
+            self.line(f"      {trial_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
                       f"{result.get('gflops', float('nan')):.4g} GFLOPs  score {result.get('score', float('nan')):+7.2f}")
 
     def on_complete(self, trial, error: bool = False) -> None:
@@ -167,9 +165,9 @@ class Progress:
         self.tracked(f"logging of trial {n}", close)
         what = {"finished": "", "stopped": f" (stopped by ASHA at it {last.get('iteration')})", "error": " FAILED"}[outcome]
         if error:
-            self.line(f"{self.done:>3}/{self.total} {_label(c):<28} failed after {wall:.1f}s: see {trial.path}")
+            self.line(f"{self.done:>3}/{self.total} {trial_label(c):<28} failed after {wall:.1f}s: see {trial.path}")
         else:
-            self.line(f"{self.done:>3}/{self.total} {_label(c):<28} top1 {last.get('top1', float('nan')):6.2f}%  "
+            self.line(f"{self.done:>3}/{self.total} {trial_label(c):<28} top1 {last.get('top1', float('nan')):6.2f}%  "
                       f"{last.get('gflops', float('nan')):.4g} GFLOPs  score {last.get('score', float('nan')):+7.2f}  {wall:5.1f}s{what}")
 
 
@@ -199,7 +197,7 @@ def _callback_class():
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             if self.progress:
-                self.progress.line(f"      {_label(trial.config):<28} failed; Tune retries it from its last checkpoint")
+                self.progress.line(f"      {trial_label(trial.config):<28} failed; Tune retries it from its last checkpoint")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.progress:
@@ -213,7 +211,8 @@ def _callback_class():
 
 
 def trial_name(trial) -> str:
-    """``t0007-prune-55pct-<id>``: the trial's folder and name in Tune."""
+    """``t0007-prune-55pct-<id>``: the trial's folder and name in Tune (its label, safe
+    as a folder name and unique with Tune's trial id)."""
     c = trial.config
     budget = str(c.get("budget", "")).replace("%", "pct")
     return f"t{int(c.get('trial_number', 0)):04d}-{c.get('strategy')}-{budget}-{trial.trial_id}"
@@ -604,7 +603,7 @@ def reconcile_runs(runs: SweepRuns, grid, rows: list[dict], progress: "Progress"
             m = dict(result.metrics or {})
             metrics = {k: v for k, v in m.items() if k not in NOT_LOGGED}
             tags = {**run_tags(config), tracking.TAG_TRIAL: m.get("trial_id") or ""}
-            if runs.reconcile(n, run_name(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0)):
+            if runs.reconcile(n, trial_label(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0)):
                 made.append(n)
         runs.drain(0)
     except PranceError as e:
