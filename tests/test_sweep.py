@@ -28,33 +28,15 @@ from prance.sweep.plan import plan_sweep
 from prance.sweep.space import DefineByRun
 from prance.sweep.trial import TrialContext, score, validation_images
 
-from conftest import descendants, free_port, ray_workers, reap
+from conftest import descendants, free_port, mlflow_client, ray_workers, reap, sweep_runs, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "sweeps" / "budget_sweep.py"
 METRICS = ["top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s"]
 
 
-def tiny_args(checkpoint: Path, *more: str) -> list[str]:
-    # the micro model has 4 blocks: the selector decides before blocks 1, 2, 3
-    return ["--preset", "tiny", "--set", f"checkpoint={checkpoint}", "--set", "selector.decision_blocks=[1,2,3]", *more]
-
-
 def run_sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def mlflow_client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def sweep_runs(uri: str, name: str):
-    client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(f"prance-sweep-{name}")
-    assert exp is not None
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
 # ------------------------------------------------------------------------ no Ray needed
