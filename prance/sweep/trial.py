@@ -127,8 +127,9 @@ def evaluate_static(ctx: TrialContext, token_strategy: str, budget_gflops: float
     model = model_of(ctx.checkpoint)
     x, y = validation_images(ctx, model)
     size = ctx.selector.get("batch_size", 64)
-    found = static_search.search(model, budget_gflops, (x, y), [token_strategy], ctx.static.get("uniform_only", False),
-                                 halving=Halving.of(ctx.static), batch_size=max(size, 256))
+    found = static_search.search(model, budget_gflops, (x, y), [token_strategy],
+                                 uniform_only=ctx.static.get("uniform_only", False), halving=Halving.of(ctx.static),
+                                 batch_size=max(size, 256))
     batches = [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
     out = evaluate(model, batches, found.best.subnet, found.best.plan, device=ctx.device, progress=ctx.progress)
     out.pop("n_images", None)
