@@ -439,7 +439,8 @@ def _finish(ep: _Pass, groups: list[Group], trace: _Trace, sub_batches: int) -> 
     return Episode(
         logits=logits, macs=macs, token_ratio=tok, final_token_ratio=final_tok, actions=trace.actions, obs=trace.obs,
         masks=trace.masks, logp=trace.logp, cont_logits=None if cont is None else cont.logits,
-        cont_macs=None if cont is None else cont.macs, cont_token_ratio=None if cont is None else cont.token_ratio, groups=distinct, sub_batches=sub_batches,
+        cont_macs=None if cont is None else cont.macs, cont_token_ratio=None if cont is None else cont.token_ratio,
+        groups=distinct, sub_batches=sub_batches,
     )
 
 
