@@ -29,9 +29,9 @@ def run_selector(
     cfg: SelectorConfig,
     report: Callable[[dict], None] | None = None,
     out_dir: str | Path | None = None,
+    *,
     progress: bool = True,
     resume_from: str | Path | None = None,
-    *,
     budget: Budget | None = None,
     data: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict:
