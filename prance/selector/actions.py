@@ -63,6 +63,7 @@ class ActionSpace:
         space: SubnetSpace,
         strategy: str,
         decision_blocks: list[int] | tuple[int, ...],
+        *,
         joint_widths: bool = True,
         merge_spread: bool = False,
         anchor: StrategyConfig | None = None,

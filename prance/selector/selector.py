@@ -43,10 +43,11 @@ class Selector:
 
     @classmethod
     def create(
-        cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None,
-        merge_spread: bool = False, anchor: StrategyConfig | None = None, budget_kind: str = "cap",
+        cls, meta: MetaViT, strategy: str, decision_blocks, *, hidden: int = 128, seed: int = 0, joint_widths: bool = True,
+        fingerprint: str | None = None, merge_spread: bool = False, anchor: StrategyConfig | None = None, budget_kind: str = "cap",
     ) -> "Selector":
-        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths, merge_spread, anchor)
+        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths=joint_widths, merge_spread=merge_spread,
+                              anchor=anchor)
         torch.manual_seed(seed)
         e, n_st = meta.arch.embed_dim, actions.num_stages
         policy = ActorCritic(obs_dim(e, n_st), actions.sizes, hidden, stage_slice(e, n_st))
@@ -56,8 +57,8 @@ class Selector:
     def for_config(cls, meta: MetaViT, cfg, anchor: StrategyConfig | None = None, fingerprint: str | None = None) -> "Selector":
         """A fresh selector as a :class:`prance.selector.config.SelectorConfig` describes it
         (``anchor``: see :class:`prance.selector.actions.ActionSpace`)."""
-        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, fingerprint,
-                          merge_spread=cfg.merge_spread, anchor=anchor, budget_kind=cfg.budget_kind)
+        return cls.create(meta, cfg.strategy, cfg.decision_blocks, hidden=cfg.hidden, seed=cfg.seed, joint_widths=cfg.joint_widths,
+                          fingerprint=fingerprint, merge_spread=cfg.merge_spread, anchor=anchor, budget_kind=cfg.budget_kind)
 
     @property
     def overhead_macs(self) -> int:
