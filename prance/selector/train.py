@@ -183,16 +183,17 @@ def _warm_start(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_g
     return selector, found.best
 
 
-def _rollout(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float, lam: float,
-             x: Tensor, y: Tensor, lo: float, hi: float, active: Tensor, buffer: "ppo.RolloutBuffer",
-             gen: torch.Generator):
-    """One PPO rollout on the images ``x``: per-image budgets around ``budget_gflops``, a
-    sampled episode per image, Result-to-Go rewards against the full sub-network and their
-    GAE advantages, added to ``buffer``. Returns (episode, per-stage predictions, results,
-    budgets)."""
+def _rollout(meta: MetaViT, state: TrainState, cfg: SelectorConfig, budget_gflops: float, x: Tensor, y: Tensor,
+             buffer: "ppo.RolloutBuffer"):
+    """One PPO rollout on the images ``x``: per-image budgets around ``budget_gflops``
+    (within what the selector reaches), a sampled episode per image, Result-to-Go rewards
+    against the full sub-network and their GAE advantages, added to ``buffer``. Returns
+    (episode, per-stage predictions, results, budgets)."""
+    selector, lam, gen = state.selector, state.lam, state.gen
     policy = selector.policy
     b, S = x.shape[0], selector.actions.num_stages
-    budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, lo, hi, gen)
+    active = torch.tensor([selector.actions.active(t) for t in range(S)], dtype=torch.bool)
+    budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, selector.min_gflops(), selector.full_gflops(), gen)
     with torch.no_grad():
         full = full_logits(meta, x, cfg.amp)
         full_pred = full.argmax(dim=-1)
@@ -248,9 +249,6 @@ def train_selector(
     selector, policy = state.selector, state.selector.policy
     settings = ppo.PPOSettings.of(cfg)
     buffer = ppo.RolloutBuffer()
-    S = selector.actions.num_stages
-    active = torch.tensor([selector.actions.active(t) for t in range(S)], dtype=torch.bool)
-    lo, hi = selector.min_gflops(), selector.full_gflops()
     xs, ys = train
     first = state.iteration + 1
     bar = tqdm(range(first, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False,
@@ -259,7 +257,7 @@ def train_selector(
         state.iteration = it
         idx = torch.randperm(xs.shape[0], generator=state.gen)[: cfg.rollout_images]
         x, y = xs[idx], ys[idx]
-        ep, preds, results, budgets = _rollout(meta, selector, cfg, budget_gflops, state.lam, x, y, lo, hi, active, buffer, state.gen)
+        ep, preds, results, budgets = _rollout(meta, state, cfg, budget_gflops, x, y, buffer)
         stats = ppo.update(policy, state.actor_opt, state.critic_opt, buffer, settings, state.gen)
         use = float((ep.macs / (budgets * 1e9)).mean())
         if cfg.reward_form == "constrained":
