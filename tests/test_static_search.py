@@ -42,6 +42,21 @@ def test_successive_halving_keeps_the_best_and_never_reruns_an_image():
     assert sum(seen) < len(rates) * 300  # the losers stopped early
 
 
+def test_every_successive_halving_default_comes_from_halving():
+    """The CLI, the selector's warm start and the sweep's static section default to the
+    one Halving value (they were written separately, and successive_halving said 128)."""
+    from prance.cli import build_parser
+    from prance.sweep.config import StaticSearchSettings
+
+    halving = Halving(first_images=7, eta=5)
+    assert Halving.of({"first_images": 7, "eta": 5, "uniform_only": True}) == halving
+    assert Halving.of({}) == Halving() == SelectorConfig().static_halving
+    assert Halving.of(StaticSearchSettings().model_dump()) == Halving()
+    for command in ("search-static", "search-cascade"):
+        args = build_parser().parse_args([command, "--budget", "50%"])
+        assert Halving(args.first_images, args.eta) == Halving()
+
+
 def test_search_finds_the_brute_force_optimum_on_a_tiny_space(micro, images):
     dense = flops.gflops(micro.arch)
     budget = 0.6 * dense
