@@ -36,6 +36,7 @@ from prance import flops, static_search
 from prance.budget import spread, within
 from prance.device import of as device_of, synchronize
 from prance.errors import PranceError
+from prance.halving import Halving
 from prance.models.meta import MetaViT
 from prance.static_search import StaticConfig
 from prance.tokens.strategies import STRATEGIES
@@ -191,8 +192,9 @@ def chain(rungs: Sequence[Callable[[Tensor], Tensor]], thresholds: Sequence[floa
     return logits, passes
 
 
-def run(meta: MetaViT, cascade: Cascade, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(logits, passes) of ``cascade`` on the meta-network, for the images ``x``."""
+def forward(meta: MetaViT, cascade: Cascade, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(logits, passes) of ``cascade`` on the meta-network, for the images ``x``: each rung
+    runs only on the images still unsure after the one before."""
     fns = [lambda xs, c=c: logits_of(meta, c, xs, batch_size) for c in cascade.rungs]
     return chain(fns, cascade.thresholds, x)
 
@@ -208,7 +210,7 @@ def evaluate(meta: MetaViT, cascade: Cascade, x: Tensor, y: Tensor, batch_size: 
     for i in range(0, x.shape[0], batch_size):
         synchronize(dev)
         t0 = time.perf_counter()
-        logits, p = run(meta, cascade, x[i : i + batch_size], batch_size)
+        logits, p = forward(meta, cascade, x[i : i + batch_size], batch_size)
         synchronize(dev)
         seconds += time.perf_counter() - t0
         correct += int((logits.argmax(-1) == y[i : i + batch_size]).sum())
@@ -299,7 +301,7 @@ def choose(logits: Tensor, y: Tensor, costs: Sequence[float], budget_gflops: flo
 
 
 def ladder(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], rungs: Iterable[float] = RUNGS,
-           strategies: Iterable[str] = STRATEGIES, first_images: int = 64, eta: int = 3, batch_size: int = 256,
+           strategies: Iterable[str] = STRATEGIES, *, halving: Halving = Halving(), batch_size: int = 256,
            progress: Callable[[str], None] | None = None, full: bool = True, uniform_only: bool = False) -> list[StaticConfig]:
     """The best static configuration at each ``rung x budget_gflops`` (capped at the full
     sub-network's GFLOPs; rungs below the cheapest configuration skipped) and, with
@@ -316,7 +318,7 @@ def ladder(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], rung
             raise PranceError(f"cascade rungs are positive multiples of the budget, got {rung:g}")
         target = min(rung * budget_gflops, dense)
         try:
-            found = static_search.search(meta, target, val, strategies, uniform_only, first_images=first_images, eta=eta,
+            found = static_search.search(meta, target, val, strategies, uniform_only, halving=halving,
                                          batch_size=batch_size, progress=progress)  # a line per halving round
         except PranceError:  # nothing fits this rung
             continue
@@ -381,8 +383,8 @@ def _mean_cost(logits: Tensor, costs: Sequence[float], c: Choice) -> float:
 
 
 def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], strategies: Iterable[str] = STRATEGIES,
-           rungs: Iterable[float] = RUNGS, thresholds: Iterable[float] = THRESHOLDS, first_images: int = 64, eta: int = 3,
-           batch_size: int = 256, progress: Callable[[str], None] | None = None, *, max_rungs: int = MAX_RUNGS,
+           rungs: Iterable[float] = RUNGS, thresholds: Iterable[float] = THRESHOLDS, *, halving: Halving = Halving(),
+           batch_size: int = 256, progress: Callable[[str], None] | None = None, max_rungs: int = MAX_RUNGS,
            configs: list[StaticConfig] | None = None, margin: bool = True) -> CascadeResult:
     """The best cascade at ``budget_gflops`` (mean GFLOPs per image) by Top-1 on ``val``.
     ``configs``: a ladder already computed (:func:`ladder`), shared by callers that need
@@ -392,7 +394,7 @@ def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], stra
     if 1.0 not in rungs:
         rungs.append(1.0)  # the best static configuration at the budget is always a rung
     if configs is None:
-        configs = ladder(meta, budget_gflops, val, rungs, strategies, first_images, eta, batch_size, progress)
+        configs = ladder(meta, budget_gflops, val, rungs, strategies, halving=halving, batch_size=batch_size, progress=progress)
     if not any(within(c.gflops, budget_gflops) for c in configs):
         raise PranceError(f"no static configuration of strategies {', '.join(strategies)} fits "
                           f"{budget_gflops:.4g} GFLOPs on this meta-network: no cascade either")

@@ -12,6 +12,7 @@ import json
 import sys
 
 from prance.errors import PranceError, one_line
+from prance.halving import Halving
 from prance.tokens.strategies import REDUCING_STRATEGIES, STRATEGIES
 
 HELP_MODEL = "timm model name (e.g. deit_small_patch16_224, prance_vit_fmnist)"
@@ -99,8 +100,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     """What ``search-static`` and ``search-cascade`` share: the meta-network, the
     selector's image split, the successive halving of the static searches."""
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet, timm:prance_vit_fmnist)")
-    p.add_argument("--first-images", type=int, default=64, help="successive halving: images every candidate is scored on first")
-    p.add_argument("--eta", type=int, default=3, help="successive halving: keep the best 1/eta each round")
+    p.add_argument("--first-images", type=int, default=Halving.first_images, help="successive halving: images every candidate is scored on first")
+    p.add_argument("--eta", type=int, default=Halving.eta, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
     p.add_argument("--val-limit", type=int, default=2000,
                    help="validation images the choice is made on (default 2000, the default sweep's: the same defaults give its static rows)")
@@ -274,7 +275,7 @@ def _selector_config(args: argparse.Namespace):
 def cmd_train_selector(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
-    from prance.selector.run import run_selector
+    from prance.selector.pipeline import run_selector
     from prance.selector.store import SELECTOR_FILE
 
     cfg = _selector_config(args)
@@ -343,6 +344,10 @@ def _search_inputs(args: argparse.Namespace, command: str):
     return model, budget, data, names, say
 
 
+def _halving(args: argparse.Namespace) -> Halving:
+    return Halving(first_images=args.first_images, eta=args.eta)
+
+
 def cmd_search_static(args: argparse.Namespace) -> dict:
     """The best static configuration at a budget, chosen on the selector's validation
     images and reported on its held-out test images (the same images ``train-selector``
@@ -352,7 +357,7 @@ def cmd_search_static(args: argparse.Namespace) -> dict:
     from prance.selector.train import batches
 
     model, budget, data, names, say = _search_inputs(args, "search-static")
-    found = static_search.search(model, budget, data["val"], names, args.uniform_only, args.first_images, args.eta,
+    found = static_search.search(model, budget, data["val"], names, args.uniform_only, halving=_halving(args),
                                  base=_strategy_config(args, "none"), progress=say)
     best = found.best
     val = evaluate(model, batches(*data["val"], args.batch_size), best.subnet, best.plan, progress=False)
@@ -380,7 +385,7 @@ def cmd_search_cascade(args: argparse.Namespace) -> dict:
     if problem:
         raise PranceError(f"--rungs/--strategies/--max-rungs: {problem}")
     model, budget, data, names, say = _search_inputs(args, "search-cascade")
-    found = cascade.search(model, budget, data["val"], names, rungs, first_images=args.first_images, eta=args.eta,
+    found = cascade.search(model, budget, data["val"], names, rungs, halving=_halving(args),
                            batch_size=args.batch_size, progress=say, max_rungs=args.max_rungs, margin=not args.no_margin)
     test = cascade.evaluate(model, found.best, *data["test"], batch_size=args.batch_size)
     st = found.static
@@ -423,7 +428,7 @@ def _eval_selector(args: argparse.Namespace, loader=None) -> dict:
     lam = header["extra"].get("val", {}).get("lagrange", cfg.flops_weight)
     cfg = cfg.model_copy(update={"amp": args.amp})
     result = evaluate_selector(model, selector, loader, budget, progress=True, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
-    result.update(latency(args, lambda x: selector.run(model, x, budget, amp=args.amp).logits, loader))
+    result.update(latency(args, lambda x: selector.run_episode(model, x, budget, amp=args.amp).logits, loader))
     return {"strategy": f"selector:{selector.actions.strategy}", **result}
 
 
@@ -501,13 +506,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="python -m prance", description="Compress Vision Transformers: FLOPs, evaluation, benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    _add_flops_parser(sub)
+    _add_eval_parser(sub)
+    rowcmd.add_export_parser(sub)
+    _add_train_selector_parser(sub)
+    _add_search_parsers(sub)
+    _add_bench_parser(sub)
+    return parser
 
+
+def _add_flops_parser(sub) -> None:
+    """``flops``."""
     p = sub.add_parser("flops", help="analytic GFLOPs and token ratios, checked against FlopCounterMode")
     _add_model_args(p)
     _add_strategy_args(p)
     p.add_argument("--reference-batch", type=int, default=2, help="images in the FlopCounterMode forward")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
+
+
+def _add_eval_parser(sub) -> None:
+    """``eval``: a model, a static configuration, a sweep row or a selector on a dataset."""
+    from prance.export import commands as rowcmd
 
     p = sub.add_parser("eval", help="Top-1, GFLOPs, token ratios and throughput on a dataset")
     _add_model_args(p)
@@ -528,8 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     rowcmd.add_row_args(p)  # --config, --sweep/--trial/--best, --storage, --mlflow-uri
     p.set_defaults(func=cmd_eval)
 
-    rowcmd.add_export_parser(sub)
 
+def _add_train_selector_parser(sub) -> None:
+    """``train-selector``."""
     p = sub.add_parser("train-selector", help="train a PRANCE selector (PPO, Result-to-Go) for a budget")
     p.add_argument("--checkpoint", help="the meta-network (default: the shipped supernet, timm:prance_vit_fmnist)")
     p.add_argument("--strategy", help="prune, merge or prune_merge")
@@ -549,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_selector)
 
+
+def _add_search_parsers(sub) -> None:
+    """``search-static`` and ``search-cascade``."""
     p = sub.add_parser("search-static", help="the best static sub-network x token strategy at a budget")
     p.add_argument("--budget", help="GFLOPs (e.g. 0.03) or share of the full sub-network (e.g. 30%%)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="token strategies to combine with the widths")
@@ -568,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_args(p)
     p.set_defaults(func=cmd_search_cascade)
 
+
+def _add_bench_parser(sub) -> None:
+    """``bench``."""
     p = sub.add_parser("bench", help="throughput of token strategies against the dense model")
     _add_model_args(p)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated strategies")
@@ -584,7 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_latency_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def _add_latency_arg(p: argparse.ArgumentParser) -> None:

@@ -10,9 +10,9 @@ image runs the same configuration.
 The space is searched exhaustively as AutoFormer/OFA do over a cost table: every
 width-level combination x every strategy is enumerated and calibrated analytically
 (instant), then the candidates are ranked on validation images by *successive halving*
-(Jamieson & Talwalkar 2016): all of them on the first ``first_images`` images, the best
-``1/eta`` on ``eta`` times as many, and so on until one remains, which is then scored on
-every validation image. Images are evaluated incrementally (a survivor never re-runs an
+(Jamieson & Talwalkar 2016, settings :class:`Halving`): all of them on the first
+``first_images`` images, the best ``1/eta`` on ``eta`` times as many, and so on until one
+remains, which is then scored on every validation image. Images are evaluated incrementally (a survivor never re-runs an
 image), so the cost is about ``candidates x first_images x log_eta(candidates)`` forwards
 instead of ``candidates x images``. With ``first_images >= len(val)`` the search is
 exhaustive: every candidate on every validation image.
@@ -21,7 +21,6 @@ exhaustive: every candidate on every validation image.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from prance import flops
 from prance.budget import calibrate
 from prance.errors import PranceError
+from prance.halving import Halving, successive_halving
 from prance.models.meta import MetaViT
 from prance.models.subnet import SubNet, SubnetSpace
 from prance.tokens.state import TokenPlan
@@ -210,59 +210,14 @@ class SearchResult:
         }
 
 
-def successive_halving(
-    n_candidates: int,
-    n_images: int,
-    correct_on: Callable[[int, int, int], int],
-    first_images: int = 128,
-    eta: int = 3,
-    tie_break: Callable[[int], float] | None = None,
-    on_round: Callable[[int, int], None] | None = None,
-) -> tuple[list[int], list[int], list[int]]:
-    """Rank candidates by correct answers on a growing prefix of the images.
-
-    ``correct_on(c, start, stop)`` counts candidate ``c``'s correct answers on images
-    ``start..stop-1``. Returns (order best first, correct counts, images seen) per
-    candidate; the first of the order has seen all ``n_images``. Ties in accuracy go to
-    the lower ``tie_break(c)`` (e.g. GFLOPs), then the lower index.
-    """
-    if n_candidates < 1 or n_images < 1:
-        raise ValueError("successive halving needs candidates and images")
-    eta = max(2, int(eta))
-    correct = [0] * n_candidates
-    seen = [0] * n_candidates
-    alive = list(range(n_candidates))
-    stop = min(max(1, first_images), n_images)
-
-    def key(c: int):
-        acc = correct[c] / seen[c] if seen[c] else 0.0
-        return (-acc, tie_break(c) if tie_break else 0.0, c)
-
-    while True:
-        for c in alive:
-            if seen[c] < stop:
-                correct[c] += correct_on(c, seen[c], stop)
-                seen[c] = stop
-        if on_round is not None:
-            on_round(len(alive), stop)
-        alive.sort(key=key)
-        if stop >= n_images:
-            break
-        alive = alive[: max(1, math.ceil(len(alive) / eta))]
-        stop = n_images if len(alive) == 1 else min(n_images, stop * eta)
-    survivors = set(alive)
-    rest = sorted((c for c in range(n_candidates) if c not in survivors), key=lambda c: (-seen[c],) + key(c))
-    return alive + rest, correct, seen
-
-
 def search(
     meta: MetaViT,
     budget_gflops: float,
     val: tuple[Tensor, Tensor],
     strategies: Iterable[str] = STRATEGIES,
     uniform_only: bool = False,
-    first_images: int = 64,
-    eta: int = 3,
+    *,
+    halving: Halving = Halving(),
     batch_size: int = 256,
     base: StrategyConfig | None = None,
     progress: Callable[[str], None] | None = None,
@@ -274,7 +229,7 @@ def search(
         raise PranceError(
             f"no static configuration of strategies {', '.join(strategies)} fits {budget_gflops:.4g} GFLOPs on this meta-network"
         )
-    return rank(meta, cands, val, first_images, eta, batch_size, progress)
+    return rank(meta, cands, val, halving=halving, batch_size=batch_size, progress=progress)
 
 
 @torch.inference_mode()
@@ -282,8 +237,8 @@ def rank(
     meta: MetaViT,
     cands: list,
     val: tuple[Tensor, Tensor],
-    first_images: int = 64,
-    eta: int = 3,
+    *,
+    halving: Halving = Halving(),
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
@@ -309,7 +264,7 @@ def rank(
             progress(f"static search: {alive} candidate(s) on {images} image(s)")
 
     order, correct, seen = successive_halving(
-        len(cands), x.shape[0], correct_on, first_images, eta, tie_break=lambda c: cands[c].gflops, on_round=on_round
+        len(cands), x.shape[0], correct_on, halving, tie_break=lambda c: cands[c].gflops, on_round=on_round
     )
     ranked = [(cands[c], 100.0 * correct[c] / seen[c], seen[c]) for c in order]
     best, top1, _ = ranked[0]

@@ -6,7 +6,7 @@ idle machine:
         [--checkpoint PATH] [--selector PATH] [--batches N] [--json PATH]
 
 The same images run through the dense meta-network (its full sub-network, no token
-reduction) and through ``Selector.run`` -- the whole adaptive path: the features, the
+reduction) and through ``Selector.run_episode`` -- the whole adaptive path: the features, the
 policy's forward under the budget mask at every decision, the regrouping and the grouped
 sub-batches -- one after the other in interleaved rounds; a warm-up pass over every batch
 comes first and is not timed; each batch's time is the median of its rounds, and the
@@ -173,7 +173,7 @@ def images_for(args, meta, n: int):
 
 def measure(meta, selector, batches, budget_gflops: float, greedy: bool, seed: int, dev, amp: bool, warmup: int, repeats: int,
             progress: bool) -> dict:
-    """Per batch: the median seconds of the dense forward and of ``Selector.run`` over
+    """Per batch: the median seconds of the dense forward and of ``Selector.run_episode`` over
     ``repeats`` interleaved rounds (after ``warmup`` untimed passes over every batch), and
     the episode (every round of a batch runs the same schedules)."""
     import torch
@@ -193,7 +193,7 @@ def measure(meta, selector, batches, budget_gflops: float, greedy: bool, seed: i
         gen = None if greedy else torch.Generator().manual_seed((seed << 20) + i)
         synchronize(dev)
         t0 = time.perf_counter()
-        ep = selector.run(meta, x, budget_gflops, greedy=greedy, generator=gen, amp=amp)
+        ep = selector.run_episode(meta, x, budget_gflops, greedy=greedy, generator=gen, amp=amp)
         synchronize(dev)
         return time.perf_counter() - t0, ep
 
@@ -239,7 +239,7 @@ def profile_adaptive(meta, selector, batches, budget_gflops: float, greedy: bool
         prof.enable()
         for i, x in enumerate(batches):
             gen = None if greedy else torch.Generator().manual_seed((seed << 20) + i)
-            selector.run(meta, x, budget_gflops, greedy=greedy, generator=gen, amp=amp)
+            selector.run_episode(meta, x, budget_gflops, greedy=greedy, generator=gen, amp=amp)
         synchronize(dev)
         prof.disable()
     stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}

@@ -44,7 +44,7 @@ from prance.device import autocast_for, resolve, synchronize  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
 from prance import splits  # noqa: E402
 from prance.budget import Budget  # noqa: E402
-from prance.selector.run import batches  # noqa: E402
+from prance.selector.train import batches  # noqa: E402
 from prance.selector.selector import evaluate_selector  # noqa: E402
 from prance.selector.train import train_selector  # noqa: E402
 from prance.tokens.strategies import StrategyConfig  # noqa: E402
@@ -62,7 +62,7 @@ def throughput(meta, selector, x, budget, rounds=9, amp=False):
     with torch.inference_mode():
         for _ in range(2):
             dense()
-            selector.run(meta, x, budget, amp=amp)
+            selector.run_episode(meta, x, budget, amp=amp)
         for _ in range(rounds):
             synchronize(dev)
             t0 = time.perf_counter()
@@ -70,7 +70,7 @@ def throughput(meta, selector, x, budget, rounds=9, amp=False):
             synchronize(dev)
             times["dense"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            ep = selector.run(meta, x, budget, amp=amp)
+            ep = selector.run_episode(meta, x, budget, amp=amp)
             synchronize(dev)
             times["adaptive"].append(time.perf_counter() - t0)
     dense, adaptive = statistics.median(times["dense"]), statistics.median(times["adaptive"])

@@ -40,7 +40,7 @@ from prance.errors import PranceError  # noqa: E402
 from prance.evaluate import evaluate  # noqa: E402
 from prance import splits  # noqa: E402
 from prance.budget import Budget  # noqa: E402
-from prance.selector.run import run_selector  # noqa: E402
+from prance.selector.pipeline import run_selector  # noqa: E402
 from prance.selector.train import batches  # noqa: E402
 
 SELECTORS = ("prune", "merge", "prune_merge")

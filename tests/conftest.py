@@ -207,3 +207,25 @@ def call_main(main, args: list[str]) -> tuple[int, str, str]:
     finally:
         torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
+
+
+# ------------------------------------------------------------- sweeps (test_sweep, test_ray_jobs)
+
+
+def tiny_args(checkpoint: Path, *more: str) -> list[str]:
+    """The tiny sweep preset on the micro checkpoint: ``sweeps/budget_sweep.py`` arguments."""
+    # the micro model has 4 blocks: the selector decides before blocks 1, 2, 3
+    return ["--preset", "tiny", "--set", f"checkpoint={checkpoint}", "--set", "selector.decision_blocks=[1,2,3]", *more]
+
+
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def sweep_runs(uri: str, name: str):
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(f"prance-sweep-{name}")
+    assert exp is not None
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

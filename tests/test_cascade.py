@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from prance import cascade, flops, static_search
+from prance.halving import Halving
 from prance.data import FASHION_MNIST_SPEC, fashion_mnist
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -114,7 +115,7 @@ def test_run_answers_with_the_expensive_configuration_exactly_where_the_cheap_on
     lo, hi = cascade.logits_of(micro, cheap, x), cascade.logits_of(micro, expensive, x)
     t = float(lo.softmax(-1).amax(-1).median())  # about half the images escalate
     c = cascade.Cascade.pair(cheap, expensive, t)
-    out, passes = cascade.run(micro, c, x, batch_size=32)
+    out, passes = cascade.forward(micro, c, x, batch_size=32)
     up = passes > 1
     assert 0 < int(up.sum()) < len(y) and torch.equal(up, cascade.escalates(lo, t))
     assert torch.allclose(out[~up], lo[~up], atol=1e-5) and torch.allclose(out[up], hi[up], atol=1e-5)
@@ -123,7 +124,7 @@ def test_run_answers_with_the_expensive_configuration_exactly_where_the_cheap_on
     assert m["gflops"] == pytest.approx(cheap.gflops + m["escalated"] * expensive.gflops)
     assert m["gflops_max"] == pytest.approx(cheap.gflops + expensive.gflops) and m["gflops_p95"] <= m["gflops_max"]
     assert m["top1"] == pytest.approx(100.0 * float((out.argmax(-1) == y).float().mean())) and m["n_images"] == len(y)
-    never, p0 = cascade.run(micro, cascade.Cascade.pair(cheap, expensive, 0.0), x)
+    never, p0 = cascade.forward(micro, cascade.Cascade.pair(cheap, expensive, 0.0), x)
     assert not bool((p0 > 1).any()) and torch.allclose(never, lo, atol=1e-5)
 
 
@@ -133,8 +134,8 @@ def test_search_is_never_below_the_best_static_configuration_on_validation(micro
     widest = max(static_search.candidates(micro, flops.gflops(micro.arch), ["none"]), key=lambda c: c.gflops)
     y = cascade.logits_of(micro, widest, x).argmax(-1)  # labels only the widest gets all right: escalating pays
     budget = 0.5 * flops.gflops(micro.arch)
-    found = cascade.search(micro, budget, (x, y), ["none", "merge"], rungs=(0.6, 2.0), first_images=30, margin=False)
-    static = static_search.search(micro, budget, (x, y), ["none", "merge"], first_images=30)
+    found = cascade.search(micro, budget, (x, y), ["none", "merge"], rungs=(0.6, 2.0), halving=Halving(first_images=30), margin=False)
+    static = static_search.search(micro, budget, (x, y), ["none", "merge"], halving=Halving(first_images=30))
     assert found.static.describe() == static.best.describe() and found.static_top1 == pytest.approx(static.top1)
     assert found.top1 >= found.static_top1 and found.gflops <= budget * (1 + 1e-9)
     assert [c.gflops for c in found.ladder] == sorted(c.gflops for c in found.ladder) and len(found.ladder) >= 2

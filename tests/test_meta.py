@@ -99,9 +99,9 @@ def test_packed_block_computes_each_image_as_alone(name, kwargs, random_images):
         for i, n in enumerate(own):
             size[i, :n] = 1
             padded[i, n:] = 7.0  # junk in the padding must not leak
-        out = engine.block(blk, TokenState(padded, size, 1), heads, hidden, width, None, True, pack=True)
+        out = engine.block(blk, TokenState(padded, size, 1), heads, hidden, width, None, prop_attn=True, pack=True)
         for i, n in enumerate(own):
-            alone = engine.block(blk, TokenState(tokens[i : i + 1, :n], None, 1), heads, hidden, width, None, True)
+            alone = engine.block(blk, TokenState(tokens[i : i + 1, :n], None, 1), heads, hidden, width, None, prop_attn=True)
             torch.testing.assert_close(out.x[i, :n], alone.x[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(out.size, size)
 

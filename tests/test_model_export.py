@@ -93,7 +93,7 @@ def sweep(tmp_path_factory, micro_checkpoint):
     ctx = TrialContext(checkpoint=plan.checkpoint, dataset=plan.dataset, selector=cfg.selector.model_dump(),
                        static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump())
     rows = []
-    for n, combo in enumerate(plan.schedule):
+    for n, combo in enumerate(plan.trials):
         config = {**combo.as_config(), "trial_number": n}
         workdir = storage / SWEEP / f"trial_{n}"
         final = run_trial(config, ctx, lambda m, folder: None, workdir)
@@ -343,7 +343,7 @@ def test_exported_cascade_gives_the_cascades_predictions(tmp_path, capsys, decis
     got = json.loads(proc.stdout)
     cascade = casc.parse(text, decisive_micro)
     assert cascade.describe() == text and len(cascade.rungs) == 3  # the parser inverts describe
-    logits, passes = casc.run(decisive_micro, cascade, x)
+    logits, passes = casc.forward(decisive_micro, cascade, x)
     assert got["predictions"] == logits.argmax(-1).tolist() and got["passes"] == passes.tolist()
 
 
@@ -437,7 +437,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
         else:
             from prance.selector.store import load_selector
 
-            ref = load_selector(top.selector, top.meta)[0].run(top.meta, x, float(top.row["budget_gflops"])).logits
+            ref = load_selector(top.selector, top.meta)[0].run_episode(top.meta, x, float(top.row["budget_gflops"])).logits
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref.argmax(-1).tolist()
 
     # the cascade's model: sliced rungs + thresholds, the library cascade's logits
@@ -453,7 +453,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
         got = mlflow.pyfunc.load_model(rec["model_uri"]).predict(x.numpy())
     finally:
         mlflow.set_tracking_uri(before)
-    ref, _ = casc.run(row.meta, row.cascade, x)
+    ref, _ = casc.forward(row.meta, row.cascade, x)
     assert np.abs(got - ref.numpy()).max() < 1e-4 and (got.argmax(-1) == ref.argmax(-1).numpy()).all()
 
 

@@ -94,7 +94,7 @@ def test_a_controller_that_does_not_beat_its_cascade_is_the_cascade(setup):
     if ctl.policy is None:
         x, y = parts["test"]
         logits, n_pass, spent = passes.run(meta, ctl, x)
-        ref, ref_passes = casc.run(meta, found.best, x)
+        ref, ref_passes = casc.forward(meta, found.best, x)
         assert torch.equal(logits, ref) and torch.equal(n_pass, ref_passes)
 
 

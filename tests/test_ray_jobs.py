@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from test_sweep import sweep_runs, tiny_args
+from conftest import sweep_runs, tiny_args
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def test_grouped_execution_equals_each_image_alone(micro, strategy, spread, join
         torch.nn.init.normal_(p, std=1.0)
     x = torch.randn(24, 1, 28, 28)
     budgets = torch.linspace(0.55, 1.0, 24, dtype=torch.float64) * table.full_macs
-    ep = execute.run(micro, actions, table, policy, x, budgets, greedy=False, generator=torch.Generator().manual_seed(0), rtg=True, call_macs=call_macs)
+    ep = execute.run_episode(micro, actions, table, policy, x, budgets, greedy=False, generator=torch.Generator().manual_seed(0), rtg=True, call_macs=call_macs)
     assert 1 < ep.groups <= 24
     widths = [len(torch.unique(ep.actions[:, t, : actions.num_width_dims], dim=0)) for t in range(actions.num_stages)]
     if call_macs is None:  # one sub-batch per width in each stage and each completion
@@ -141,8 +141,8 @@ def test_batch_mates_do_not_change_an_images_result(micro):
     sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16)
     x = torch.randn(16, 1, 28, 28)
     budget = 0.7 * sel.full_gflops()
-    whole = sel.run(micro, x, budget)
-    part = sel.run(micro, x[5:9], budget)
+    whole = sel.run_episode(micro, x, budget)
+    part = sel.run_episode(micro, x[5:9], budget)
     assert torch.allclose(whole.logits[5:9], part.logits, atol=1e-5)
     assert torch.equal(whole.actions[5:9], part.actions)
 
@@ -155,13 +155,13 @@ def test_a_mean_budget_masks_no_image_below_the_full_sub_network(micro):
     for kind in ("cap", "mean"):
         sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16, seed=3, budget_kind=kind)
         budget = 1.15 * sel.min_gflops()
-        runs[kind] = sel.run(micro, x, budget, greedy=False, generator=torch.Generator().manual_seed(1))
+        runs[kind] = sel.run_episode(micro, x, budget, greedy=False, generator=torch.Generator().manual_seed(1))
     assert (runs["cap"].macs <= budget * 1e9 + 1e-3).all()
     assert (runs["mean"].macs > budget * 1e9).any() and (runs["mean"].macs <= sel.table.full_macs + sel.overhead_macs + 1e-3).all()
 
 
 def test_a_mean_budget_selector_keeps_the_mean_and_never_falls_below_its_start(micro_checkpoint, tmp_path):
-    from prance.selector.run import run_selector
+    from prance.selector.pipeline import run_selector
     from prance.selector.store import SELECTOR_FILE
 
     cfg = SelectorConfig(checkpoint=str(micro_checkpoint), strategy="prune", budget="55%", budget_kind="mean",
@@ -195,8 +195,8 @@ def test_amp_runs_the_meta_network_in_lower_precision_with_the_same_decisions(mi
     sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16)
     x = torch.randn(32, 1, 28, 28)
     budget = 0.7 * sel.full_gflops()
-    fp32 = sel.run(micro, x, budget, rtg=True)
-    low = sel.run(micro, x, budget, rtg=True, amp=True)
+    fp32 = sel.run_episode(micro, x, budget, rtg=True)
+    low = sel.run_episode(micro, x, budget, rtg=True, amp=True)
     assert low.logits.dtype == torch.float32 and low.cont_logits.dtype == torch.float32  # back in float32 on the CPU
     assert not torch.equal(fp32.logits, low.logits)  # it really ran in bfloat16
     same = low.actions.flatten(1).eq(fp32.actions.flatten(1)).all(dim=1)
@@ -212,7 +212,7 @@ def test_checkpoint_round_trip_and_refusal_of_another_meta_network(micro, tmp_pa
     save_selector(path, sel, {"strategy": "merge"})
     back, header = load_selector(path, micro)
     x = torch.randn(8, 1, 28, 28)
-    assert torch.equal(sel.run(micro, x, 0.8 * sel.full_gflops()).actions, back.run(micro, x, 0.8 * sel.full_gflops()).actions)
+    assert torch.equal(sel.run_episode(micro, x, 0.8 * sel.full_gflops()).actions, back.run_episode(micro, x, 0.8 * sel.full_gflops()).actions)
     other = create_meta("prance_vit_micro")
     with pytest.raises(PranceError, match="another meta-network"):
         load_selector(path, other)
@@ -230,7 +230,7 @@ def test_budget_below_reach_is_refused(micro):
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="shipped checkpoint missing")
 def test_short_training_on_the_shipped_meta_network_keeps_budget_and_accuracy(tmp_path):
-    from prance.selector.run import run_selector
+    from prance.selector.pipeline import run_selector
     from prance.selector.store import SELECTOR_FILE
 
     cfg = SelectorConfig(
@@ -304,7 +304,7 @@ def test_interrupted_training_resumes_where_it_stopped(micro_checkpoint, tmp_pat
     where the uninterrupted run ends: same reports after the cut, same kept selector."""
     from safetensors.torch import load_file
 
-    from prance.selector.run import run_selector
+    from prance.selector.pipeline import run_selector
     from prance.selector.store import SELECTOR_FILE, STATE_FILE
 
     cfg = SelectorConfig(checkpoint=str(micro_checkpoint), strategy="merge", budget="60%", decision_blocks=[1, 2, 3],

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prance import flops, static_search
+from prance.halving import Halving, successive_halving
 from prance.selector.config import SelectorConfig
 from prance.selector import static
 from prance.selector.selector import Selector
@@ -33,12 +34,27 @@ def test_successive_halving_keeps_the_best_and_never_reruns_an_image():
         calls.append((c, start, stop))
         return sum(1 for i in range(start, stop) if (i * 0.618) % 1 < rates[c])
 
-    order, correct, seen = static_search.successive_halving(len(rates), 300, correct_on, first_images=20, eta=3)
+    order, correct, seen = successive_halving(len(rates), 300, correct_on, Halving(first_images=20, eta=3))
     assert order[0] == 1 and seen[1] == 300
     for c in range(len(rates)):  # each candidate's calls cover disjoint, consecutive image ranges
         ranges = [(a, b) for k, a, b in calls if k == c]
         assert ranges[0][0] == 0 and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
     assert sum(seen) < len(rates) * 300  # the losers stopped early
+
+
+def test_every_successive_halving_default_comes_from_halving():
+    """The CLI, the selector's warm start and the sweep's static section default to the
+    one Halving value (they were written separately, and successive_halving said 128)."""
+    from prance.cli import build_parser
+    from prance.sweep.config import StaticSearchSettings
+
+    halving = Halving(first_images=7, eta=5)
+    assert Halving.of({"first_images": 7, "eta": 5, "uniform_only": True}) == halving
+    assert Halving.of({}) == Halving() == SelectorConfig().static_halving
+    assert Halving.of(StaticSearchSettings().model_dump()) == Halving()
+    for command in ("search-static", "search-cascade"):
+        args = build_parser().parse_args([command, "--budget", "50%"])
+        assert Halving(args.first_images, args.eta) == Halving()
 
 
 def test_search_finds_the_brute_force_optimum_on_a_tiny_space(micro, images):
@@ -52,12 +68,12 @@ def test_search_finds_the_brute_force_optimum_on_a_tiny_space(micro, images):
         acc = [float((micro(x, c.subnet, c.plan).argmax(-1) == y).float().mean()) for c in cands]
     top = max(acc)
     # exhaustive (every candidate on every image): the optimum, the cheapest among ties
-    found = static_search.search(micro, budget, images, ["none", "prune", "merge"], first_images=len(y))
+    found = static_search.search(micro, budget, images, ["none", "prune", "merge"], halving=Halving(first_images=len(y)))
     assert found.top1 == pytest.approx(100 * top)
     assert found.best.gflops == min(c.gflops for c, a in zip(cands, acc) if a == top)
     assert found.forwards == len(cands) * len(y)
     # successive halving sees far fewer images and still returns a fitting configuration
-    fast = static_search.search(micro, budget, images, ["none", "prune", "merge"], first_images=8)
+    fast = static_search.search(micro, budget, images, ["none", "prune", "merge"], halving=Halving(first_images=8))
     assert fast.forwards < found.forwards and fast.best.gflops <= budget
 
 
@@ -87,9 +103,9 @@ def test_static_schedules_are_maximal_and_fit(micro, strategy):
 def test_warm_started_selector_runs_the_static_schedule_on_every_image(micro, images):
     sel = Selector.create(micro, "prune", [1, 2, 3], hidden=16, seed=2)
     budget = 0.6 * sel.full_gflops()
-    found = static.best_schedule(micro, sel, budget, images, first_images=len(images[1]))
+    found = static.best_schedule(micro, sel, budget, images, halving=Halving(first_images=len(images[1])))
     static.warm_start(sel, found.best, 6.0)
-    ep = sel.run(micro, images[0], budget)
+    ep = sel.run_episode(micro, images[0], budget)
     expected = torch.tensor(found.best.indices)
     for i in range(images[0].shape[0]):
         assert torch.equal(ep.actions[i], expected), i
@@ -106,14 +122,14 @@ def test_anchored_selector_runs_the_best_static_configuration_exactly(micro, ima
     make = lambda anchor: Selector.create(micro, strategy, [1, 2, 3], hidden=16, seed=2, anchor=anchor)  # noqa: E731
     plain = make(None)
     budget = 0.6 * plain.full_gflops()
-    sel, sched, found = static.find_anchor(micro, make, budget, images, first_images=len(images[1]))
+    sel, sched, found = static.find_anchor(micro, make, budget, images, halving=Halving(first_images=len(images[1])))
     assert sel.actions.anchor == found.best.strategy and sched.label == f"static {found.best.describe()}"
     margin = plain.overhead_macs + flops.embed_macs(micro.arch, micro.arch.embed_dim) - flops.embed_macs(micro.arch, min(micro.space.embed))
-    exhaustive = static_search.search(micro, budget - margin / 1e9, images, [strategy], first_images=len(images[1]))
+    exhaustive = static_search.search(micro, budget - margin / 1e9, images, [strategy], halving=Halving(first_images=len(images[1])))
     assert found.best.describe() == exhaustive.best.describe() and found.top1 == exhaustive.top1
     assert sched.subnet == found.best.subnet and sched.macs <= budget * 1e9
     static.warm_start(sel, sched, 8.0)
-    ep = sel.run(micro, images[0], budget)
+    ep = sel.run_episode(micro, images[0], budget)
     assert torch.equal(ep.actions, torch.tensor(sched.indices).expand_as(ep.actions))
     with torch.no_grad():
         ref = micro(images[0], found.best.subnet, found.best.plan)
@@ -127,13 +143,13 @@ def test_anchored_selector_survives_save_and_load(micro, images, tmp_path):
     from prance.selector.store import load_selector, save_selector
 
     make = lambda anchor: Selector.create(micro, "merge", [1, 2, 3], hidden=16, anchor=anchor)  # noqa: E731
-    sel, sched, _ = static.find_anchor(micro, make, 0.6 * make(None).full_gflops(), images, first_images=16)
+    sel, sched, _ = static.find_anchor(micro, make, 0.6 * make(None).full_gflops(), images, halving=Halving(first_images=16))
     static.warm_start(sel, sched, 8.0)
     save_selector(tmp_path / "s.safetensors", sel)
     back, header = load_selector(tmp_path / "s.safetensors", micro)
     assert back.actions.anchor == sel.actions.anchor and header["actions"]["anchor"]["name"] == "merge"
     budget = sched.gflops
-    assert torch.equal(back.run(micro, images[0], budget).logits, sel.run(micro, images[0], budget).logits)
+    assert torch.equal(back.run_episode(micro, images[0], budget).logits, sel.run_episode(micro, images[0], budget).logits)
 
 
 def test_training_that_does_not_beat_the_anchored_warm_start_returns_it(micro, images):
@@ -143,8 +159,8 @@ def test_training_that_does_not_beat_the_anchored_warm_start_returns_it(micro, i
                          minibatch=16, ppo_epochs=2, eval_every=1, actor_lr=0.05, warm_start=6.0, static_first_images=60)
     plain = Selector.for_config(micro, cfg)
     budget = 0.6 * plain.full_gflops()
-    sel, sched, _ = static.find_anchor(micro, lambda a: Selector.for_config(micro, cfg, a), budget, images, first_images=60)
-    found = static.best_schedule(micro, sel, budget, images, first_images=60, extra=[sched])
+    sel, sched, _ = static.find_anchor(micro, lambda a: Selector.for_config(micro, cfg, a), budget, images, halving=Halving(first_images=60))
+    found = static.best_schedule(micro, sel, budget, images, halving=Halving(first_images=60), extra=[sched])
     x, _ = images
     with torch.no_grad():
         y_val = micro(x, found.best.subnet, found.best.plan).argmax(-1)
@@ -152,7 +168,7 @@ def test_training_that_does_not_beat_the_anchored_warm_start_returns_it(micro, i
     assert result.selector.actions.anchor == sel.actions.anchor
     assert result.best["iteration"] == 0 and result.best["top1"] == 100.0
     assert result.best["warm_start"] == found.best.describe()
-    ep = result.selector.run(micro, x, budget)
+    ep = result.selector.run_episode(micro, x, budget)
     assert torch.equal(ep.actions, torch.tensor(found.best.indices).expand_as(ep.actions))
 
 
@@ -164,12 +180,12 @@ def test_training_that_does_not_beat_the_warm_start_returns_it(micro, images):
                          static_anchor=False)
     sel = Selector.for_config(micro, cfg)
     budget = 0.6 * sel.full_gflops()
-    found = static.best_schedule(micro, Selector.for_config(micro, cfg), budget, images, first_images=60)
+    found = static.best_schedule(micro, Selector.for_config(micro, cfg), budget, images, halving=Halving(first_images=60))
     x, _ = images
     with torch.no_grad():
         y_val = micro(x, found.best.subnet, found.best.plan).argmax(-1)
     result = train_selector(micro, cfg, budget, images, (x, y_val), progress=False, selector=sel)
     assert result.best["iteration"] == 0 and result.best["top1"] == 100.0
     assert result.best["warm_start"] == found.best.describe()
-    ep = result.selector.run(micro, x, budget)
+    ep = result.selector.run_episode(micro, x, budget)
     assert torch.equal(ep.actions, torch.tensor(found.best.indices).expand_as(ep.actions))

@@ -28,33 +28,15 @@ from prance.sweep.plan import plan_sweep
 from prance.sweep.space import DefineByRun
 from prance.sweep.trial import TrialContext, score, validation_images
 
-from conftest import descendants, free_port, ray_workers, reap
+from conftest import descendants, free_port, mlflow_client, ray_workers, reap, sweep_runs, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "sweeps" / "budget_sweep.py"
 METRICS = ["top1", "gflops", "token_ratio", "final_token_ratio", "throughput_img_s"]
 
 
-def tiny_args(checkpoint: Path, *more: str) -> list[str]:
-    # the micro model has 4 blocks: the selector decides before blocks 1, 2, 3
-    return ["--preset", "tiny", "--set", f"checkpoint={checkpoint}", "--set", "selector.decision_blocks=[1,2,3]", *more]
-
-
 def run_sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def mlflow_client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def sweep_runs(uri: str, name: str):
-    client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(f"prance-sweep-{name}")
-    assert exp is not None
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
 # ------------------------------------------------------------------------ no Ray needed
@@ -85,7 +67,7 @@ def test_default_plan_has_static_rows_at_every_budget_and_needs_tokens_at_the_lo
     budget, at budgets where the smallest sub-network alone does not fit (the lowest two)."""
     default = load_config(SweepConfig, "sweep", "default")
     plan = plan_sweep(default)
-    labels = {c.label for c in plan.schedule}
+    labels = {c.label for c in plan.trials}
     for b in default.budgets:
         assert {f"static_merge@{b}", f"static_prune_merge@{b}", f"merge@{b}", f"prune_merge@{b}"} <= labels, b
     low = sorted(default.budgets, key=lambda b: float(b.rstrip("%")))[:2]
@@ -96,16 +78,16 @@ def test_plan_orders_trials_and_marks_unreachable_combos(micro_checkpoint):
     cfg = SweepConfig(checkpoint=str(micro_checkpoint), budgets=["55%", "75%"], strategies=["prune", "merge", "free_prune", "free_ppt", "static_merge"],
                       trials_per_combo=2, selector={"decision_blocks": [1, 2, 3]})
     plan = plan_sweep(cfg)
-    assert [c.label for c in plan.schedule if c.method == "static"] == ["static_merge@55%", "static_merge@75%"]
-    methods = [c.method for c in plan.schedule]
-    assert methods[0] == "dense" and plan.schedule[0].budget == "100%"
+    assert [c.label for c in plan.trials if c.method == "static"] == ["static_merge@55%", "static_merge@75%"]
+    methods = [c.method for c in plan.trials]
+    assert methods[0] == "dense" and plan.trials[0].budget == "100%"
     assert methods == sorted(methods, key=["dense", "training_free", "static", "selector"].index)  # fixed ones first
-    selector = [c.label for c in plan.schedule if c.method == "selector"]
+    selector = [c.label for c in plan.trials if c.method == "selector"]
     assert selector == ["prune@55%", "merge@55%", "prune@75%", "merge@75%"] * 2  # round-robin, trials_per_combo times
     # PPT prunes at 3 blocks only: 55% of the micro model is out of its reach, 75% is not
     assert [c.label for c in plan.unreachable] == ["free_ppt@55%"]
-    assert "free_ppt@75%" in [c.label for c in plan.schedule]
-    assert all(c.param.startswith(("keep=", "r=")) for c in plan.schedule if c.method == "training_free")
+    assert "free_ppt@75%" in [c.label for c in plan.trials]
+    assert all(c.param.startswith(("keep=", "r=")) for c in plan.trials if c.method == "training_free")
 
 
 @pytest.mark.parametrize(
@@ -646,8 +628,8 @@ def test_cascade_cells_are_planned_for_mean_budgets_only(micro_checkpoint):
                                       strategies=["static_merge", "cascade"], selector={"decision_blocks": [1, 2, 3]}))
 
     mean = plan("mean")
-    assert [c.label for c in mean.schedule] == ["dense@100%", "static_merge@55%", "cascade@55%"]
-    assert mean.schedule[-1].budget_kind == "mean" and mean.budgets["55%"].kind == "mean"
+    assert [c.label for c in mean.trials] == ["dense@100%", "static_merge@55%", "cascade@55%"]
+    assert mean.trials[-1].budget_kind == "mean" and mean.budgets["55%"].kind == "mean"
     cap = plan("cap")
     assert [(c.label, c.note) for c in cap.unreachable] == [("cascade@55%", "meets mean budgets only, not cap")]
 
@@ -663,7 +645,7 @@ def test_the_cascade_trial_shares_its_ladder_per_budget_and_meets_the_mean(micro
     plan = plan_sweep(SweepConfig(checkpoint=str(micro_checkpoint), budgets=["50%", "70%"], strategies=["cascade"],
                                   selector={"decision_blocks": [1, 2, 3], "val_limit": 120, "train_limit": 40,
                                             "rollouts_from": "holdout"}))
-    cells = [c for c in plan.schedule if c.method == "cascade"]
+    cells = [c for c in plan.trials if c.method == "cascade"]
     before = cascade_trial.LADDER_CALLS["computed"]
     reports = []
     finals = [run_trial({**c.as_config(), "trial_number": i}, ctx, lambda m, f: reports.append(m), tmp_path)

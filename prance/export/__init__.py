@@ -108,7 +108,7 @@ def export_cascade(meta, cascade, folder: str | Path, model_name: str = "", mode
         from prance import cascade as casc
 
         x, y = check
-        ref, passes = casc.run(meta, cascade, x)
+        ref, passes = casc.forward(meta, cascade, x)
         got, passes2 = cascade_runner.Cascade(folder).run(x.numpy())
         out.update(check_images=int(x.shape[0]), escalated=float((passes > 1).float().mean()),
                    escalations_differ=int((torch.from_numpy(passes2) != passes).sum()),

@@ -147,7 +147,7 @@ def _eval_cascade(args, meta, cascade, loader) -> dict:
     meta.to(resolve(args.device))
     xs, ys = zip(*loader)
     result = casc.evaluate(meta, cascade, torch.cat(xs), torch.cat(ys), args.batch_size)
-    result.update(latency(args, lambda x: casc.run(meta, cascade, x)[0], loader))
+    result.update(latency(args, lambda x: casc.forward(meta, cascade, x)[0], loader))
     return {"configuration": cascade.describe(), "strategy": "cascade", "rungs": len(cascade.used().rungs), **result}
 
 

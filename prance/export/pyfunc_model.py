@@ -53,7 +53,7 @@ class PranceModel(PythonModel):
 
                 logits = chain(self.rungs, self.thresholds, x)[0]
             else:
-                logits = self.selector.run(self.meta, x, self.budget).logits
+                logits = self.selector.run_episode(self.meta, x, self.budget).logits
         return logits.float().numpy()
 
 

@@ -192,15 +192,44 @@ def _is_ln(m) -> bool:
 @torch.no_grad()
 def slice_static(meta, config, model_name: str = "", model_kwargs: dict | None = None) -> StaticViT:
     """The standalone module of ``config`` (a StaticConfig) on ``meta`` (a MetaViT)."""
-    vit, arch, sub = meta.vit, meta.arch, config.subnet
-    sub.check(arch)
+    vit, sub = meta.vit, config.subnet
+    sub.check(meta.arch)
+    manifest = _manifest(meta, config, model_name, model_kwargs, _layer_norm_eps(vit))
+    if any(b.attn.proj.bias is None or b.mlp.fc1.bias is None or b.mlp.fc2.bias is None for b in vit.blocks):
+        raise PranceError("export assumes biases on the attention projection and the MLP")
+    backbone = getattr(vit.patch_embed, "backbone", None)
+    stem = None
+    if backbone is not None:
+        import copy
+
+        stem = copy.deepcopy(backbone).eval()
+    out = StaticViT(manifest, stem)
+    _copy_embedding(out, vit, sub.embed[0])
+    for i, (dst, src) in enumerate(zip(out.blocks, vit.blocks)):
+        _copy_block(dst, src, sub.embed[i], sub.heads[i], sub.mlp[i], meta.arch)
+    last = sub.embed[-1]
+    _copy_ln(out.norm, vit.norm, last)
+    _copy_ln(out.fc_norm, vit.fc_norm, last)
+    out.head.weight.copy_(vit.head.weight[:, :last])
+    out.head.bias.copy_(vit.head.bias)
+    return out.eval()
+
+
+def _layer_norm_eps(vit) -> float:
+    """The one LayerNorm epsilon of ``vit`` (PranceError where its norms differ)."""
     pe, blk0 = vit.patch_embed, vit.blocks[0]
-    hd, h_all = arch.head_dim, arch.num_heads
     norms = [b.norm1 for b in vit.blocks]
     eps = norms[0].eps
     for n in (pe.norm if hasattr(pe, "norm") else None, vit.norm_pre, vit.norm, vit.fc_norm, *norms, blk0.attn.q_norm):
         if _is_ln(n) and n.eps != eps:
             raise PranceError("export assumes one LayerNorm epsilon across the model")
+    return eps
+
+
+def _manifest(meta, config, model_name: str, model_kwargs: dict | None, eps: float) -> dict:
+    """What :class:`StaticViT` is built from, and what the export's manifest records."""
+    vit, arch, sub = meta.vit, meta.arch, config.subnet
+    pe, blk0 = vit.patch_embed, vit.blocks[0]
     backbone = getattr(pe, "backbone", None)
     manifest = {
         "format": FORMAT,
@@ -233,56 +262,51 @@ def slice_static(meta, config, model_name: str = "", model_kwargs: dict | None =
         "layer_scale": hasattr(blk0.ls1, "gamma"),
         "act": _act_name(blk0.mlp.act),
     }
-    if any(b.attn.proj.bias is None or b.mlp.fc1.bias is None or b.mlp.fc2.bias is None for b in vit.blocks):
-        raise PranceError("export assumes biases on the attention projection and the MLP")
-    stem = None
-    if backbone is not None:
-        import copy
+    return manifest
 
-        stem = copy.deepcopy(backbone).eval()
-    out = StaticViT(manifest, stem)
-    w0 = sub.embed[0]
 
-    def ln(dst, src, c):
-        if _is_ln(dst):
-            dst.weight.copy_(src.weight[:c])
-            dst.bias.copy_(src.bias[:c])
+def _copy_ln(dst, src, c: int) -> None:
+    """The first ``c`` channels of the LayerNorm ``src`` into ``dst`` (where ``dst`` is one)."""
+    if _is_ln(dst):
+        dst.weight.copy_(src.weight[:c])
+        dst.bias.copy_(src.bias[:c])
 
+
+def _copy_embedding(out: StaticViT, vit, w0: int) -> None:
+    """The patch embedding, prefix tokens and position embedding at ``w0`` channels."""
+    pe = vit.patch_embed
     out.patch.weight.copy_(pe.proj.weight[:w0])
     if pe.proj.bias is not None:
         out.patch.bias.copy_(pe.proj.bias[:w0])
-    ln(out.patch_norm, getattr(pe, "norm", None), w0)
+    _copy_ln(out.patch_norm, getattr(pe, "norm", None), w0)
     if out.cls_token is not None:
         out.cls_token.copy_(vit.cls_token[..., :w0])
     if out.reg_token is not None:
         out.reg_token.copy_(vit.reg_token[..., :w0])
     out.pos_embed.copy_(vit.pos_embed[..., :w0])
-    ln(out.norm_pre, vit.norm_pre, w0)
-    for i, (dst, src) in enumerate(zip(out.blocks, vit.blocks)):
-        c, h, hidden = sub.embed[i], sub.heads[i], sub.mlp[i]
-        a = h * hd
-        ln(dst.norm1, src.norm1, c)
-        ln(dst.norm2, src.norm2, c)
-        dst.qkv.weight.copy_(src.attn.qkv.weight.view(3, h_all * hd, -1)[:, :a, :c].reshape(3 * a, c))
-        if src.attn.qkv.bias is not None:
-            dst.qkv.bias.copy_(src.attn.qkv.bias.view(3, h_all * hd)[:, :a].reshape(3 * a))
-        ln(dst.q_norm, src.attn.q_norm, hd)
-        ln(dst.k_norm, src.attn.k_norm, hd)
-        dst.proj.weight.copy_(src.attn.proj.weight[:c, :a])
-        dst.proj.bias.copy_(src.attn.proj.bias[:c])
-        dst.fc1.weight.copy_(src.mlp.fc1.weight[:hidden, :c])
-        dst.fc1.bias.copy_(src.mlp.fc1.bias[:hidden])
-        dst.fc2.weight.copy_(src.mlp.fc2.weight[:c, :hidden])
-        dst.fc2.bias.copy_(src.mlp.fc2.bias[:c])
-        if dst.gamma1 is not None:
-            dst.gamma1.copy_(src.ls1.gamma[:c])
-            dst.gamma2.copy_(src.ls2.gamma[:c])
-    last = sub.embed[-1]
-    ln(out.norm, vit.norm, last)
-    ln(out.fc_norm, vit.fc_norm, last)
-    out.head.weight.copy_(vit.head.weight[:, :last])
-    out.head.bias.copy_(vit.head.bias)
-    return out.eval()
+    _copy_ln(out.norm_pre, vit.norm_pre, w0)
+
+
+def _copy_block(dst, src, c: int, h: int, hidden: int, arch) -> None:
+    """Block ``src`` sliced to ``c`` channels, ``h`` heads and ``hidden`` MLP units into ``dst``."""
+    hd, h_all = arch.head_dim, arch.num_heads
+    a = h * hd
+    _copy_ln(dst.norm1, src.norm1, c)
+    _copy_ln(dst.norm2, src.norm2, c)
+    dst.qkv.weight.copy_(src.attn.qkv.weight.view(3, h_all * hd, -1)[:, :a, :c].reshape(3 * a, c))
+    if src.attn.qkv.bias is not None:
+        dst.qkv.bias.copy_(src.attn.qkv.bias.view(3, h_all * hd)[:, :a].reshape(3 * a))
+    _copy_ln(dst.q_norm, src.attn.q_norm, hd)
+    _copy_ln(dst.k_norm, src.attn.k_norm, hd)
+    dst.proj.weight.copy_(src.attn.proj.weight[:c, :a])
+    dst.proj.bias.copy_(src.attn.proj.bias[:c])
+    dst.fc1.weight.copy_(src.mlp.fc1.weight[:hidden, :c])
+    dst.fc1.bias.copy_(src.mlp.fc1.bias[:hidden])
+    dst.fc2.weight.copy_(src.mlp.fc2.weight[:c, :hidden])
+    dst.fc2.bias.copy_(src.mlp.fc2.bias[:c])
+    if dst.gamma1 is not None:
+        dst.gamma1.copy_(src.ls1.gamma[:c])
+        dst.gamma2.copy_(src.ls2.gamma[:c])
 
 
 def save(module: StaticViT, folder: str | Path) -> Path:

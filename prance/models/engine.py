@@ -180,6 +180,7 @@ def block(
     hidden: int,
     width: int,
     op: TokenOp | None,
+    *,
     prop_attn: bool,
     pack: bool = False,
 ) -> TokenState:
@@ -238,7 +239,7 @@ def run_blocks(
     for i in range(start, stop):
         if state.stats is not None:
             state.stats.setdefault("tokens", []).append(state.x.shape[1])
-        state = block(vit.blocks[i], state, subnet.heads[i], subnet.mlp[i], subnet.embed[i], plan.ops[i], plan.prop_attn)
+        state = block(vit.blocks[i], state, subnet.heads[i], subnet.mlp[i], subnet.embed[i], plan.ops[i], prop_attn=plan.prop_attn)
     return state
 
 

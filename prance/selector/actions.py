@@ -63,6 +63,7 @@ class ActionSpace:
         space: SubnetSpace,
         strategy: str,
         decision_blocks: list[int] | tuple[int, ...],
+        *,
         joint_widths: bool = True,
         merge_spread: bool = False,
         anchor: StrategyConfig | None = None,
@@ -72,10 +73,10 @@ class ActionSpace:
         blocks = [int(b) for b in decision_blocks]
         if not blocks or any(not 0 < b < arch.depth for b in blocks) or sorted(set(blocks)) != blocks:
             raise PranceError(f"decision blocks {blocks} must be increasing, distinct and within 1..{arch.depth - 1}")
-        if strategy in ("prune", "prune_merge") and not arch.has_class_token:
+        if REGISTRY[strategy].needs_class_token and not arch.has_class_token:
             raise PranceError(f"strategy {strategy!r} ranks tokens by class-token attention; this model has no class token")
         self.arch, self.space, self.strategy = arch, space, strategy
-        self.merge_spread = merge_spread and strategy in ("merge", "prune_merge")
+        self.merge_spread = merge_spread and REGISTRY[strategy].spread_merge
         starts = [0] + blocks
         self.stages: list[tuple[int, int]] = list(zip(starts, starts[1:] + [arch.depth]))
         grids = REGISTRY[strategy].selector_grids  # one keep grid, or (prune, merge)
@@ -137,7 +138,7 @@ class ActionSpace:
             # the stage's merge keep is spread over its blocks: each merges to keep**(1/L)
             # of the patches entering it, so the stage leaves about `keep` of them (ToMe-like)
             merge_keep = dec.keeps[-1]
-            if self.strategy == "prune_merge" and dec.keeps[0] < 1.0:
+            if len(dec.keeps) > 1 and dec.keeps[0] < 1.0:  # a prune keep before the merge keep
                 ops[0] = prune_op(dec.keeps[0], p)
             if merge_keep < 1.0:
                 per_block = merge_keep ** (1.0 / (stop - start))

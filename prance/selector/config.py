@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from prance.config import Strict
+from prance.halving import Halving
 from prance.tokens.strategies import SELECTOR_STRATEGIES
 
 # The default meta-network: the supernet prance ships, found by name (prance.checkpoint.locate;
@@ -55,8 +56,8 @@ class SelectorConfig(Strict):
     grad_clip: float = Field(default=0.5, gt=0)
     hidden: int = Field(default=128, ge=8)
     warm_start: float = Field(default=3.0, ge=0)  # initial logit bias towards the best static schedule in budget (0: uniform start)
-    static_first_images: int = Field(default=64, ge=1)  # warm-start search: rollout images every static schedule is scored on first
-    static_eta: int = Field(default=3, ge=2)  # warm-start search: successive-halving factor
+    static_first_images: int = Field(default=Halving.first_images, ge=1)  # warm-start search: rollout images every static schedule is scored on first
+    static_eta: int = Field(default=Halving.eta, ge=2)  # warm-start search: successive-halving factor
     static_images: int = Field(default=2048, ge=1)  # warm-start search: rollout images it ranks on, at most
     static_anchor: bool = True  # warm start: also the best static configuration of the strategy, its token plan added as a per-stage choice
 
@@ -91,3 +92,8 @@ class SelectorConfig(Strict):
             except RuntimeError:
                 raise ValueError(f"device {self.device!r} is not a device name (cpu, cuda, cuda:N or auto)") from None
         return self
+
+    @property
+    def static_halving(self) -> Halving:
+        """The warm start's successive halving (``static_first_images``, ``static_eta``)."""
+        return Halving(self.static_first_images, self.static_eta)

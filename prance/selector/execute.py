@@ -35,6 +35,7 @@ from torch import Tensor
 
 from prance.device import autocast_for
 from prance.models import engine
+from prance.models.arch import ArchSpec
 from prance.models.meta import MetaViT
 from prance.selector.actions import ActionSpace, CostTable, StageDecision
 from prance.selector.features import observe
@@ -67,10 +68,10 @@ class Group:
 
 
 @dataclass
-class Schedule:
-    """Images of one group with the same tokens and decision, rows ``start``..``stop-1``
-    of the group (a group holds its schedules one after the other): one token operation
-    each."""
+class RowSpan:
+    """Images of one group with the same schedule (tokens and decision): rows
+    ``start``..``stop-1`` of the group, which holds its spans one after the other; one
+    token operation each."""
 
     start: int
     stop: int
@@ -82,9 +83,9 @@ class Schedule:
         return slice(self.start, self.stop)
 
 
-def _per_row(values: list, schedules: list[Schedule], dtype=torch.long, device=None) -> Tensor:
+def _per_row(values: list, spans: list[RowSpan], dtype=torch.long, device=None) -> Tensor:
     """One value per schedule, repeated over its rows: (rows of the group,)."""
-    lengths = torch.tensor([s.stop - s.start for s in schedules], device=device)
+    lengths = torch.tensor([s.stop - s.start for s in spans], device=device)
     return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(lengths)
 
 
@@ -162,44 +163,44 @@ def _take(parts: list[tuple[Group, Tensor, Tensor]], width: int, tokens: int, nu
     return Group(idx, TokenState(x, sizes, num_prefix), n)
 
 
-def _per_schedule(ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenOp | None:
+def _per_schedule(ops: list[TokenOp | None], spans: list[RowSpan]) -> TokenOp | None:
     """A block's token operation for a group: schedule ``j``'s rows get ``ops[j]``, as
     on their own (unpadded) tokens, and the results are padded to a common count --
     pruning and merging as batched per-row operations, anything else schedule by schedule."""
     if all(op is None for op in ops):
         return None
-    if len(schedules) == 1:
+    if len(spans) == 1:
         return ops[0]  # one schedule: the rows hold no padding the op could see
     needs = frozenset().union(*(op.needs for op in ops if op is not None))
     steps = _row_steps(ops)
 
     def apply(state: TokenState) -> TokenState:
         if steps is not None and ("merge" not in steps or state.num_prefix <= 1):
-            return _per_row_steps(state, steps, ops, schedules)
-        return _each_schedule(state, ops, schedules)
+            return _per_row_steps(state, steps, ops, spans)
+        return _each_schedule(state, ops, spans)
 
     return TokenOp("per_schedule", apply, lambda n: n, needs=needs)
 
 
-def _each_schedule(state: TokenState, ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+def _each_schedule(state: TokenState, ops: list[TokenOp | None], spans: list[RowSpan]) -> TokenState:
     """Schedule ``j``'s rows through ``ops[j]`` on their own tokens, one schedule at a time."""
     outs = []
-    for sch, op in zip(schedules, ops):
+    for span, op in zip(spans, ops):
         part = TokenState(
-            state.x[sch.rows, : sch.n],
-            state.sizes()[sch.rows, : sch.n],
+            state.x[span.rows, : span.n],
+            state.sizes()[span.rows, : span.n],
             state.num_prefix,
-            cls_attn=None if state.cls_attn is None else state.cls_attn[sch.rows, :, : sch.n],
-            metric=None if state.metric is None else state.metric[sch.rows, : sch.n],
-            v_norm=None if state.v_norm is None else state.v_norm[sch.rows, : sch.n],
+            cls_attn=None if state.cls_attn is None else state.cls_attn[span.rows, :, : span.n],
+            metric=None if state.metric is None else state.metric[span.rows, : span.n],
+            v_norm=None if state.v_norm is None else state.v_norm[span.rows, : span.n],
         )
         outs.append(part if op is None else op.apply(part))
     top = max(o.x.shape[1] for o in outs)
     x = state.x.new_zeros(state.x.shape[0], top, state.x.shape[2])
     size = state.x.new_zeros(state.x.shape[0], top, 1, dtype=torch.float32)
-    for sch, o in zip(schedules, outs):
-        x[sch.rows, : o.x.shape[1]] = o.x.to(x.dtype)
-        size[sch.rows, : o.x.shape[1]] = o.sizes().float()
+    for span, o in zip(spans, outs):
+        x[span.rows, : o.x.shape[1]] = o.x.to(x.dtype)
+        size[span.rows, : o.x.shape[1]] = o.sizes().float()
     return TokenState(x, size, state.num_prefix, stats=state.stats)
 
 
@@ -217,34 +218,35 @@ def _row_steps(ops: list[TokenOp | None]) -> list[str] | None:
     return steps
 
 
-def _per_row_steps(state: TokenState, steps: list[str], ops: list[TokenOp | None], schedules: list[Schedule]) -> TokenState:
+def _per_row_steps(state: TokenState, steps: list[str], ops: list[TokenOp | None], spans: list[RowSpan]) -> TokenState:
     """Schedule ``j``'s rows get ``ops[j]``, each step one per-row operation for all rows
     (:func:`prune_rows`, :func:`merge_rows`; a row without that step keeps its tokens)."""
     dev, p = state.x.device, state.num_prefix
-    n = [s.n for s in schedules]
+    n = [s.n for s in spans]
     for step in steps:
         part = [next((q for q in _parts(op) if q.name == step), None) for op in ops]
         out = [m if q is None else q.out_tokens(m) for m, q in zip(n, part)]
-        counts = _per_row(n, schedules, device=dev)
+        counts = _per_row(n, spans, device=dev)
         if step == "prune":  # keep the top out - p patches
-            state = prune_rows(state, counts, _per_row([o - p for o in out], schedules, device=dev))
+            state = prune_rows(state, counts, _per_row([o - p for o in out], spans, device=dev))
         else:  # merge n - out tokens
-            state = merge_rows(state, counts, _per_row([m - o for m, o in zip(n, out)], schedules, device=dev))
+            state = merge_rows(state, counts, _per_row([m - o for m, o in zip(n, out)], spans, device=dev))
         n = out
     return state
 
 
-def _run_stage(vit, g: Group, start: int, stop: int, dec: StageDecision, schedules: list[Schedule], ops: list[list], counts: Tensor) -> Group:
+def _run_stage(vit, g: Group, start: int, stop: int, dec: StageDecision, spans: list[RowSpan], ops: list[list], counts: Tensor) -> Group:
     """Blocks ``start``..``stop-1`` at ``dec``'s widths, schedule ``j`` with its per-block
     ``ops[j]``; ``counts`` (B, depth) records the tokens each image brings to each block."""
-    n = [s.n for s in schedules]
+    n = [s.n for s in spans]
     for i in range(start, stop):
-        block_ops = [ops[j][i - start] for j in range(len(schedules))]
-        counts[g.idx, i] = _per_row(n, schedules)
-        now = [Schedule(s.start, s.stop, n[j], s.combo) for j, s in enumerate(schedules)]
-        g.state = engine.block(vit.blocks[i], g.state, dec.heads, dec.mlp, dec.embed, _per_schedule(block_ops, now), True, pack=True)
+        block_ops = [ops[j][i - start] for j in range(len(spans))]
+        counts[g.idx, i] = _per_row(n, spans)
+        now = [RowSpan(s.start, s.stop, n[j], s.combo) for j, s in enumerate(spans)]
+        g.state = engine.block(vit.blocks[i], g.state, dec.heads, dec.mlp, dec.embed, _per_schedule(block_ops, now),
+                               prop_attn=True, pack=True)
         n = [m if op is None else op.out_tokens(m) for m, op in zip(n, block_ops)]
-    g.n = _per_row(n, schedules)
+    g.n = _per_row(n, spans)
     return g
 
 
@@ -259,20 +261,85 @@ def _feasible(table: CostTable, t: int, g: Group, spent: Tensor, budget: Tensor)
     return out
 
 
+@dataclass
+class Completions:
+    """The Result-to-Go completions of an episode: after the decision of stage ``t``, the
+    rest of the network at that decision's channels and no further token reduction --
+    each image's logits, MACs and token ratio; stage ``S-1`` holds the episode's own result."""
+
+    logits: Tensor  # (B, S, classes)
+    macs: Tensor  # (B, S) float64
+    token_ratio: Tensor  # (B, S)
+
+    @classmethod
+    def zeros(cls, b: int, stages: int, classes: int) -> "Completions":
+        return cls(torch.zeros(b, stages, classes), torch.zeros(b, stages, dtype=torch.float64), torch.zeros(b, stages))
+
+
+@dataclass
+class _Trace:
+    """What an episode records per image and stage: the actions, and for training
+    (``rtg``) the observations, masks, log-probabilities and completions."""
+
+    actions: Tensor  # (B, S, dims)
+    obs: Tensor | None = None  # (B, S, obs_dim)
+    masks: list[Tensor] | None = None  # per dim (B, S, size)
+    logp: Tensor | None = None  # (B, S)
+    completions: Completions | None = None
+
+    @classmethod
+    def zeros(cls, b: int, actions: ActionSpace, obs_dim: int, classes: int, rtg: bool) -> "_Trace":
+        S = actions.num_stages
+        out = cls(torch.zeros(b, S, len(actions.dims), dtype=torch.long))
+        if rtg:
+            out.obs = torch.zeros(b, S, obs_dim)
+            out.masks = [torch.zeros(b, S, s, dtype=torch.bool) for s in actions.sizes]
+            out.logp = torch.zeros(b, S)
+            out.completions = Completions.zeros(b, S, classes)
+        return out
+
+
+@dataclass
+class _Pass:
+    """One episode's meta-network, action space and cost table, where and how it runs,
+    and its running totals: what every stage step shares."""
+
+    vit: torch.nn.Module
+    arch: ArchSpec
+    actions: ActionSpace
+    table: CostTable
+    dev: torch.device
+    amp: bool
+    call_macs: float | None  # what one more sub-batch per block is worth in padded MACs
+    overhead: float  # the policy's MACs over all stages
+    spent: Tensor  # (B,) float64: MACs so far
+    counts: Tensor  # (B, depth): tokens entering each block
+
+    def net(self):
+        """The meta-network's own computation: on the device, mixed precision with amp."""
+        return autocast_for(self.dev, self.amp)
+
+    def decision(self, combo: int) -> StageDecision:
+        return self.actions.decision(self.table.combos[combo].tolist())
+
+    def width_of(self, combo: int) -> int:
+        return self.decision(combo).embed
+
+
 @torch.no_grad()
-def run(
+def run_episode(
     meta: MetaViT,
     actions: ActionSpace,
     table: CostTable,
     policy: ActorCritic,
     images: Tensor,
     budget_macs: Tensor,
+    *,
     greedy: bool = True,
     generator: torch.Generator | None = None,
     rtg: bool = False,
     amp: bool = False,
     call_macs: float | None | str = "auto",
-    *,
     cap_macs: Tensor | None = None,
 ) -> Episode:
     """Run ``images`` adaptively with a per-image MACs budget ``budget_macs`` (B,) on
@@ -280,94 +347,104 @@ def run(
     the CPU. The policy sees the budget; its actions are masked to ``cap_macs`` (B,)
     per image (default: the budget itself). ``call_macs``: what one more sub-batch per block is worth in padded MACs
     (``"auto"``: :data:`CALL_MACS` of the device; 0: never pad, None: never split a width)."""
-    arch = meta.arch
-    vit = meta.vit
-    b = images.shape[0]
-    S = actions.num_stages
-    n0, D = arch.num_tokens, arch.embed_dim
-    overhead = float(policy.actor_macs() * S)
-    budget_frac = budget_macs.double() / table.full_macs
-    fixed = tuple(actions.fixed_index(d) for d in range(len(actions.dims)))
-    exact_slice = isinstance(vit.norm_pre, torch.nn.Identity) and isinstance(getattr(vit.patch_embed, "norm", torch.nn.Identity()), torch.nn.Identity)
-
+    arch, vit = meta.arch, meta.vit
+    b, S = images.shape[0], actions.num_stages
     dev = images.device
     if call_macs == "auto":
         call_macs = CALL_MACS.get(dev.type, CALL_MACS["cuda"])
     budget_macs = budget_macs.cpu()
     cap_macs = budget_macs if cap_macs is None else cap_macs.cpu()
-
-    def net():  # the meta-network's own computation: on the device, mixed precision with amp
-        return autocast_for(dev, amp)
-
-    with net():
+    ep = _Pass(vit, arch, actions, table, dev, amp, call_macs, float(policy.actor_macs() * S),
+               torch.zeros(b, dtype=torch.float64), torch.zeros(b, arch.depth, dtype=torch.long))
+    with ep.net():
         stem_out = engine.stem(vit, images)  # shared by the embeddings at every width
-        x = engine.embed_features(vit, stem_out, D)
-    p = arch.num_prefix_tokens
-    groups = [Group(torch.arange(b), TokenState(x, None, p), torch.full((b,), x.shape[1]))]
-    spent = torch.zeros(b, dtype=torch.float64)
-    counts = torch.zeros(b, arch.depth, dtype=torch.long)  # tokens entering each block
-    all_actions = torch.zeros(b, S, len(actions.dims), dtype=torch.long)
-    obs_all = torch.zeros(b, S, policy.obs_dim) if rtg else None
-    masks_all = [torch.zeros(b, S, s, dtype=torch.bool) for s in actions.sizes] if rtg else None
-    logp_all = torch.zeros(b, S) if rtg else None
-    classes = arch.num_classes
-    cont = (torch.zeros(b, S, classes), torch.zeros(b, S, dtype=torch.float64), torch.zeros(b, S)) if rtg else None
-    logits = torch.zeros(b, classes)
+        x = engine.embed_features(vit, stem_out, arch.embed_dim)
+    exact_slice = isinstance(vit.norm_pre, torch.nn.Identity) and isinstance(getattr(vit.patch_embed, "norm", torch.nn.Identity()), torch.nn.Identity)
+    groups = [Group(torch.arange(b), TokenState(x, None, arch.num_prefix_tokens), torch.full((b,), x.shape[1]))]
+    trace = _Trace.zeros(b, actions, policy.obs_dim, arch.num_classes, rtg)
     sub_batches = 0
-
     for t, (start, stop) in enumerate(actions.stages):
-        # one policy call for every image, each masked by its own feasibility
-        obs = torch.cat([observe(g.state, t, S, budget_frac[g.idx], spent[g.idx] / table.full_macs, n0, D, g.n) for g in groups])
-        feas = torch.cat([_feasible(table, t, g, spent[g.idx] + overhead, cap_macs[g.idx]) for g in groups])
-        dec = policy.act(obs, feas, actions.active(t), fixed, greedy, generator)
-        order = torch.cat([g.idx for g in groups])
-        all_actions[order, t] = dec.actions
-        if rtg:
-            obs_all[order, t] = obs
-            for d, m in enumerate(dec.masks):
-                masks_all[d][order, t] = m
-            logp_all[order, t] = dec.logp
-        flat = table.combo_index(dec.actions)
-        n_in = torch.cat([g.n for g in groups])
-        # every image of one width runs the stage in one sub-batch (or a few, where padding
-        # the fewer-token schedules costs more than a split); each schedule (tokens,
-        # decision) gets its own token operations inside it
-        new_groups = []
-        width_of = lambda c: actions.decision(table.combos[c].tolist()).embed  # noqa: E731
-        for g, schedules in _regroup(groups, table.combos[flat][:, : actions.num_width_dims], n_in, flat, width_of, table.cost[t], call_macs and call_macs * (stop - start), p, dev):
-            d = actions.decision(table.combos[schedules[0].combo].tolist())
-            ops = [actions.stage_ops(t, actions.decision(table.combos[s.combo].tolist())) for s in schedules]
-            with net():
-                if t == 0 and not exact_slice:
-                    g = Group(g.idx, TokenState(engine.embed_features(vit, stem_out[g.idx.to(dev)], d.embed), None, p), g.n)
-                g = _run_stage(vit, g, start, stop, d, schedules, ops, counts)
-            spent[g.idx] += _per_row([float(table.cost[t, s.n, s.combo]) for s in schedules], schedules, dtype=torch.float64)
-            new_groups.append(g)
-        sub_batches += len(new_groups)
-        groups = new_groups
-
+        flat = _decide(ep, policy, groups, t, budget_macs, cap_macs, greedy, generator, trace)
+        groups = _stage(ep, groups, t, start, stop, flat, None if exact_slice else stem_out)
+        sub_batches += len(groups)
         if rtg and t < S - 1:
-            sub_batches += _completions(vit, actions, table, groups, all_actions[:, t], stop, spent, counts, overhead, call_macs, net, cont, t, dev)
+            sub_batches += _completions(ep, groups, trace.actions[:, t], stop, trace.completions, t)
+    return _finish(ep, groups, trace, sub_batches)
 
+
+def _decide(ep: _Pass, policy: ActorCritic, groups: list[Group], t: int, budget_macs: Tensor, cap_macs: Tensor,
+            greedy: bool, generator: torch.Generator | None, trace: _Trace) -> Tensor:
+    """Stage ``t``'s decisions: one policy call for every image, each masked by its own
+    feasibility, recorded in ``trace``; the combination index of each image, in the
+    order of ``groups``."""
+    actions, table, arch = ep.actions, ep.table, ep.arch
+    S = actions.num_stages
+    budget_frac = budget_macs.double() / table.full_macs
+    fixed = tuple(actions.fixed_index(d) for d in range(len(actions.dims)))
+    obs = torch.cat([observe(g.state, t, S, budget_frac[g.idx], ep.spent[g.idx] / table.full_macs, arch.num_tokens, arch.embed_dim, g.n)
+                     for g in groups])
+    feas = torch.cat([_feasible(table, t, g, ep.spent[g.idx] + ep.overhead, cap_macs[g.idx]) for g in groups])
+    dec = policy.act(obs, feas, actions.active(t), fixed, greedy, generator)
+    order = torch.cat([g.idx for g in groups])
+    trace.actions[order, t] = dec.actions
+    if trace.obs is not None:
+        trace.obs[order, t] = obs
+        for d, m in enumerate(dec.masks):
+            trace.masks[d][order, t] = m
+        trace.logp[order, t] = dec.logp
+    return table.combo_index(dec.actions)
+
+
+def _stage(ep: _Pass, groups: list[Group], t: int, start: int, stop: int, flat: Tensor, stem_out: Tensor | None) -> list[Group]:
+    """Blocks ``start``..``stop-1`` for every image at its decision ``flat`` (combination
+    indices in the order of ``groups``): every image of one width runs the stage in one
+    sub-batch (or a few, where padding the fewer-token schedules costs more than a split);
+    each schedule (tokens, decision) gets its own token operations inside it. ``stem_out``:
+    the stem's output, to embed at each width in stage 0 (None: slicing the full-width
+    embedding is exact)."""
+    actions, table = ep.actions, ep.table
+    n_in = torch.cat([g.n for g in groups])
+    p = ep.arch.num_prefix_tokens
+    call_macs = ep.call_macs and ep.call_macs * (stop - start)
+    new_groups = []
+    for g, spans in _regroup(groups, table.combos[flat][:, : actions.num_width_dims], n_in, flat, ep.width_of, table.cost[t], call_macs, p, ep.dev):
+        d = ep.decision(spans[0].combo)
+        ops = [actions.stage_ops(t, ep.decision(s.combo)) for s in spans]
+        with ep.net():
+            if t == 0 and stem_out is not None:
+                g = Group(g.idx, TokenState(engine.embed_features(ep.vit, stem_out[g.idx.to(ep.dev)], d.embed), None, p), g.n)
+            g = _run_stage(ep.vit, g, start, stop, d, spans, ops, ep.counts)
+        ep.spent[g.idx] += _per_row([float(table.cost[t, s.n, s.combo]) for s in spans], spans, dtype=torch.float64)
+        new_groups.append(g)
+    return new_groups
+
+
+def _finish(ep: _Pass, groups: list[Group], trace: _Trace, sub_batches: int) -> Episode:
+    """The head on every group, and the episode's results."""
+    arch = ep.arch
+    b, S = trace.actions.shape[:2]
+    logits = torch.zeros(b, arch.num_classes)
     for g in groups:
-        with net():
-            logits[g.idx] = engine.head(vit, g.state).float().cpu()
-    macs = spent + overhead
-    tok = counts.float().mean(dim=1) / n0
-    final_tok = counts[:, -1].float() / n0
-    if rtg:
-        cont[0][:, S - 1] = logits
-        cont[1][:, S - 1] = macs
-        cont[2][:, S - 1] = tok
-    distinct = len(torch.unique(torch.cat([all_actions.flatten(1), counts], dim=1), dim=0))
+        with ep.net():
+            logits[g.idx] = engine.head(ep.vit, g.state).float().cpu()
+    macs = ep.spent + ep.overhead
+    tok = ep.counts.float().mean(dim=1) / arch.num_tokens
+    final_tok = ep.counts[:, -1].float() / arch.num_tokens
+    cont = trace.completions
+    if cont is not None:
+        cont.logits[:, S - 1] = logits
+        cont.macs[:, S - 1] = macs
+        cont.token_ratio[:, S - 1] = tok
+    distinct = len(torch.unique(torch.cat([trace.actions.flatten(1), ep.counts], dim=1), dim=0))
     return Episode(
-        logits=logits, macs=macs, token_ratio=tok, final_token_ratio=final_tok, actions=all_actions, obs=obs_all, masks=masks_all,
-        logp=logp_all, cont_logits=cont[0] if rtg else None, cont_macs=cont[1] if rtg else None, cont_token_ratio=cont[2] if rtg else None,
+        logits=logits, macs=macs, token_ratio=tok, final_token_ratio=final_tok, actions=trace.actions, obs=trace.obs,
+        masks=trace.masks, logp=trace.logp, cont_logits=None if cont is None else cont.logits,
+        cont_macs=None if cont is None else cont.macs, cont_token_ratio=None if cont is None else cont.token_ratio,
         groups=distinct, sub_batches=sub_batches,
     )
 
 
-def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, width_of, cost: Tensor, call_macs, p: int, dev) -> list[tuple[Group, list[Schedule]]]:
+def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, width_of, cost: Tensor, call_macs, p: int, dev) -> list[tuple[Group, list[RowSpan]]]:
     """The sub-batches of the next stage: the images of ``groups`` (in their order; one
     row of ``widths``, ``n_in``, ``flat`` each) partitioned by their widths, each width's
     schedules ``(n_in, flat)`` bucketed by :func:`_buckets` (``cost[n, combo]``: MACs
@@ -386,41 +463,38 @@ def _regroup(groups: list[Group], widths: Tensor, n_in: Tensor, flat: Tensor, wi
             own = owner[pos]
             parts = [(groups[k], local[pos[own == k]], (own == k).nonzero().flatten()) for k in own.unique().tolist()]
             g = _take(parts, width_of(c_list[bucket[0]]), max(n_list[j] for j in bucket), p, len(pos))
-            schedules, at = [], 0
+            spans, at = [], 0
             for j in bucket:
-                schedules.append(Schedule(at, at + len(scheds[j]), n_list[j], c_list[j]))
+                spans.append(RowSpan(at, at + len(scheds[j]), n_list[j], c_list[j]))
                 at += len(scheds[j])
-            out.append((g, schedules))
+            out.append((g, spans))
     return out
 
 
-def _completions(vit, actions: ActionSpace, table: CostTable, groups: list[Group], stage_actions: Tensor, stop: int, spent: Tensor, counts: Tensor,
-                 overhead: float, call_macs, net, cont: tuple[Tensor, Tensor, Tensor], t: int, dev) -> int:
+def _completions(ep: _Pass, groups: list[Group], stage_actions: Tensor, stop: int, cont: Completions, t: int) -> int:
     """Result-to-Go completions after stage ``t``: for every image, the rest of the network
-    at its channels of stage ``t`` and no further token reduction, into ``cont`` (logits,
-    MACs, token ratio) -- batched by channels, tokens padded as in the stages. Returns the
-    sub-batches it ran."""
-    p = groups[0].state.num_prefix
+    at its channels of stage ``t`` and no further token reduction, into ``cont`` --
+    batched by channels, tokens padded as in the stages. Returns the sub-batches it ran."""
+    actions, table, vit = ep.actions, ep.table, ep.vit
+    p = ep.arch.num_prefix_tokens
     idx = torch.cat([g.idx for g in groups])
     flat = table.combo_index(stage_actions[idx])
     widths = table.combos[flat][:, : actions.num_width_dims]
     n_out = torch.cat([g.n for g in groups])
     ran = 0
     # rows of one width with different keeps share a sub-batch: the completion reduces no tokens
-    width_of = lambda c: actions.decision(table.combos[c].tolist()).embed  # noqa: E731
     rest = len(vit.blocks) - stop
-    for g, _ in _regroup(groups, widths, n_out, flat, width_of, table.cont_rest[t], call_macs and call_macs * rest, p, dev):
+    for g, _ in _regroup(groups, widths, n_out, flat, ep.width_of, table.cont_rest[t], ep.call_macs and ep.call_macs * rest, p, ep.dev):
         combos = table.combo_index(stage_actions[g.idx])
-        d = actions.decision(table.combos[int(combos[0])].tolist())
-        with net():
+        d = ep.decision(int(combos[0]))
+        with ep.net():
             state = g.state
             for i in range(stop, len(vit.blocks)):
-                state = engine.block(vit.blocks[i], state, d.heads, d.mlp, d.embed, None, True, pack=True)
-            cont[0][g.idx, t] = engine.head(vit, state).float().cpu()
-        cont[1][g.idx, t] = spent[g.idx] + table.cont_rest[t, g.n, combos].double() + overhead
-        c_counts = counts[g.idx].clone()
+                state = engine.block(vit.blocks[i], state, d.heads, d.mlp, d.embed, None, prop_attn=True, pack=True)
+            cont.logits[g.idx, t] = engine.head(vit, state).float().cpu()
+        cont.macs[g.idx, t] = ep.spent[g.idx] + table.cont_rest[t, g.n, combos].double() + ep.overhead
+        c_counts = ep.counts[g.idx].clone()
         c_counts[:, stop:] = g.n[:, None]
-        cont[2][g.idx, t] = c_counts.float().mean(dim=1) / actions.arch.num_tokens
+        cont.token_ratio[g.idx, t] = c_counts.float().mean(dim=1) / ep.arch.num_tokens
         ran += 1
     return ran
-

@@ -321,7 +321,7 @@ def run(meta, ctl: Controller, x: Tensor, batch_size: int = 256) -> tuple[Tensor
     """(logits, passes, GFLOPs of each image) of the controller on the images ``x``, each
     rung run only on the images that reach it."""
     if ctl.policy is None:
-        logits, passes = casc.run(meta, ctl.cascade, x, batch_size)
+        logits, passes = casc.forward(meta, ctl.cascade, x, batch_size)
         return logits, passes, torch.tensor(ctl.cascade.costs(), dtype=torch.float64)[passes - 1]
     costs = torch.tensor([c.gflops for c in ctl.ladder], dtype=torch.float64)
     first = casc.logits_of(meta, ctl.ladder[ctl.start], x, batch_size)

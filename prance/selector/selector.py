@@ -43,10 +43,11 @@ class Selector:
 
     @classmethod
     def create(
-        cls, meta: MetaViT, strategy: str, decision_blocks, hidden: int = 128, seed: int = 0, joint_widths: bool = True, fingerprint: str | None = None,
-        merge_spread: bool = False, anchor: StrategyConfig | None = None, budget_kind: str = "cap",
+        cls, meta: MetaViT, strategy: str, decision_blocks, *, hidden: int = 128, seed: int = 0, joint_widths: bool = True,
+        fingerprint: str | None = None, merge_spread: bool = False, anchor: StrategyConfig | None = None, budget_kind: str = "cap",
     ) -> "Selector":
-        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths, merge_spread, anchor)
+        actions = ActionSpace(meta.arch, meta.space, strategy, decision_blocks, joint_widths=joint_widths, merge_spread=merge_spread,
+                              anchor=anchor)
         torch.manual_seed(seed)
         e, n_st = meta.arch.embed_dim, actions.num_stages
         policy = ActorCritic(obs_dim(e, n_st), actions.sizes, hidden, stage_slice(e, n_st))
@@ -56,8 +57,8 @@ class Selector:
     def for_config(cls, meta: MetaViT, cfg, anchor: StrategyConfig | None = None, fingerprint: str | None = None) -> "Selector":
         """A fresh selector as a :class:`prance.selector.config.SelectorConfig` describes it
         (``anchor``: see :class:`prance.selector.actions.ActionSpace`)."""
-        return cls.create(meta, cfg.strategy, cfg.decision_blocks, cfg.hidden, cfg.seed, cfg.joint_widths, fingerprint,
-                          merge_spread=cfg.merge_spread, anchor=anchor, budget_kind=cfg.budget_kind)
+        return cls.create(meta, cfg.strategy, cfg.decision_blocks, hidden=cfg.hidden, seed=cfg.seed, joint_widths=cfg.joint_widths,
+                          fingerprint=fingerprint, merge_spread=cfg.merge_spread, anchor=anchor, budget_kind=cfg.budget_kind)
 
     @property
     def overhead_macs(self) -> int:
@@ -79,15 +80,16 @@ class Selector:
             )
         return budget_gflops
 
-    def run(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, greedy: bool = True, generator=None, rtg: bool = False,
-            amp: bool = False) -> execute.Episode:
-        """One episode per image of ``images`` (on the meta-network's device); see :func:`execute.run`."""
+    def run_episode(self, meta: MetaViT, images: Tensor, budget_gflops: float | Tensor, *, greedy: bool = True, generator=None,
+                    rtg: bool = False, amp: bool = False) -> execute.Episode:
+        """One episode per image of ``images`` (on the meta-network's device); see :func:`execute.run_episode`."""
         b = images.shape[0]
         budget = torch.as_tensor(budget_gflops, dtype=torch.float64) * 1e9
         budget = budget.expand(b) if budget.dim() == 0 else budget
         # a mean budget caps no image below the full sub-network (its policy and all)
         cap = budget if self.budget_kind == "cap" else torch.full((b,), float(self.table.full_macs + self.overhead_macs), dtype=torch.float64)
-        return execute.run(meta, self.actions, self.table, self.policy, images, budget, greedy, generator, rtg, amp, cap_macs=cap)
+        return execute.run_episode(meta, self.actions, self.table, self.policy, images, budget, greedy=greedy, generator=generator,
+                                   rtg=rtg, amp=amp, cap_macs=cap)
 
 
 @torch.inference_mode()
@@ -96,6 +98,7 @@ def evaluate_selector(
     selector: Selector,
     batches: Iterable[tuple[Tensor, Tensor]],
     budget_gflops: float,
+    *,
     progress: bool = True,
     reward_fn: Callable[[Tensor, Tensor, execute.Episode], Tensor] | None = None,
     amp: bool = False,
@@ -116,7 +119,7 @@ def evaluate_selector(
         x = x.to(dev, non_blocking=True)
         synchronize(dev)
         t0 = time.perf_counter()
-        ep = selector.run(meta, x, budget_gflops, amp=amp)
+        ep = selector.run_episode(meta, x, budget_gflops, amp=amp)
         synchronize(dev)
         seconds += time.perf_counter() - t0
         correct += int((ep.logits.argmax(dim=-1) == y).sum())

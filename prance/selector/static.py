@@ -36,6 +36,7 @@ from prance.models.subnet import SubNet
 from prance.selector.selector import Selector
 from prance import flops
 from prance.errors import PranceError
+from prance.halving import Halving
 from prance.static_search import SearchResult, StaticConfig, num_levels, rank, search
 from prance.tokens.strategies import StrategyConfig
 from prance.tokens.state import TokenPlan
@@ -125,8 +126,8 @@ def find_anchor(
     make: Callable[[StrategyConfig | None], Selector],
     budget_gflops: float,
     images: tuple[Tensor, Tensor],
-    first_images: int = 64,
-    eta: int = 3,
+    *,
+    halving: Halving = Halving(),
     batch_size: int = 256,
 ) -> tuple[Selector, Schedule, SearchResult] | None:
     """The best static configuration of the selector's strategy that the selector can run
@@ -140,7 +141,7 @@ def find_anchor(
     for _ in range(3):  # the anchor's own dimension makes the policy a little dearer: re-search if it no longer fits
         try:
             found = _ANCHOR_SEARCH.get()(meta, budget_gflops - margin / 1e9, images, [plain.actions.strategy],
-                                         first_images=first_images, eta=eta, batch_size=batch_size)
+                                         halving=halving, batch_size=batch_size)
         except PranceError:
             return None
         selector = make(found.best.strategy)
@@ -205,8 +206,8 @@ def best_schedule(
     selector: Selector,
     budget_gflops: float,
     images: tuple[Tensor, Tensor],
-    first_images: int = 64,
-    eta: int = 3,
+    *,
+    halving: Halving = Halving(),
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
     extra: list[Schedule] = (),
@@ -216,7 +217,7 @@ def best_schedule(
     cands = [*extra, *schedules(selector, budget_gflops)]
     if not cands:
         return None
-    return rank(meta, cands, images, first_images, eta, batch_size, progress)
+    return rank(meta, cands, images, halving=halving, batch_size=batch_size, progress=progress)
 
 
 def warm_start(selector: Selector, schedule: Schedule, strength: float) -> None:

@@ -75,7 +75,7 @@ def load_selector(path: str | Path, meta: MetaViT) -> tuple[Selector, dict]:
         )
     strategy = header["actions"]["strategy"]
     selector = Selector.create(
-        meta, strategy, header["decision_blocks"], header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found,
+        meta, strategy, header["decision_blocks"], hidden=header["hidden"], joint_widths=header["actions"].get("joint_widths", True), fingerprint=found,
         merge_spread=header["actions"].get("merge_spread", False), anchor=anchor_of(header["actions"].get("anchor")),
         budget_kind=(header.get("config") or {}).get("budget_kind", "cap"),  # selectors saved before budget kinds: cap
     )

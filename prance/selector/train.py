@@ -63,17 +63,67 @@ def _config_key(cfg: SelectorConfig) -> str:
     return json.dumps(cfg.model_dump(exclude={"checkpoint", "device"}), sort_keys=True, default=str)
 
 
-def training_state(cfg: SelectorConfig, budget_gflops: float, iteration: int, policy: dict, best_policy: dict | None,
-                   best: dict | None, actor_opt, critic_opt, gen: torch.Generator, lam: float, history: list, start: dict,
-                   elapsed_s: float, anchor: dict | None = None) -> dict:
-    """Everything PPO carries past ``iteration``: plain data and tensors (``weights_only``)."""
-    return {
-        "format": STATE_FORMAT, "config": _config_key(cfg), "budget_gflops": float(budget_gflops),
-        "iteration": int(iteration), "policy": policy, "best_policy": best_policy, "best": best,
-        "actor_opt": copy.deepcopy(actor_opt.state_dict()), "critic_opt": copy.deepcopy(critic_opt.state_dict()),
-        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "lagrange": float(lam),
-        "history": list(history), "start": dict(start), "elapsed_s": float(elapsed_s), "anchor": anchor,
-    }
+@dataclass
+class TrainState:
+    """What PPO carries from one iteration to the next: the selector being trained, its
+    optimisers and random stream, the Lagrange multiplier, the validation history and the
+    best policy so far. :meth:`saved` is the form a run resumes from (plain data and
+    tensors, ``weights_only``), :meth:`restore` reads it back."""
+
+    selector: Selector
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    gen: torch.Generator
+    lam: float  # the reward's FLOPs weight (the constrained form's multiplier)
+    iteration: int = 0  # the last PPO iteration done
+    history: list[dict] = field(default_factory=list)  # validation metrics of every evaluation
+    start: dict = field(default_factory=dict)  # the warm start's validation metrics (empty without one)
+    best: dict | None = None  # the best validation metrics so far
+    best_policy: dict | None = None  # its policy's state
+    t_start: float = 0.0  # perf_counter at the start (moved back by a resumed run's elapsed time)
+
+    @classmethod
+    def fresh(cls, selector: Selector, cfg: SelectorConfig) -> "TrainState":
+        policy = selector.policy
+        return cls(selector, torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr),
+                   torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr),
+                   torch.Generator().manual_seed(cfg.seed), cfg.flops_weight, t_start=time.perf_counter())
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def saved(self, cfg: SelectorConfig, budget_gflops: float) -> dict:
+        """Everything PPO carries past :attr:`iteration`: plain data and tensors (``weights_only``)."""
+        anchor = self.selector.actions.anchor
+        return {
+            "format": STATE_FORMAT, "config": _config_key(cfg), "budget_gflops": float(budget_gflops),
+            "iteration": int(self.iteration), "policy": copy.deepcopy(self.selector.policy.state_dict()),
+            "best_policy": self.best_policy, "best": self.best,
+            "actor_opt": copy.deepcopy(self.actor_opt.state_dict()), "critic_opt": copy.deepcopy(self.critic_opt.state_dict()),
+            "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "lagrange": float(self.lam),
+            "history": list(self.history), "start": dict(self.start), "elapsed_s": float(self.elapsed()),
+            "anchor": anchor_dict(anchor) if anchor is not None else None,
+        }
+
+    def restore(self, saved: dict) -> None:
+        """Continue from ``saved`` (:meth:`saved`, checked by :func:`check_resumable`)."""
+        self.selector.policy.load_state_dict(saved["policy"])
+        self.actor_opt.load_state_dict(saved["actor_opt"])
+        self.critic_opt.load_state_dict(saved["critic_opt"])
+        self.gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.lam, self.history, self.start = float(saved["lagrange"]), list(saved["history"]), dict(saved["start"])
+        if saved["best"] is not None:
+            self.best, self.best_policy = dict(saved["best"]), saved["best_policy"]
+        self.iteration = int(saved["iteration"])
+        self.t_start -= float(saved["elapsed_s"])
+
+    def keep_if_best(self, metrics: dict, budget_gflops: float) -> None:
+        """``metrics`` (and the current policy) become the best when they meet the budget
+        -- the mean; a cap selector meets it by its mask -- with a higher Top-1."""
+        meets = metrics["gflops"] <= budget_gflops * (1 + 1e-9)
+        if meets and (self.best is None or metrics["top1"] > self.best["top1"]):
+            self.best, self.best_policy = dict(metrics), copy.deepcopy(self.selector.policy.state_dict())
 
 
 def check_resumable(state: dict, cfg: SelectorConfig, budget_gflops: float) -> None:
@@ -121,32 +171,34 @@ def _warm_start(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_g
     extra = []
     if cfg.static_anchor:
         make = lambda anchor: selector if anchor is None else Selector.for_config(meta, cfg, anchor, selector.fingerprint)  # noqa: E731
-        anchored = static.find_anchor(meta, make, budget_gflops, images, cfg.static_first_images, cfg.static_eta, batch)
+        anchored = static.find_anchor(meta, make, budget_gflops, images, halving=cfg.static_halving, batch_size=batch)
         if anchored is not None:
             selector, sched, _ = anchored
             extra = [sched]
-    found = static.best_schedule(meta, selector, budget_gflops, images, cfg.static_first_images, cfg.static_eta, batch, extra=extra)
+    found = static.best_schedule(meta, selector, budget_gflops, images, halving=cfg.static_halving, batch_size=batch,
+                                extra=extra)
     if found is None:
         return selector, None
     static.warm_start(selector, found.best, cfg.warm_start)
     return selector, found.best
 
 
-def _rollout(meta: MetaViT, selector: Selector, cfg: SelectorConfig, budget_gflops: float, lam: float,
-             x: Tensor, y: Tensor, lo: float, hi: float, active: Tensor, buffer: "ppo.RolloutBuffer",
-             gen: torch.Generator):
-    """One PPO rollout on the images ``x``: per-image budgets around ``budget_gflops``, a
-    sampled episode per image, Result-to-Go rewards against the full sub-network and their
-    GAE advantages, added to ``buffer``. Returns (episode, per-stage predictions, results,
-    budgets)."""
+def _rollout(meta: MetaViT, state: TrainState, cfg: SelectorConfig, budget_gflops: float, x: Tensor, y: Tensor,
+             buffer: "ppo.RolloutBuffer"):
+    """One PPO rollout on the images ``x``: per-image budgets around ``budget_gflops``
+    (within what the selector reaches), a sampled episode per image, Result-to-Go rewards
+    against the full sub-network and their GAE advantages, added to ``buffer``. Returns
+    (episode, per-stage predictions, results, budgets)."""
+    selector, lam, gen = state.selector, state.lam, state.gen
     policy = selector.policy
     b, S = x.shape[0], selector.actions.num_stages
-    budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, lo, hi, gen)
+    active = torch.tensor([selector.actions.active(t) for t in range(S)], dtype=torch.bool)
+    budgets = sample_budgets(b, budget_gflops, cfg.budget_spread, selector.min_gflops(), selector.full_gflops(), gen)
     with torch.no_grad():
         full = full_logits(meta, x, cfg.amp)
         full_pred = full.argmax(dim=-1)
         # episodes and completions run on the meta-network's device; the policy and PPO on the CPU
-        ep = selector.run(meta, x.to(device_of(meta)), budgets, greedy=False, generator=gen, rtg=True, amp=cfg.amp)
+        ep = selector.run_episode(meta, x.to(device_of(meta)), budgets, greedy=False, generator=gen, rtg=True, amp=cfg.amp)
         preds = ep.cont_logits.argmax(dim=-1)  # (B, S)
         correct = reward.correctness(preds, y[:, None], full_pred[:, None], cfg.correctness, ep.cont_logits)
         bmacs = budgets[:, None] * 1e9
@@ -181,6 +233,7 @@ def train_selector(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
     callback: Callable[[dict, Selector, dict], None] | None = None,
+    *,
     progress: bool = True,
     selector: Selector | None = None,
     resume: dict | None = None,
@@ -189,12 +242,49 @@ def train_selector(
     greedy selector is evaluated on ``val`` at ``budget_gflops`` and ``callback(metrics,
     selector, state)`` is called with the best selector so far (its validation metrics,
     this iteration's training statistics, ``current_top1`` of the latest policy) and the
-    training state to resume from (:func:`training_state`). ``selector``: a fresh one made
+    training state to resume from (:meth:`TrainState.saved`). ``selector``: a fresh one made
     from ``cfg`` by the caller (default: made here). ``resume``: such a state; training
     continues after its iteration exactly as it would have without the interruption."""
+    state = _begin(meta, cfg, budget_gflops, train, val, selector, resume, progress)
+    selector, policy = state.selector, state.selector.policy
+    settings = ppo.PPOSettings.of(cfg)
+    buffer = ppo.RolloutBuffer()
+    xs, ys = train
+    first = state.iteration + 1
+    bar = tqdm(range(first, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False,
+               initial=first - 1, total=cfg.iterations)
+    for it in bar:
+        state.iteration = it
+        idx = torch.randperm(xs.shape[0], generator=state.gen)[: cfg.rollout_images]
+        x, y = xs[idx], ys[idx]
+        ep, preds, results, budgets = _rollout(meta, state, cfg, budget_gflops, x, y, buffer)
+        stats = ppo.update(policy, state.actor_opt, state.critic_opt, buffer, settings, state.gen)
+        use = float((ep.macs / (budgets * 1e9)).mean())
+        if cfg.reward_form == "constrained":
+            state.lam = reward.update_multiplier(state.lam, use, cfg.lagrange_lr)
+        train_row = {
+            "iteration": it,
+            "train_reward": float(results[:, -1].mean()),
+            "train_top1": 100.0 * float((preds[:, -1] == y).float().mean()),
+            "train_budget_use": use,
+            "schedules": ep.groups,
+            "lagrange": state.lam,
+            **stats,
+        }
+        bar.set_postfix(reward=f"{train_row['train_reward']:.3f}", use=f"{use:.2f}")
+        if it % cfg.eval_every == 0 or it == cfg.iterations:
+            _validate(meta, state, cfg, budget_gflops, val, train_row, callback)
+    policy.load_state_dict(state.best_policy)
+    return TrainResult(selector, state.best, state.history, state.elapsed(), state.start)
+
+
+def _begin(meta: MetaViT, cfg: SelectorConfig, budget_gflops: float, train: tuple[Tensor, Tensor],
+           val: tuple[Tensor, Tensor], selector: Selector | None, resume: dict | None, progress: bool) -> TrainState:
+    """The state before the first iteration: resumed from ``resume`` (in the action space
+    it was trained in), or fresh -- with ``cfg.warm_start``, the policy moved towards the
+    best static schedule and scored on ``val`` as the first candidate PPO must beat."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     meta.eval()
     selector = selector or Selector.for_config(meta, cfg)
     selector.check_budget(budget_gflops)
@@ -210,82 +300,41 @@ def train_selector(
         selector, start_schedule = _warm_start(meta, selector, cfg, budget_gflops, train)
         _say(progress, f"warm start: {start_schedule.describe() if start_schedule is not None else 'no static schedule fits'} "
                        f"({time.perf_counter() - t_warm:.0f}s); scoring it on the validation images")
-    anchor = anchor_dict(selector.actions.anchor) if selector.actions.anchor is not None else None
-    policy = selector.policy
-    actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=cfg.actor_lr)
-    critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
-    settings = ppo.PPOSettings.of(cfg)
-    buffer = ppo.RolloutBuffer()
-    S = selector.actions.num_stages
-    active = torch.tensor([selector.actions.active(t) for t in range(S)], dtype=torch.bool)
-    lo, hi = selector.min_gflops(), selector.full_gflops()
-    lam = cfg.flops_weight
-    xs, ys = train
-    history: list[dict] = []
-    best: dict | None = None
-    best_state = None
-
-    first = 1
+    state = TrainState.fresh(selector, cfg)
+    state.t_start = t_start
     if resume is not None:  # everything the loop carries from one iteration to the next
-        policy.load_state_dict(resume["policy"])
-        actor_opt.load_state_dict(resume["actor_opt"])
-        critic_opt.load_state_dict(resume["critic_opt"])
-        gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        lam, history, start = float(resume["lagrange"]), list(resume["history"]), dict(resume["start"])
-        best, best_state = (dict(resume["best"]), resume["best_policy"]) if resume["best"] is not None else (None, None)
-        first = int(resume["iteration"]) + 1
-        t_start -= float(resume["elapsed_s"])
+        state.restore(resume)
     elif cfg.warm_start > 0:
         # the starting (warm) policy is a candidate too: PPO must beat it on validation
-        start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, reward_fn(meta, cfg, budget_gflops, lam), cfg.amp)
+        state.start = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, progress=False,
+                                        reward_fn=reward_fn(meta, cfg, budget_gflops, state.lam), amp=cfg.amp)
         if start_schedule is not None:
-            start["warm_start"] = start_schedule.describe()
-        best, best_state = {**start, "iteration": 0}, copy.deepcopy(policy.state_dict())
-    else:
-        start = {}
+            state.start["warm_start"] = start_schedule.describe()
+        state.best, state.best_policy = {**state.start, "iteration": 0}, copy.deepcopy(selector.policy.state_dict())
+    return state
 
-    bar = tqdm(range(first, cfg.iterations + 1), desc=f"selector {cfg.strategy}", unit="it", disable=not progress, leave=False,
-               initial=first - 1, total=cfg.iterations)
-    for it in bar:
-        idx = torch.randperm(xs.shape[0], generator=gen)[: cfg.rollout_images]
-        x, y = xs[idx], ys[idx]
-        ep, preds, results, budgets = _rollout(meta, selector, cfg, budget_gflops, lam, x, y, lo, hi, active, buffer, gen)
-        stats = ppo.update(policy, actor_opt, critic_opt, buffer, settings, gen)
-        use = float((ep.macs / (budgets * 1e9)).mean())
-        if cfg.reward_form == "constrained":
-            lam = reward.update_multiplier(lam, use, cfg.lagrange_lr)
-        train_row = {
-            "iteration": it,
-            "train_reward": float(results[:, -1].mean()),
-            "train_top1": 100.0 * float((preds[:, -1] == y).float().mean()),
-            "train_budget_use": use,
-            "schedules": ep.groups,
-            "lagrange": lam,
-            **stats,
-        }
-        bar.set_postfix(reward=f"{train_row['train_reward']:.3f}", use=f"{use:.2f}")
-        if it % cfg.eval_every == 0 or it == cfg.iterations:
-            val_reward = reward_fn(meta, cfg, budget_gflops, lam)
-            metrics = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, False, val_reward, cfg.amp)
-            metrics.update(train_row)
-            metrics["elapsed_s"] = time.perf_counter() - t_start
-            metrics["lagrange"] = lam
-            history.append(metrics)
-            meets = metrics["gflops"] <= budget_gflops * (1 + 1e-9)  # the mean (a cap selector meets it by its mask)
-            if meets and (best is None or metrics["top1"] > best["top1"]):
-                best, best_state = dict(metrics), copy.deepcopy(policy.state_dict())
-            if callback is not None:
-                # report the selector that would be kept (best so far, the warm start
-                # included) with this iteration's training statistics: a trial stopped
-                # early by a scheduler ends with the policy it would keep, not its latest
-                kept = {**best, **train_row, "iteration": it, "best_iteration": best["iteration"],
-                        "current_top1": metrics["top1"], "elapsed_s": metrics["elapsed_s"], "lagrange": lam}
-                current = copy.deepcopy(policy.state_dict())
-                state = training_state(cfg, budget_gflops, it, current, best_state, best, actor_opt, critic_opt, gen, lam,
-                                       history, start, time.perf_counter() - t_start, anchor)
-                policy.load_state_dict(best_state)
-                callback(kept, selector, state)
-                policy.load_state_dict(current)
-    policy.load_state_dict(best_state)
-    return TrainResult(selector, best, history, time.perf_counter() - t_start, start)
+
+def _validate(meta: MetaViT, state: TrainState, cfg: SelectorConfig, budget_gflops: float, val: tuple[Tensor, Tensor],
+              train_row: dict, callback: Callable[[dict, Selector, dict], None] | None) -> None:
+    """The greedy selector on ``val``: into the history, kept when best, and reported to
+    ``callback`` with the selector that would be kept."""
+    selector, policy = state.selector, state.selector.policy
+    metrics = evaluate_selector(meta, selector, batches(*val, cfg.batch_size), budget_gflops, progress=False,
+                                reward_fn=reward_fn(meta, cfg, budget_gflops, state.lam), amp=cfg.amp)
+    metrics.update(train_row)
+    metrics["elapsed_s"] = state.elapsed()
+    metrics["lagrange"] = state.lam
+    state.history.append(metrics)
+    state.keep_if_best(metrics, budget_gflops)
+    if callback is None:
+        return
+    # report the selector that would be kept (best so far, the warm start included) with
+    # this iteration's training statistics: a trial stopped early by a scheduler ends with
+    # the policy it would keep, not its latest
+    best = state.best
+    kept = {**best, **train_row, "iteration": state.iteration, "best_iteration": best["iteration"],
+            "current_top1": metrics["top1"], "elapsed_s": metrics["elapsed_s"], "lagrange": state.lam}
+    saved = state.saved(cfg, budget_gflops)
+    policy.load_state_dict(state.best_policy)
+    callback(kept, selector, saved)
+    policy.load_state_dict(saved["policy"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prance.halving import Halving
 from prance.sweep.trial import Report, TrialContext, baseline_top1, begin, finish_fixed, model_of, validation_images
 
 _LADDERS: dict = {}
@@ -20,7 +21,7 @@ LADDER_CALLS = {"computed": 0}  # how many ladders this process computed (the sh
 
 def ladder_key(ctx: TrialContext, budget_gflops: float) -> tuple:
     settings = {k: v for k, v in ctx.cascade.items() if k in ("rungs", "strategies", "uniform_only")}
-    static = {k: ctx.static.get(k) for k in ("first_images", "eta")}
+    static = Halving.of(ctx.static)
     return (ctx.checkpoint, ctx.dataset, repr(sorted(ctx.selector.items())), repr(settings), repr(static), round(budget_gflops, 15))
 
 
@@ -37,8 +38,7 @@ def shared_ladder(ctx: TrialContext, budget_gflops: float) -> list:
         LADDER_CALLS["computed"] += 1
         return cascade.ladder(model, budget_gflops, validation_images(ctx, model), rungs,
                               c.get("strategies", ["none", "merge", "prune_merge"]),
-                              first_images=ctx.static.get("first_images", 64), eta=ctx.static.get("eta", 3),
-                              uniform_only=c.get("uniform_only", True))
+                              halving=Halving.of(ctx.static), uniform_only=c.get("uniform_only", True))
 
     key = ladder_key(ctx, budget_gflops)
     if key not in _LADDERS:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from prance.config import Strict
+from prance.halving import Halving
 from prance.selector.config import DEFAULT_CHECKPOINT, SelectorConfig
 from prance.sweep import methods
 
@@ -20,8 +21,8 @@ class StaticSearchSettings(Strict):
     """How the static baselines search their configurations (prance.static_search):
     successive halving on the validation images."""
 
-    first_images: int = Field(default=64, ge=1)  # images every candidate is scored on first
-    eta: int = Field(default=3, ge=2)  # keep the best 1/eta, score them on eta x as many images
+    first_images: int = Field(default=Halving.first_images, ge=1)  # images every candidate is scored on first
+    eta: int = Field(default=Halving.eta, ge=2)  # keep the best 1/eta, score them on eta x as many images
     uniform_only: bool = False  # only the same width level in every stage
 
 

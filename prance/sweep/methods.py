@@ -27,12 +27,12 @@ class SweepMethod:
     name: str
     order: int  # rows and plot series in this order
     marker: str  # matplotlib marker of its series
-    searches: bool  # suggests hyper-parameters, runs ``trials_per_combo`` times, reports per iteration (ASHA)
     strategies: dict[str, str]  # the sweep's strategy names of this method -> token strategy
     run: Callable[..., dict]  # (config, ctx, report, workdir, restored) -> final metrics
     lowest: Callable[[Any, str, Any], float] | None = None  # (model, token strategy, SweepConfig) -> least GFLOPs
     setting: Callable[[Any, str, float], str] | None = None  # (model, token strategy, GFLOPs): what the plan fixes
     meets: tuple[str, ...] = ("mean", "cap")  # budget kinds its results meet by construction
+    searches: bool = False  # suggests hyper-parameters, runs ``trials_per_combo`` times, reports per iteration (ASHA)
 
 
 METHODS: dict[str, SweepMethod] = {}
@@ -79,10 +79,10 @@ def _calibrated(model, token: str, gflops: float) -> str:
     return f"{'r' if c.config.r is not None else 'keep'}={c.config.param_value:.4g}"
 
 
-DENSE = register(SweepMethod("dense", 0, "*", False, {}, trial.run_dense))
-register(SweepMethod("training_free", 1, "s", False, {f"free_{n}": n for n in TRAINING_FREE_STRATEGIES},
+DENSE = register(SweepMethod("dense", 0, "*", {}, trial.run_dense))
+register(SweepMethod("training_free", 1, "s", {f"free_{n}": n for n in TRAINING_FREE_STRATEGIES},
                      trial.run_training_free, lambda model, token, cfg: lowest_gflops(model.arch, token), _calibrated))
-register(SweepMethod("static", 2, "D", False,
+register(SweepMethod("static", 2, "D",
                      {("static" if n == "none" else f"static_{n}"): n for n, s in REGISTRY.items() if s.static},
                      trial.run_static, _static_lowest))
 def _cascade_lowest(model, token: str, cfg) -> float:
@@ -90,10 +90,10 @@ def _cascade_lowest(model, token: str, cfg) -> float:
     return min(_static_lowest(model, t, cfg) for t in cfg.cascade.strategies)
 
 
-register(SweepMethod("cascade", 3, "^", False, {"cascade": "ladder"}, cascade_trial.run_cascade, _cascade_lowest,
+register(SweepMethod("cascade", 3, "^", {"cascade": "ladder"}, cascade_trial.run_cascade, _cascade_lowest,
                      meets=("mean",)))
-register(SweepMethod("selector", 4, "o", True, {n: n for n in SELECTOR_STRATEGIES}, trial.run_selector_trial,
-                     _selector_lowest, meets=("cap", "mean")))
+register(SweepMethod("selector", 4, "o", {n: n for n in SELECTOR_STRATEGIES}, trial.run_selector_trial,
+                     _selector_lowest, meets=("cap", "mean"), searches=True))
 
 
 def run_trial(config: dict, ctx, report, workdir, restored: bool = False) -> dict:

@@ -72,7 +72,7 @@ def _example(row: sweep_rows.SweepRow):
         elif row.cascade is not None:
             from prance import cascade as casc
 
-            logits = casc.run(row.meta, row.cascade, x[:2])[0].numpy()
+            logits = casc.forward(row.meta, row.cascade, x[:2])[0].numpy()
         else:  # a selector: only the shape matters for the signature
             logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
     return x, y, example, logits

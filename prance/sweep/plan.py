@@ -28,7 +28,7 @@ from prance.sweep.methods import METHODS
 @dataclass(frozen=True)
 class BudgetStrategy:
     """One sweep strategy at one budget. ``SweepPlan.combos`` holds one per budget x
-    strategy cell, reachable or not; ``SweepPlan.schedule`` holds one per *trial* (the dense
+    strategy cell, reachable or not; ``SweepPlan.trials`` holds one per *trial* (the dense
     trial first, a selector cell once per ``trials_per_combo``), so the same cell may stand
     there several times."""
 
@@ -60,7 +60,7 @@ class SweepPlan:
     dense_gflops: float
     budgets: dict[str, Budget]  # as written -> the parsed budget
     combos: list[BudgetStrategy]  # every budget x strategy, reachable or not (not dense)
-    schedule: list[BudgetStrategy] = field(default_factory=list)  # trial number -> combo
+    trials: list[BudgetStrategy] = field(default_factory=list)  # trial number -> combo
 
     @property
     def unreachable(self) -> list[BudgetStrategy]:
@@ -68,7 +68,7 @@ class SweepPlan:
 
     def counts(self) -> dict[str, int]:
         out = {name: 0 for name in METHODS}
-        for c in self.schedule:
+        for c in self.trials:
             out[c.method] += 1
         return out
 
@@ -90,6 +90,34 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Check the inputs (PranceError with one line on the first problem) and lay out the
     trials: the dense reference, every reachable training-free and static combo once, then
     the selector combos round-robin, ``trials_per_combo`` times."""
+    checkpoint, model, header, dataset = _check_model_and_data(cfg)
+    dense = flops.gflops(model.arch)
+    budgets = _budgets(cfg, dense)
+    lowest: dict[str, float] = {}
+    for name in cfg.strategies:
+        method, token = SWEEP_STRATEGIES[name]
+        lowest[name] = METHODS[method].lowest(model, token, cfg)
+    floor = min(lowest.values())
+    for text, b in budgets.items():
+        g = b.gflops
+        if g < floor:
+            best = min(lowest, key=lowest.get)
+            raise PranceError(
+                f"budget {text} ({g:.4g} GFLOPs, {100 * g / dense:.1f}% of dense) is below what any strategy of this sweep "
+                f"reaches on {header.get('model', 'this model')}: the lowest is {floor:.4g} GFLOPs ({100 * floor / dense:.1f}%, {best})"
+            )
+    combos = _combos(cfg, model, budgets, lowest, dense)
+    if combos and not any(c.reachable for c in combos):  # nothing but the dense reference would run
+        c = combos[0]
+        raise PranceError(f"no budget x strategy of this sweep can run ({c.strategy}@{c.budget}: {c.note}; "
+                          f"budget_kind {cfg.budget_kind}, strategies {', '.join(cfg.strategies)})")
+    plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
+    plan.trials = _trial_order(cfg, combos, dense)
+    return plan
+
+
+def _check_model_and_data(cfg: SweepConfig):
+    """(checkpoint, meta-network, its header, dataset) of the sweep, its data split counted."""
     from prance import splits
     from prance.checkpoint import is_timm_source, load_checkpoint
     from prance.data import build_dataset, input_spec_for_model
@@ -106,8 +134,11 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     build_dataset(dataset, "test", image_spec)  # missing / unknown dataset -> PranceError
     # the selector's own data split, counted (too few images for val_limit / train_limit -> PranceError)
     splits.layout(splits.SplitSpec.of(cfg.selector.model_copy(update={"dataset": dataset, "checkpoint": str(checkpoint)})), image_spec)
+    return checkpoint, model, header, dataset
 
-    dense = flops.gflops(model.arch)
+
+def _budgets(cfg: SweepConfig, dense: float) -> dict[str, Budget]:
+    """The sweep's budgets as written -> parsed, each below the dense model's and distinct."""
     budgets: dict[str, Budget] = {}
     for text in cfg.budgets:
         b = Budget.parse(text, dense, cfg.budget_kind)
@@ -116,21 +147,11 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         budgets[text.strip()] = b
     if len(set(round(b.gflops, 12) for b in budgets.values())) != len(budgets):
         raise PranceError(f"two budgets of {list(budgets)} are the same GFLOPs")
+    return budgets
 
-    lowest: dict[str, float] = {}
-    for name in cfg.strategies:
-        method, token = SWEEP_STRATEGIES[name]
-        lowest[name] = METHODS[method].lowest(model, token, cfg)
-    floor = min(lowest.values())
-    for text, b in budgets.items():
-        g = b.gflops
-        if g < floor:
-            best = min(lowest, key=lowest.get)
-            raise PranceError(
-                f"budget {text} ({g:.4g} GFLOPs, {100 * g / dense:.1f}% of dense) is below what any strategy of this sweep "
-                f"reaches on {header.get('model', 'this model')}: the lowest is {floor:.4g} GFLOPs ({100 * floor / dense:.1f}%, {best})"
-            )
 
+def _combos(cfg: SweepConfig, model, budgets: dict[str, Budget], lowest: dict[str, float], dense: float) -> list[BudgetStrategy]:
+    """Every budget x strategy cell, whether its method reaches the budget and meets its kind."""
     combos: list[BudgetStrategy] = []
     for text, b in budgets.items():
         for name in cfg.strategies:
@@ -142,21 +163,19 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
             setting = METHODS[method].setting
             param = setting(model, token, b.gflops) if ok and setting is not None else ""
             combos.append(BudgetStrategy(method, name, token, text, b.gflops, dense, b.kind, ok, note, param))
+    return combos
 
-    if combos and not any(c.reachable for c in combos):  # nothing but the dense reference would run
-        c = combos[0]
-        raise PranceError(f"no budget x strategy of this sweep can run ({c.strategy}@{c.budget}: {c.note}; "
-                          f"budget_kind {cfg.budget_kind}, strategies {', '.join(cfg.strategies)})")
-    plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
-    plan.schedule = [BudgetStrategy("dense", "dense", "none", "100%", dense, dense, cfg.budget_kind)]
-    # one trial per cell of the methods that search nothing, in report order, then the
-    # searching methods' cells round-robin, trials_per_combo times
+
+def _trial_order(cfg: SweepConfig, combos: list[BudgetStrategy], dense: float) -> list[BudgetStrategy]:
+    """The cell of each trial number: the dense reference; one trial per cell of the
+    methods that search nothing, in report order; then the searching methods' cells
+    round-robin, ``trials_per_combo`` times."""
+    trials = [BudgetStrategy("dense", "dense", "none", "100%", dense, dense, cfg.budget_kind)]
     for m in sorted(METHODS.values(), key=lambda m: m.order):
         if not m.searches:
-            plan.schedule += [c for c in combos if c.reachable and c.method == m.name]
+            trials += [c for c in combos if c.reachable and c.method == m.name]
     searching = [c for c in combos if c.reachable and METHODS[c.method].searches]
-    plan.schedule += searching * cfg.trials_per_combo
-    return plan
+    return trials + searching * cfg.trials_per_combo
 
 
 def trial_threads(cpus_per_trial: int) -> int:

@@ -119,7 +119,7 @@ class SweepRow:
             logits = casc.logits_of(self.meta, self.static, x, batch_size)
             return logits, torch.full((x.shape[0],), float(self.static.gflops), dtype=torch.float64)
         if self.cascade is not None:
-            logits, passes = casc.run(self.meta, self.cascade, x, batch_size)
+            logits, passes = casc.forward(self.meta, self.cascade, x, batch_size)
             return logits, torch.tensor(self.cascade.costs(), dtype=torch.float64)[passes - 1]
         return self._run_selector(x, batch_size)
 
@@ -134,7 +134,7 @@ class SweepRow:
         logits, gflops = [], []
         with torch.inference_mode():
             for i in range(0, x.shape[0], batch_size):
-                ep = self._selector.run(self.meta, x[i : i + batch_size], budget)
+                ep = self._selector.run_episode(self.meta, x[i : i + batch_size], budget)
                 logits.append(ep.logits.float().cpu())
                 gflops.append(ep.macs.double().cpu() / 1e9)
         return torch.cat(logits), torch.cat(gflops)

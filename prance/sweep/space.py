@@ -1,6 +1,6 @@
 """The define-by-run search space handed to Optuna (through Ray Tune's OptunaSearch).
 
-Trial number ``n`` runs combo ``schedule[n]`` (the dense reference and the training-free
+Trial number ``n`` runs combo ``trials[n]`` (the dense reference and the training-free
 combos first, then the selector combos round-robin), returned as constants, so every
 budget x strategy gets its share of trials whatever the sampler does. Only selector
 combos suggest the PPO/reward parameters of the sweep's ``space:``, each in the order
@@ -39,13 +39,19 @@ class DefineByRun:
     """``space(trial) -> constants``: the combo of ``trial.number`` plus, for selector
     combos, the suggested hyper-parameters (captured by OptunaSearch)."""
 
-    def __init__(self, schedule: list[dict], space: dict[str, dict], fixed: dict[str, Any]):
-        self.schedule = schedule  # BudgetStrategy.as_config() per trial number
+    def __init__(self, trials: list[dict], space: dict[str, dict], fixed: dict[str, Any]):
+        self.trials = trials  # BudgetStrategy.as_config() per trial number
         self.space = space  # name -> ParamSpace.model_dump()
         self.fixed = fixed  # the selector settings every trial shares (for `when` on fixed keys)
 
     def __len__(self) -> int:
-        return len(self.schedule)
+        return len(self.trials)
+
+    def __setstate__(self, state: dict) -> None:
+        """A searcher pickled before ``trials`` was named ``schedule`` still resumes."""
+        if "schedule" in state:
+            state["trials"] = state.pop("schedule")
+        self.__dict__.update(state)
 
     def params(self, trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -58,7 +64,7 @@ class DefineByRun:
 
     def __call__(self, trial) -> dict[str, Any]:
         number = trial.number
-        combo = dict(self.schedule[number % len(self.schedule)])
+        combo = dict(self.trials[number % len(self.trials)])
         if METHODS[combo["method"]].searches:
             self.params(trial)  # OptunaSearch records the suggestions into the trial's config
         return {**combo, "trial_number": number}

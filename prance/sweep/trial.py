@@ -7,7 +7,7 @@ free of Ray: the Tune trainable (prance.sweep.tune) only passes ``report`` in.
 - ``static``: the best static configuration of the meta-network (a width level per stage
   x the token strategy calibrated to the rest of the budget, ``prance.static_search``),
   chosen and reported on the validation images.
-- ``selector``: ``prance.selector.run.run_selector`` trains the PPO selector and reports
+- ``selector``: ``prance.selector.pipeline.run_selector`` trains the PPO selector and reports
   validation metrics every ``eval_every`` iterations.
 
 The score the search optimises makes budgets comparable: Top-1 gain over the best
@@ -132,13 +132,15 @@ def evaluate_static(ctx: TrialContext, token_strategy: str, budget_gflops: float
     evaluated on the validation images: Top-1, GFLOPs, token ratios, throughput, and the
     configuration found (``param``)."""
     from prance import static_search
+    from prance.halving import Halving
     from prance.evaluate import evaluate
 
     model = model_of(ctx.checkpoint)
     x, y = validation_images(ctx, model)
     size = ctx.selector.get("batch_size", 64)
-    settings = {"first_images": 64, "eta": 3, "uniform_only": False, **ctx.static}
-    found = static_search.search(model, budget_gflops, (x, y), [token_strategy], batch_size=max(size, 256), **settings)
+    found = static_search.search(model, budget_gflops, (x, y), [token_strategy],
+                                 uniform_only=ctx.static.get("uniform_only", False), halving=Halving.of(ctx.static),
+                                 batch_size=max(size, 256))
     batches = [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
     out = evaluate(model, batches, found.best.subnet, found.best.plan, device=ctx.device, progress=ctx.progress)
     out.pop("n_images", None)
@@ -270,11 +272,11 @@ def run_static(config: dict, ctx: TrialContext, report: Report, workdir: Path, r
 
 
 def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
-    """Train the PPO selector (:func:`prance.selector.run.run_selector`) on the sweep's
+    """Train the PPO selector (:func:`prance.selector.pipeline.run_selector`) on the sweep's
     split, reporting validation metrics every ``eval_every`` iterations. It keeps its
     checkpoint (the selector so far and its training state) in ``workdir``; ``restored``:
     ``workdir`` already holds one (a retried or resumed trial), training continues from it."""
-    from prance.selector.run import run_selector
+    from prance.selector.pipeline import run_selector
     from prance.selector.static import anchor_searches
     from prance.selector.store import SELECTOR_FILE
     from prance.splits import SplitSpec

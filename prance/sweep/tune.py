@@ -130,16 +130,14 @@ def _clock(seconds: float) -> str:
     return f"{m:d}:{s:02d}"
 
 
-def run_name(config: dict) -> str:
-    return f"{config['strategy']}@{config['budget']}#{config['trial_number']}"
+def trial_label(config: dict) -> str:
+    """``prune@55%#7``: a trial's one label -- its cell (:attr:`BudgetStrategy.label`) and
+    number -- in the progress lines and as its MLflow run's name."""
+    return f"{config.get('strategy')}@{config.get('budget')}#{config.get('trial_number')}"
 
 
 def run_tags(config: dict) -> dict:
     return {k: config.get(k) for k in ("method", "strategy", "token_strategy", "budget", "budget_gflops")}
-
-
-def _label(config: dict) -> str:
-    return f"{config.get('strategy')}@{config.get('budget')} #{config.get('trial_number')}"
 
 
 @dataclass
@@ -178,7 +176,7 @@ class Progress:
         c = trial.config
         n = int(c["trial_number"])
         self.started.setdefault(n, time.monotonic())
-        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, run_name(c), self.params(c), run_tags(c)))
+        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, trial_label(c), self.params(c), run_tags(c)))
 
     def on_result(self, trial, result: dict) -> None:
         c = trial.config
@@ -187,7 +185,7 @@ class Progress:
         metrics = {k: v for k, v in result.items() if k not in NOT_LOGGED}
         self.tracked(f"metrics of trial {n}", lambda: self.runs.log(n, metrics, step))
         if METHODS[c["method"]].searches and not result.get(FINAL):
-            self.line(f"      {_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
+            self.line(f"      {trial_label(c):<28} it {step:>3}/{self.iterations}  top1 {result.get('top1', float('nan')):6.2f}%  "
                       f"{result.get('gflops', float('nan')):.4g} GFLOPs  score {result.get('score', float('nan')):+7.2f}")
 
     def on_complete(self, trial, error: bool = False) -> None:
@@ -210,9 +208,9 @@ class Progress:
         self.tracked(f"logging of trial {n}", close)
         what = {"finished": "", "stopped": f" (stopped by ASHA at it {last.get('iteration')})", "error": " FAILED"}[outcome]
         if error:
-            self.line(f"{self.done:>3}/{self.total} {_label(c):<28} failed after {wall:.1f}s: see {trial.path}")
+            self.line(f"{self.done:>3}/{self.total} {trial_label(c):<28} failed after {wall:.1f}s: see {trial.path}")
         else:
-            self.line(f"{self.done:>3}/{self.total} {_label(c):<28} top1 {last.get('top1', float('nan')):6.2f}%  "
+            self.line(f"{self.done:>3}/{self.total} {trial_label(c):<28} top1 {last.get('top1', float('nan')):6.2f}%  "
                       f"{last.get('gflops', float('nan')):.4g} GFLOPs  score {last.get('score', float('nan')):+7.2f}  {wall:5.1f}s{what}")
 
 
@@ -242,7 +240,7 @@ def _callback_class():
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             if self.progress:
-                self.progress.line(f"      {_label(trial.config):<28} failed; Tune retries it from its last checkpoint")
+                self.progress.line(f"      {trial_label(trial.config):<28} failed; Tune retries it from its last checkpoint")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.progress:
@@ -256,7 +254,8 @@ def _callback_class():
 
 
 def trial_name(trial) -> str:
-    """``t0007-prune-55pct-<id>``: the trial's folder and name in Tune."""
+    """``t0007-prune-55pct-<id>``: the trial's folder and name in Tune (its label, safe
+    as a folder name and unique with Tune's trial id)."""
     c = trial.config
     budget = str(c.get("budget", "")).replace("%", "pct")
     return f"t{int(c.get('trial_number', 0)):04d}-{c.get('strategy')}-{budget}-{trial.trial_id}"
@@ -272,11 +271,11 @@ def _searcher(cfg: SweepConfig, plan: SweepPlan, multi: bool):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    fixed = sum(1 for c in plan.schedule if not METHODS[c.method].searches)
+    fixed = sum(1 for c in plan.trials if not METHODS[c.method].searches)
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, seed=cfg.seed, n_startup_trials=fixed + cfg.startup_trials, constant_liar=True
     )
-    space = DefineByRun([c.as_config() for c in plan.schedule], {k: v.model_dump() for k, v in cfg.space.items()},
+    space = DefineByRun([c.as_config() for c in plan.trials], {k: v.model_dump() for k, v in cfg.space.items()},
                         cfg.selector.model_dump())
     if multi:
         return OptunaSearch(space, metric=[tracking.TOP1, tracking.GFLOPS], mode=["max", "min"], sampler=sampler)
@@ -354,7 +353,21 @@ def resume_settings(storage: str, name: str | None) -> tuple[SweepConfig, dict]:
     return cfg, settings
 
 
-def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | None):
+@dataclass
+class SweepSession:
+    """What one session of a sweep works on, checked before Ray starts (:func:`_check_inputs`)."""
+
+    cfg: SweepConfig
+    plan: SweepPlan
+    name: str
+    storage: str  # absolute
+    exp_path: str  # Tune's folder of the sweep
+    uri: str  # the MLflow tracking URI
+    resume: bool
+    t_start: float  # time.monotonic() when the session began
+
+
+def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | None, t_start: float) -> SweepSession:
     """Step 1, before Ray and before anything is written to MLflow: the plan, the sweep's
     name, storage, Tune folder and MLflow URI; PranceError on anything wrong."""
     if not resume and cfg.mlflow_uri:
@@ -386,7 +399,7 @@ def _check_inputs(cfg: SweepConfig, source: str, resume: bool, settings: dict | 
     if resume:
         store.check_tune_state(storage, name)
 
-    return plan, name, storage, exp_path, uri
+    return SweepSession(cfg, plan, name, storage, exp_path, uri, resume, t_start)
 
 
 def _check_local_gpus(cfg: SweepConfig) -> None:
@@ -403,14 +416,15 @@ def _check_local_gpus(cfg: SweepConfig) -> None:
         raise PranceError(f"--use-gpu: a trial needs {cfg.gpus_per_trial:g} GPU, this machine has {gpus}")
 
 
-def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, storage: str, exp_path: str,
-           slots: int, resume: bool):
-    """Step 3b: a new Tuner for the plan, or the interrupted one restored from ``exp_path``."""
+def _tuner(session: SweepSession, ctx: TrialContext, slots: int):
+    """Step 3b: a new Tuner for the plan, or the interrupted one restored from its folder."""
     from ray import tune
+
+    cfg, plan, name, storage, exp_path = session.cfg, session.plan, session.name, session.storage, session.exp_path
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if cfg.use_gpu else 0}
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources)
-    if resume:
+    if session.resume:
         try:
             tuner = tune.Tuner.restore(exp_path, fn, resume_unfinished=True, resume_errored=False)
         except Exception as e:  # a truncated or corrupted experiment state (tuner.pkl, experiment_state-*.json)
@@ -422,7 +436,7 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, stor
             fn,
             tune_config=tune.TuneConfig(
                 search_alg=_searcher(cfg, plan, cfg.multi_objective), scheduler=_scheduler(cfg, cfg.multi_objective),
-                num_samples=len(plan.schedule), max_concurrent_trials=slots, reuse_actors=True,
+                num_samples=len(plan.trials), max_concurrent_trials=slots, reuse_actors=True,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
@@ -436,10 +450,11 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, ctx: TrialContext, name: str, stor
     return tuner
 
 
-def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: Progress, name: str, storage: str,
-            resume: bool, slots: int, fit_s: float, t_start: float, uri: str, experiment_id: str) -> SweepOutcome:
+def _report(session: SweepSession, grid, runs: SweepRuns, progress: Progress, slots: int, fit_s: float,
+            experiment_id: str) -> SweepOutcome:
     """Step 4: MLflow catches up (writes queued while a server was away), then the report
     from Tune's results -- written whatever MLflow does -- then the summary run."""
+    cfg, plan, name, storage, uri, t_start = session.cfg, session.plan, session.name, session.storage, session.uri, session.t_start
     multi = cfg.multi_objective
     tracking_error = settle_runs(runs, cfg.mlflow_wait_s)
     rows = result_rows(grid, plan, runs, progress)
@@ -452,7 +467,7 @@ def _report(cfg: SweepConfig, plan: SweepPlan, grid, runs: SweepRuns, progress: 
     results = folder / "results.csv"
     df.to_csv(results, index=False)
     plot = rep.plot_pareto(df, folder / "pareto.png", f"{name}: Top-1 vs GFLOPs of {Path(str(plan.checkpoint)).name}")
-    timing = store.append_timing(folder, {"resumed": resume, "slots": slots, "fit_s": round(fit_s, 2),
+    timing = store.append_timing(folder, {"resumed": session.resume, "slots": slots, "fit_s": round(fit_s, 2),
                                           "session_s": round(time.monotonic() - t_start, 2), "trials": len(progress.wall)})
     store.publish(storage, name, [results, plot, timing])
     interrupted = int(df["status"].isin(["interrupted", "pending"]).sum())
@@ -504,10 +519,10 @@ def _start_ray(address: str | None, storage: str, uri: str) -> None:
     check_shared_locations(storage, uri)
 
 
-def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: str, command: str,
-                   resume: bool, settings: dict | None):
+def _open_tracking(session: SweepSession, source: str, command: str, settings: dict | None):
     """Step 3: the sweep's settings file (new sweeps), its MLflow experiment and the
     per-trial run bookkeeping; on resume, runs the interrupted session left RUNNING close."""
+    cfg, name, storage, uri, resume = session.cfg, session.name, session.storage, session.uri, session.resume
     if resume:
         sweep_id, experiment = settings["sweep_id"], settings["experiment"]
     else:
@@ -532,6 +547,16 @@ def _open_tracking(cfg: SweepConfig, name: str, storage: str, uri: str, source: 
     return runs, experiment, experiment_id
 
 
+def _trial_context(cfg: SweepConfig, plan: SweepPlan, shared: str) -> TrialContext:
+    """What every trial of the sweep shares (``shared``: the name of its registry actor)."""
+    return TrialContext(
+        checkpoint=plan.checkpoint, dataset=plan.dataset, shared=shared,
+        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
+        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
+        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
+    )
+
+
 def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False, settings: dict | None = None,
               command: str = "", address: str | None = None) -> SweepOutcome:
     """Check everything, run (or resume) the sweep, write the report."""
@@ -539,7 +564,8 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     t_start = time.monotonic()
 
     # 1. inputs
-    plan, name, storage, exp_path, uri = _check_inputs(cfg, source, resume, settings)
+    session = _check_inputs(cfg, source, resume, settings, t_start)
+    plan, name, storage, exp_path, uri = session.plan, session.name, session.storage, session.exp_path, session.uri
     # 2. Ray, and what needs it
     _start_ray(address, storage, uri)
     from ray import tune
@@ -552,7 +578,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     # fails before its trials start leaves no folder behind (it would be a sweep --resume
     # picks and cannot continue).
     try:
-        runs, experiment, experiment_id = _open_tracking(cfg, name, storage, uri, source, command, resume, settings)
+        runs, experiment, experiment_id = _open_tracking(session, source, command, settings)
     except PranceError:
         if not resume:
             store.remove_unstarted(storage, name)
@@ -569,18 +595,13 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     from prance.sweep import shared
 
     _registry, registry_name = shared.start()  # images, anchors, baselines, ladders: once per sweep (alive while run_sweep holds it)
-    ctx = TrialContext(
-        checkpoint=plan.checkpoint, dataset=plan.dataset, shared=registry_name,
-        selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
-        threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
-        device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
-    )
+    ctx = _trial_context(cfg, plan, registry_name)
     counts = plan.counts()
-    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.schedule))
+    progress = Progress(runs, plan, ctx, cfg.selector.iterations, len(plan.trials))
     progress.done = sum(1 for n in runs.run_ids if runs.outcome(n) in ("finished", "stopped", "error"))
     _ACTIVE = progress
     print(
-        f"[sweep] {name}: {len(plan.schedule)} trials ({', '.join(f'{n} {m}' for m, n in counts.items())}) "
+        f"[sweep] {name}: {len(plan.trials)} trials ({', '.join(f'{n} {m}' for m, n in counts.items())}) "
         f"on {budget_list(plan)}, {slots} at a time"
         + (f"; {len(plan.unreachable)} budget x strategy combos unreachable" if plan.unreachable else "")
         + f"\n[sweep] folder {exp_path}\n[sweep] MLflow {uri} (experiment {experiment})"
@@ -588,7 +609,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
         flush=True,
     )
 
-    tuner = _tuner(cfg, plan, ctx, name, storage, exp_path, slots, resume)
+    tuner = _tuner(session, ctx, slots)
     t_fit = time.monotonic()
     try:
         grid = tuner.fit()
@@ -597,7 +618,7 @@ def run_sweep(cfg: SweepConfig, *, source: str = "default", resume: bool = False
     fit_s = time.monotonic() - t_fit
 
     # 4. the report
-    return _report(cfg, plan, grid, runs, progress, name, storage, resume, slots, fit_s, t_start, uri, experiment_id)
+    return _report(session, grid, runs, progress, slots, fit_s, experiment_id)
 
 
 
@@ -634,7 +655,7 @@ def reconcile_runs(runs: SweepRuns, grid, rows: list[dict], progress: "Progress"
             m = dict(result.metrics or {})
             metrics = {k: v for k, v in m.items() if k not in NOT_LOGGED}
             tags = {**run_tags(config), tracking.TAG_TRIAL: m.get("trial_id") or ""}
-            if runs.reconcile(n, run_name(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0)):
+            if runs.reconcile(n, trial_label(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0)):
                 made.append(n)
         runs.drain(0)
     except PranceError as e:
@@ -691,7 +712,7 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
             row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else type(result.error).__name__
         rows.append(row)
     seen = {int(r["trial_number"]) for r in rows}
-    for number, c in enumerate(plan.schedule):
+    for number, c in enumerate(plan.trials):
         if number not in seen:  # never started (the sweep was interrupted before)
             rows.append({**c.as_config(), "trial_number": number, "status": "pending"})
     for c in plan.unreachable:

@@ -180,8 +180,11 @@ class StrategySpec:
     budget); ``static``: as ``static_<name>`` (the best static sub-network with it);
     ``selector_grids``: the keep-ratio grids a PRANCE selector chooses from per stage (one
     per token op of a decision; empty: no selector), ``selector_op`` the op for the chosen
-    keeps (all >= 1 is handled by the caller as no reduction), ``sandwich_keep``: pretraining
-    samples its strength as a keep ratio (else as r up to twice the default).
+    keeps (all >= 1 is handled by the caller as no reduction), ``spread_merge``: its last
+    selector keep is a merge keep, which the selector's ``merge_spread`` spreads over the
+    stage's blocks as ToMe does (any keep before it prunes at the stage's first block);
+    ``sandwich_keep``: pretraining samples its strength as a keep ratio (else as r up to
+    twice the default).
     """
 
     name: str
@@ -193,6 +196,7 @@ class StrategySpec:
     static: bool = True
     selector_grids: tuple[tuple[float, ...], ...] = ()
     selector_op: Callable[[tuple[float, ...], int], TokenOp] | None = None
+    spread_merge: bool = False
 
     @property
     def sandwich_keep(self) -> bool:
@@ -206,10 +210,10 @@ REGISTRY: dict[str, StrategySpec] = {s.name: s for s in (
     StrategySpec("prune", "keep", lambda arch: EVIT_KEEP, _at_locs(lambda cfg, v, p: prune_op(v, p, cfg.fuse)),
                  needs_class_token=True, selector_grids=((0.25, 0.4, 0.55, 0.7, 0.85, 1.0),), selector_op=_selector_prune),
     StrategySpec("merge", "r", _scaled(TOME_R), _merge_ops,
-                 selector_grids=((0.5, 0.6, 0.7, 0.8, 0.9, 1.0),), selector_op=_selector_merge),
+                 selector_grids=((0.5, 0.6, 0.7, 0.8, 0.9, 1.0),), selector_op=_selector_merge, spread_merge=True),
     StrategySpec("prune_merge", "keep", lambda arch: EVIT_KEEP, _at_locs(lambda cfg, v, p: _prune_merge_op(v, p)),
                  needs_class_token=True, selector_grids=((0.4, 0.55, 0.7, 0.85, 1.0), (0.5, 0.625, 0.75, 0.875, 1.0)),
-                 selector_op=_selector_prune_merge),
+                 selector_op=_selector_prune_merge, spread_merge=True),
     StrategySpec("ppt", "r", _scaled(PPT_R), _at_locs(lambda cfg, v, p: ppt_op(v, cfg.threshold, p)), needs_class_token=True),
 )}
 

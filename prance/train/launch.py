@@ -234,14 +234,10 @@ def _check_resources(cfg: PretrainConfig) -> int | None:
     return per
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, resume_from: str | Path | None = None) -> PretrainResult:
+def pretrain(cfg: PretrainConfig, *, resume: bool = False, resume_from: str | Path | None = None) -> PretrainResult:
     """Train per ``cfg``. ``resume``: continue the run ``cfg.name`` from its latest checkpoint;
     ``resume_from``: start the run from a saved state (a checkpoint folder or what
     :func:`prance.train.worker.export_resume` wrote), continuing its epochs and optimizer."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     saved_state = Path(resume_from).resolve() if resume_from is not None else None
     resume_from = check_inputs(cfg, resume, saved_state) or saved_state
     # workers may run in another folder: they get the absolute path, while the config (and so
@@ -261,28 +257,53 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resume_from: str | Path 
     check_shared_locations(storage, uri)  # multi-node: local storage -> PranceError, sqlite MLflow -> warning
     per_worker = _check_resources(cfg)
 
+    run_id = _mlflow_run(cfg, uri, run_dir, resume)
+    trainer = _trainer(cfg, storage, per_worker, {
+        "init_from_path": init_path,
+        "resume_from": str(resume_from) if resume_from else None,
+        "mlflow_uri": uri,
+        "mlflow_run_id": run_id,
+    })
+    ok = False
+    try:
+        out, metrics, checkpoint = _keep_best(trainer.fit(), cfg, run_dir)
+        where = f"{storage}/{cfg.name}/{Path(checkpoint.path).name}" if remote else str(out)
+        tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in metrics.items() if k.startswith("top1")})
+        tracking.set_tags(uri, run_id, {"checkpoint": where})
+        ok = True
+        return PretrainResult(out, dict(metrics), run_dir, uri, run_id)
+    finally:
+        tracking.end_run(uri, run_id, ok)
+
+
+def _mlflow_run(cfg: PretrainConfig, uri: str, run_dir: Path, resume: bool) -> str:
+    """The run's MLflow run id: reopened on resume, else a new run (its id kept in ``run_dir``)."""
     run_id_path = run_dir / RUN_ID_FILE
     if resume and run_id_path.is_file():
         run_id = run_id_path.read_text().strip()
         tracking.reopen_run(uri, run_id)
-    else:
-        params = {k: v for k, v in cfg.model_dump().items()}
-        run_id = tracking.start_run(uri, cfg.experiment, f"pretrain-{cfg.name}", params, tags={"prance.kind": "pretrain"})
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_id_path.write_text(run_id)
+        return run_id
+    params = {k: v for k, v in cfg.model_dump().items()}
+    run_id = tracking.start_run(uri, cfg.experiment, f"pretrain-{cfg.name}", params, tags={"prance.kind": "pretrain"})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id_path.write_text(run_id)
+    return run_id
+
+
+def _trainer(cfg: PretrainConfig, storage: str, per_worker: int, extra: dict):
+    """Ray Train's TorchTrainer of the run; ``extra``: more of the workers' loop config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     resources = {"CPU": per_worker} if per_worker else None
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "pretrain": cfg.model_dump(),
             "threads": per_worker if not cfg.use_gpu else None,
             "loader_workers": cfg.loader_workers,  # None: auto (prance.train.worker.loader_workers)
             "cpus": per_worker,
-            "init_from_path": init_path,
-            "resume_from": str(resume_from) if resume_from else None,
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
+            **extra,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -294,21 +315,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, resume_from: str | Path 
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    ok = False
-    try:
-        result = trainer.fit()
-        best = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.best_by, -1)) if result.best_checkpoints else None
-        if best is None:
-            raise PranceError("training finished without a checkpoint")
-        checkpoint, metrics = best
-        out = run_dir / "best.safetensors"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with checkpoint.as_directory() as folder:  # downloads it first from remote storage
-            shutil.copyfile(Path(folder) / MODEL_FILE, out)
-        where = f"{storage}/{cfg.name}/{Path(checkpoint.path).name}" if remote else str(out)
-        tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in metrics.items() if k.startswith("top1")})
-        tracking.set_tags(uri, run_id, {"checkpoint": where})
-        ok = True
-        return PretrainResult(out, dict(metrics), run_dir, uri, run_id)
-    finally:
-        tracking.end_run(uri, run_id, ok)
+
+
+def _keep_best(result, cfg: PretrainConfig, run_dir: Path):
+    """(``run_dir/best.safetensors``, its metrics, its Ray checkpoint): the best checkpoint
+    of the run by ``cfg.best_by``, copied out of Ray's storage."""
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.best_by, -1)) if result.best_checkpoints else None
+    if best is None:
+        raise PranceError("training finished without a checkpoint")
+    checkpoint, metrics = best
+    out = run_dir / "best.safetensors"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as folder:  # downloads it first from remote storage
+        shutil.copyfile(Path(folder) / MODEL_FILE, out)
+    return out, metrics, checkpoint

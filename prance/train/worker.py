@@ -17,6 +17,7 @@ import json
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,7 +137,34 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed * _RUN_STRIDE + epoch * _EPOCH_STRIDE + rank
 
 
+@dataclass
+class _Worker:
+    """One worker's model, optimiser and data: what the epochs share."""
+
+    cfg: PretrainConfig
+    model: MetaViT
+    net: torch.nn.Module  # the model, DDP-wrapped with several workers
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    world: int
+    sampler: EpochShardSampler
+    loader: object  # this worker's shard of the train set
+    eval_loader: object  # its shard of the evaluation images
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int  # steps
+    tensor_data: bool  # in-memory images: augmented here per batch
+    amp: bool
+    scaler: torch.amp.GradScaler | None = None
+    gen: torch.Generator = field(default_factory=torch.Generator)  # seeded per epoch (sub-network and augmentation draws)
+
+    def autocast(self):
+        return autocast_for(self.device, self.amp)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function: build, then per epoch train, evaluate and report."""
     import ray.train
     import ray.train.torch
 
@@ -147,12 +175,56 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(cfg.seed)  # same initial weights on every worker
+    model, optimizer_state, start_epoch, step = _build_model(cfg, config, ray.train.get_checkpoint())
+    w = _build_worker(cfg, config, model, optimizer_state, device, rank, world)
+    epoch_times: list[float] = []
+    logging = rank == 0 and bool(config.get("mlflow_uri") and config.get("mlflow_run_id"))
+    if logging:  # a restart after a failure may redo an epoch whose checkpoint was not committed: log it once
+        from prance import tracking
 
+        logged = tracking.last_step(config["mlflow_uri"], config["mlflow_run_id"], "top1_largest")
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        loss_sum, n_img, n_steps, step = train_one_epoch(w, epoch, step)
+        train_seconds = time.perf_counter() - t0
+        top1 = evaluate_shard(model, w.eval_loader, {"largest": model.space.largest(), "smallest": model.space.smallest()}, device, world)
+        epoch_times.append(time.perf_counter() - t0)
+        seconds_left = (cfg.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / max(1, n_steps),
+            "top1_largest": top1["largest"],
+            "top1_smallest": top1["smallest"],
+            "top1_sandwich": (top1["largest"] + top1["smallest"]) / 2,
+            "images_per_s": n_img * world / train_seconds,
+            "lr": w.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": epoch_times[-1],
+            "seconds_left": seconds_left,
+        }
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        print(
+            f"[pretrain] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.3f}  "
+            f"top1 largest {top1['largest']:.2f}%  smallest {top1['smallest']:.2f}%  "
+            f"{metrics['images_per_s']:.0f} img/s  epoch {epoch_times[-1]:.0f}s  left ~{seconds_left / 60:.1f} min",
+            flush=True,
+        )
+        if logging and epoch > logged:
+            tracking.log_metrics(config["mlflow_uri"], config["mlflow_run_id"], metrics, step=epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_train_checkpoint(Path(tmp), model, cfg, w.optimizer, epoch, step, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _build_model(cfg: PretrainConfig, config: dict, checkpoint) -> tuple[MetaViT, dict | None, int, int]:
+    """(the meta-network, the optimizer state to restore or None, the first epoch, the
+    step count): from Ray's ``checkpoint`` of this run or ``resume_from`` (continuing),
+    else ``init_from``'s weights, else a fresh (optionally reordered) model."""
     model = create_meta(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
     model.space = SubnetSpace.from_fractions(model.arch, cfg.widths.heads, cfg.widths.mlp, cfg.widths.embed)
     start_epoch, step = 0, 0
     optimizer_state = None
-    checkpoint = ray.train.get_checkpoint()
     resume_dir = config.get("resume_from")
     if checkpoint is not None or resume_dir:
         with (checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_dir)) as folder:
@@ -166,15 +238,23 @@ def train_loop_per_worker(config: dict) -> None:
         model.vit.load_state_dict(restored.vit.state_dict())
     elif cfg.reorder:
         reorder_by_importance(model.vit)
+    return model, optimizer_state, start_epoch, step
+
+
+def _build_worker(cfg: PretrainConfig, config: dict, model: MetaViT, optimizer_state: dict | None, device: torch.device,
+                  rank: int, world: int) -> _Worker:
+    """The model in training mode on the device (DDP with several workers), its optimiser,
+    and this worker's shards of the train and evaluation images."""
     model.train()
     if world > 1:
+        import ray.train.torch
+
         net = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU), moved to the device
     else:
         net = model.to(device)
     optimizer = optim.adamw(model, cfg.lr, cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-
     spec = input_spec_for_model(model.vit)
     train_set, _ = pretrain_split(cfg, spec)
     test_set = seeded_subset(build_dataset(cfg.dataset, "test", spec), cfg.eval_limit, cfg.seed)
@@ -191,80 +271,43 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = len(train_set) // world // per_worker
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    tensor_data = _is_tensor_dataset(train_set)
-
     amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    return _Worker(cfg, model, net, optimizer, device, rank, world, sampler, loader, eval_loader, steps_per_epoch,
+                   steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch), _is_tensor_dataset(train_set),
+                   amp, torch.amp.GradScaler("cuda") if amp else None)
 
-    def autocast():
-        return autocast_for(device, amp)
 
-    no_sync = net.no_sync if hasattr(net, "no_sync") else nullcontext
-    gen = torch.Generator()  # seeded per epoch (sub-network and augmentation draws)
-    epoch_times: list[float] = []
-    logging = rank == 0 and bool(config.get("mlflow_uri") and config.get("mlflow_run_id"))
-    if logging:  # a restart after a failure may redo an epoch whose checkpoint was not committed: log it once
-        from prance import tracking
-
-        logged = tracking.last_step(config["mlflow_uri"], config["mlflow_run_id"], "top1_largest")
-    for epoch in range(start_epoch, cfg.epochs):
-        gen.manual_seed(epoch_seed(cfg.seed, epoch, rank))
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        loss_sum, n_img, n_steps = 0.0, 0, 0
-        for x, y in loader:
-            if n_steps >= steps_per_epoch:
-                break
-            optim.set_lr(optimizer, optim.lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.augment and tensor_data:
-                x = flip_shift(x, gen)
-            subnets = sandwich(model.space, cfg.random_subnets, gen)
-            plans = [None] + [sample_plan(model.arch, cfg.token_strategies, cfg.token_keep_min, gen) for _ in subnets[1:]]
-            optimizer.zero_grad(set_to_none=True)
-            losses = sandwich_step(net, x, y, subnets, plans, cfg.label_smoothing, cfg.distill, cfg.distill_temperature,
-                                   scaler=scaler, autocast=autocast, no_sync=no_sync)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            loss_sum += losses[0]
-            n_img += len(y)
-            n_steps += 1
-            step += 1
-        train_seconds = time.perf_counter() - t0
-        top1 = evaluate_shard(model, eval_loader, {"largest": model.space.largest(), "smallest": model.space.smallest()}, device, world)
-        epoch_times.append(time.perf_counter() - t0)
-        eta = (cfg.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
-        metrics = {
-            "epoch": epoch,
-            "loss": loss_sum / max(1, n_steps),
-            "top1_largest": top1["largest"],
-            "top1_smallest": top1["smallest"],
-            "top1_sandwich": (top1["largest"] + top1["smallest"]) / 2,
-            "images_per_s": n_img * world / train_seconds,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": epoch_times[-1],
-            "eta_seconds": eta,
-        }
-        if rank == 0:
-            print(
-                f"[pretrain] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.3f}  "
-                f"top1 largest {top1['largest']:.2f}%  smallest {top1['smallest']:.2f}%  "
-                f"{metrics['images_per_s']:.0f} img/s  epoch {epoch_times[-1]:.0f}s  left ~{eta / 60:.1f} min",
-                flush=True,
-            )
-            if logging and epoch > logged:
-                tracking.log_metrics(config["mlflow_uri"], config["mlflow_run_id"], metrics, step=epoch)
-            with tempfile.TemporaryDirectory() as tmp:
-                save_train_checkpoint(Path(tmp), model, cfg, optimizer, epoch, step, metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+def train_one_epoch(w: _Worker, epoch: int, step: int) -> tuple[float, int, int, int]:
+    """One epoch of sandwich steps on this worker's shard: (summed loss of the largest
+    sub-network, images, steps, the step count after it)."""
+    cfg, model, optimizer, scaler = w.cfg, w.model, w.optimizer, w.scaler
+    no_sync = w.net.no_sync if hasattr(w.net, "no_sync") else nullcontext
+    w.gen.manual_seed(epoch_seed(cfg.seed, epoch, w.rank))
+    w.sampler.set_epoch(epoch)
+    loss_sum, n_img, n_steps = 0.0, 0, 0
+    for x, y in w.loader:
+        if n_steps >= w.steps_per_epoch:
+            break
+        optim.set_lr(optimizer, optim.lr_at(step, w.total_steps, w.warmup, cfg.lr, cfg.min_lr))
+        x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
+        if cfg.augment and w.tensor_data:
+            x = flip_shift(x, w.gen)
+        subnets = sandwich(model.space, cfg.random_subnets, w.gen)
+        plans = [None] + [sample_plan(model.arch, cfg.token_strategies, cfg.token_keep_min, w.gen) for _ in subnets[1:]]
+        optimizer.zero_grad(set_to_none=True)
+        losses = sandwich_step(w.net, x, y, subnets, plans, cfg.label_smoothing, cfg.distill, cfg.distill_temperature,
+                               scaler=scaler, autocast=w.autocast, no_sync=no_sync)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            ray.train.report(metrics)
+            optimizer.step()
+        loss_sum += losses[0]
+        n_img += len(y)
+        n_steps += 1
+        step += 1
+    return loss_sum, n_img, n_steps, step

@@ -29,9 +29,9 @@ def run_selector(
     cfg: SelectorConfig,
     report: Callable[[dict], None] | None = None,
     out_dir: str | Path | None = None,
+    *,
     progress: bool = True,
     resume_from: str | Path | None = None,
-    *,
     budget: Budget | None = None,
     data: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict:
@@ -63,7 +63,8 @@ def run_selector(
         if report is not None:
             report({**metrics, "budget_gflops": budget})
 
-    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress, selector, resume)
+    result = train_selector(meta, cfg, budget, data["train"], data["val"], callback, progress=progress, selector=selector,
+                            resume=resume)
     final = {**result.best, "budget_gflops": budget, "train_seconds": result.seconds}
     if result.start:  # what PPO had to beat: the warm start on the same validation images
         final["warm_start_top1"] = result.start["top1"]
