@@ -212,7 +212,8 @@ def test_eval_of_a_selector_row(sweep, capsys):
 ])
 def test_bad_rows_are_one_line(sweep, capsys, micro_checkpoint, argv, words):
     storage, _ = sweep
-    rc, out, err = run_cli(capsys, "eval", "--storage", storage, "--checkpoint", str(micro_checkpoint), *argv)
+    where = ["--storage", storage] if "--sweep" in argv else ["--checkpoint", str(micro_checkpoint)]  # row flags need --sweep
+    rc, out, err = run_cli(capsys, "eval", *where, *argv)
     assert rc == 2 and err.startswith("prance: error: ") and words in err and err.count("\n") == 1, err
 
 

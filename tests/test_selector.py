@@ -349,7 +349,7 @@ def test_interrupted_training_resumes_where_it_stopped(micro_checkpoint, tmp_pat
 
 def test_train_holdout_data_comes_from_the_images_pretraining_held_out(tmp_path):
     from prance.checkpoint import save_checkpoint
-    from prance.data import FASHION_MNIST_SPEC, fashion_mnist, pretrain_holdout
+    from prance.data import FASHION_MNIST_SPEC, fashion_mnist, preprocess, pretrain_holdout
     from prance.splits import SplitSpec, load
 
     def load_data(meta, cfg):
@@ -364,7 +364,8 @@ def test_train_holdout_data_comes_from_the_images_pretraining_held_out(tmp_path)
     assert not set(seen.indices) & set(held.indices) and len(held.indices) == 3000
     x_held = train.batch(held.indices)[0]
     assert [data[k][0].shape[0] for k in ("val", "train", "test")] == [1000, 1500, 10000]
-    assert torch.equal(data["val"][0], x_held[:1000]) and torch.equal(data["train"][0], x_held[1000:2500])
+    held_float = [preprocess(data[k][0], FASHION_MNIST_SPEC) for k in ("val", "train")]  # split images are held as uint8
+    assert torch.equal(held_float[0], x_held[:1000]) and torch.equal(held_float[1], x_held[1000:2500])
     with pytest.raises(PranceError, match="exceed the checkpoint's 3000 held-out"):
         load_data(meta, cfg.model_copy(update={"train_limit": 2500}))
     plain = save_checkpoint(tmp_path / "n.safetensors", meta, "prance_vit_micro")

@@ -87,7 +87,7 @@ def test_the_driver_never_decodes_an_image(tmp_path, micro_checkpoint):
     selector = {"val_limit": 12, "train_limit": 10, "rollouts_from": "holdout"}
     plan = plan_sweep(SweepConfig(checkpoint=str(micro_checkpoint), dataset=f"imagefolder:{tmp_path}", budgets=["60%"],
                                   strategies=["free_merge"], selector=selector))
-    assert len(plan.schedule) == 2 and DECODED["images"] == before
+    assert len(plan.trials) == 2 and DECODED["images"] == before
     with pytest.raises(PranceError, match="unreadable image"):
         from prance.checkpoint import load_checkpoint
 
