@@ -385,10 +385,11 @@ def _mean_cost(logits: Tensor, costs: Sequence[float], c: Choice) -> float:
 def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], strategies: Iterable[str] = STRATEGIES,
            rungs: Iterable[float] = RUNGS, thresholds: Iterable[float] = THRESHOLDS, *, halving: Halving = Halving(),
            batch_size: int = 256, progress: Callable[[str], None] | None = None, max_rungs: int = MAX_RUNGS,
-           configs: list[StaticConfig] | None = None, margin: bool = True) -> CascadeResult:
+           configs: list[StaticConfig] | None = None, margin: bool = True, logits: Tensor | None = None) -> CascadeResult:
     """The best cascade at ``budget_gflops`` (mean GFLOPs per image) by Top-1 on ``val``.
     ``configs``: a ladder already computed (:func:`ladder`), shared by callers that need
-    the same one; ``margin``: hold back the share of the budget :func:`fit_margin` finds."""
+    the same one; ``logits``: that ladder's logits on ``val`` (n, rungs, classes), when the
+    caller has them; ``margin``: hold back the share of the budget :func:`fit_margin` finds."""
     x, y = val
     strategies, rungs = list(strategies), list(rungs)  # both used twice below
     if 1.0 not in rungs:
@@ -398,7 +399,8 @@ def search(meta: MetaViT, budget_gflops: float, val: tuple[Tensor, Tensor], stra
     if not any(within(c.gflops, budget_gflops) for c in configs):
         raise PranceError(f"no static configuration of strategies {', '.join(strategies)} fits "
                           f"{budget_gflops:.4g} GFLOPs on this meta-network: no cascade either")
-    logits = torch.stack([logits_of(meta, c, x, batch_size) for c in configs], dim=1)
+    if logits is None:
+        logits = torch.stack([logits_of(meta, c, x, batch_size) for c in configs], dim=1)
     costs = [c.gflops for c in configs]
     thresholds = list(thresholds)
     alone = choose(logits, y, costs, budget_gflops, thresholds=(), max_rungs=1)

@@ -647,7 +647,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("warmup", "workers", "latency_images"):
         v = getattr(args, name, None)
         if v is not None and v < 0:
-            raise PranceError(f"--{name} must be >= 0, got {v}")
+            raise PranceError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if getattr(args, "device", None) is not None:
         from prance.device import resolve
 

@@ -14,7 +14,7 @@ test images, with the dense model beside them. Each row gets:
   image-to-image noise cancels);
 - GFLOPs per image: mean, p95, max; the mean over the budget (``mean_over_budget``), and
   whether the row meets the budget as a ``mean`` and as a ``cap`` (every image);
-- for a cascade the share of images that escalated.
+- for a cascade or a controller the share of images that ran more than one pass.
 
 Prints a markdown table (stdout) and writes the JSON record. Input mistakes print one
 line ``compare_methods: error: ...`` and exit 2.
@@ -53,8 +53,13 @@ def measure(row, x, y, static_correct=None) -> dict:
         out["mean_over_budget"] = out["test_gflops"] / float(budget)
         out["meets_mean"] = out["test_gflops"] <= float(budget) * (1 + 1e-9)
         out["meets_cap"] = out["test_gflops_max"] <= float(budget) * (1 + 1e-9)
+    first = None  # an adaptive row's cost of an image that runs only its first pass
     if row.cascade is not None:
-        out["escalated"] = float((gflops > row.cascade.rungs[0].gflops * (1 + 1e-12)).double().mean())
+        first = row.cascade.rungs[0].gflops
+    elif getattr(row, "controller", None) is not None:
+        first = row.controller.ladder[row.controller.start].gflops + row.controller.decision_gflops
+    if first is not None:
+        out["escalated"] = float((gflops > first * (1 + 1e-12)).double().mean())
     if static_correct is not None:
         d = correct - static_correct
         out["vs_static"] = 100.0 * float(d.mean())

@@ -83,15 +83,16 @@ def sweep(tmp_path_factory, micro_checkpoint):
     storage = tmp_path_factory.mktemp("sweeps")
     cfg = SweepConfig.model_validate({
         "checkpoint": str(micro_checkpoint), "budgets": ["50%"],
-        "strategies": ["free_merge", "static_merge", "static_prune", "cascade", "prune"],
+        "strategies": ["free_merge", "static_merge", "static_prune", "cascade", "controller", "prune"],
         "selector": {"val_limit": 256, "train_limit": 128, "iterations": 2, "eval_every": 1, "rollout_images": 32,
                      "minibatch": 32, "ppo_epochs": 1, "batch_size": 64, "decision_blocks": [1, 2, 3]},
         "static": {"uniform_only": False, "first_images": 32},
         "cascade": {"rungs": [0.5, 1.0], "strategies": ["merge"], "max_rungs": 2, "margin": False},
+        "controller": {"iterations": 4, "images_per_iteration": 64, "eval_every": 2, "imitation_epochs": 5},
     })
     plan = plan_sweep(cfg)
     ctx = TrialContext(checkpoint=plan.checkpoint, dataset=plan.dataset, selector=cfg.selector.model_dump(),
-                       static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump())
+                       static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(), controller=cfg.controller.model_dump())
     rows = []
     for n, combo in enumerate(plan.trials):
         config = {**combo.as_config(), "trial_number": n}
@@ -102,6 +103,11 @@ def sweep(tmp_path_factory, micro_checkpoint):
             row["param"] = final["configuration"]
         if combo.method == "selector":
             row["selector_path"] = str(workdir / "selector.safetensors")
+        if combo.method == "controller":  # what the sweep's results table records: the file in the reported folder
+            from prance.selector.passes import CONTROLLER_FILE
+
+            row["selector_path"] = str(workdir / "controller" / CONTROLLER_FILE)
+            row["gflops_max"] = final["gflops_max"]
         rows.append(row)
     store.write_settings(str(storage), SWEEP, {"name": SWEEP, "config": cfg.model_dump(
         exclude={"name": True, "storage": True, "selector": set(SWEEP_OWNED)})})
@@ -127,11 +133,18 @@ def test_sweep_rows_become_configurations_that_reproduce_their_top1(sweep):
 
     storage, rows = sweep
     methods = {r["method"] for r in rows.values()}
-    assert methods == {"dense", "training_free", "static", "cascade", "selector"}
+    assert methods == {"dense", "training_free", "static", "cascade", "controller", "selector"}
     for n, r in rows.items():
         got = trial_row(storage, SWEEP, n)
         if r["method"] == "selector":
             assert got.selector == r["selector_path"] and got.static is None
+            continue
+        if r["method"] == "controller":  # read back from its file, it runs as the trial measured it
+            from prance.selector import passes
+
+            assert got.controller.describe() == r["param"] and got.static is None and got.selector is None
+            m = passes.evaluate(got.meta, got.controller, *got.validation_images())
+            assert m["top1"] == pytest.approx(r["top1"], abs=1e-9) and m["gflops"] == pytest.approx(r["gflops"], rel=1e-9)
             continue
         if r["method"] == "cascade":  # the description the trial recorded is the cascade, thresholds exact
             from prance import cascade as casc
@@ -191,6 +204,27 @@ def test_eval_of_a_cascade_row_and_its_text(sweep, capsys, micro_checkpoint):
     rc, by_text, err = run_cli(capsys, "eval", "--config", row["param"], "--checkpoint", str(micro_checkpoint), *common)
     assert rc == 0, err
     assert by_text["top1"] == by_row["top1"] and by_text["gflops"] == by_row["gflops"] and "latency_images" not in by_text
+
+
+def test_eval_and_export_of_a_controller_row(sweep, capsys, tmp_path):
+    """A multi-pass controller row runs again from its checkpoint, with its GFLOPs spread,
+    passes and latency; it exports for PyTorch with the reason there is no ONNX graph."""
+    import json
+
+    storage, rows = sweep
+    n, row = next((n, r) for n, r in rows.items() if r["method"] == "controller")
+    rc, out, err = run_cli(capsys, "eval", "--sweep", SWEEP, "--trial", str(n), "--storage", storage, "--split", "sweep",
+                           "--latency-images", "3", "--json")
+    assert rc == 0, err
+    assert out["strategy"] == "controller" and out["configuration"] == row["param"] and out["method"] == "controller"
+    assert out["top1"] == pytest.approx(row["top1"], abs=1e-9) and out["gflops"] <= row["budget_gflops"] * (1 + 1e-9)
+    assert 1 <= out["passes"] <= 3 and out["latency_b1_median_ms"] > 0
+    rc, out, err = run_cli(capsys, "export", "--sweep", SWEEP, "--trial", str(n), "--storage", storage,
+                           "--output", str(tmp_path / "ctl"), "--json")
+    assert rc == 0, err
+    assert out["kind"] == "controller" and out["onnx"] is None and "control flow" in out["why_no_onnx"]
+    manifest = json.loads((tmp_path / "ctl" / "manifest.json").read_text())
+    assert (tmp_path / "ctl" / manifest["controller"]).is_file() and (tmp_path / "ctl" / "meta.safetensors").is_file()
 
 
 def test_eval_of_a_selector_row(sweep, capsys):
@@ -409,7 +443,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     df.to_csv(csv, index=False)
 
     logged = log_models(str(tmp_path), SWEEP, uri)
-    assert {r["method"] for r in logged} == {"training_free", "static", "cascade", "selector"}
+    assert {r["method"] for r in logged} == {"training_free", "static", "cascade", "controller", "selector"}
     registered = [r for r in logged if r["registered"]]
     assert len(registered) == 1 and registered[0]["registered"] == "models:/prance-fashion-mnist-50pct/1"
     top = best(str(tmp_path), SWEEP, "50%")
@@ -457,6 +491,19 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     ref, _ = casc.forward(row.meta, row.cascade, x)
     assert np.abs(got - ref.numpy()).max() < 1e-4 and (got.argmax(-1) == ref.argmax(-1).numpy()).all()
 
+    # the controller's model: its checkpoint and meta-network, the library controller's logits
+    from prance.selector import passes
+
+    rec = next(r for r in logged if r["method"] == "controller")
+    row = best(str(tmp_path), SWEEP, "50%", method="controller")
+    mlflow.set_tracking_uri(uri)
+    try:
+        got = mlflow.pyfunc.load_model(rec["model_uri"]).predict(x.numpy())
+    finally:
+        mlflow.set_tracking_uri(before)
+    ref = passes.run(row.meta, row.controller, x)[0]
+    assert np.abs(got - ref.numpy()).max() < 1e-4
+
 
 def test_sweep_experiments_are_marked_as_model_training(tmp_path):
     from mlflow import MlflowClient
@@ -487,12 +534,12 @@ def test_compare_methods_runs_every_methods_best_row_on_the_same_test_images(swe
     assert cm.main(["--sweep", SWEEP, "--storage", storage, "--limit", "300", "--output", str(out)]) == 0
     record = json.loads(out.read_text())
     rows = record["budgets"]["50%"]
-    assert set(rows) == {"training_free", "static", "cascade", "selector"} and record["dense"]["n_images"] == 300
+    assert set(rows) == {"training_free", "static", "cascade", "controller", "selector"} and record["dense"]["n_images"] == 300
     static = best(storage, SWEEP, "50%", method="static")
     x, y = static.test_images(300)
     assert rows["static"]["test_top1"] == pytest.approx(evaluate(static.meta, batches(x, y, 64), static.static.subnet,
                                                                  static.static.plan, progress=False)["top1"], abs=1e-9)
-    for method in ("training_free", "cascade", "selector"):
+    for method in ("training_free", "cascade", "controller", "selector"):
         r = rows[method]
         assert r["vs_static"] == pytest.approx(r["test_top1"] - rows["static"]["test_top1"], abs=1e-9)
         assert r["test_gflops"] <= r["test_gflops_p95"] * (1 + 1e-9) <= r["test_gflops_max"] * (1 + 1e-9)

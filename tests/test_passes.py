@@ -124,3 +124,29 @@ def test_imitation_reproduces_the_cascades_rule(setup):
     ep = passes.table_episode(policy, rollouts, torch.arange(500), 0, budget, 2, 0.0)
     rule = passes.cascade_actions(cascade, ladder, rollouts.logits[:, 0], torch.zeros(500, dtype=torch.long), torch.ones(500, dtype=torch.bool))
     assert float((ep.actions[0] == rule).double().mean()) >= 0.95
+
+
+def test_a_saved_controller_loads_and_runs_the_same(setup, tmp_path):
+    """Both kinds a trial saves: a trained policy, and the cascade it fell back to."""
+    from prance.selector.selector import meta_fingerprint
+
+    meta, ladder, budget, parts = setup
+    x = parts["test"][0][:40]
+    found = casc.search(meta, budget, parts["val"], configs=ladder, margin=False)
+    fallback = passes.Controller(ladder, 0, 3, budget, found.best, budget)
+    for ctl in (_random_controller(meta, ladder, budget), fallback):
+        passes.save(ctl, tmp_path / "c.safetensors", meta_fingerprint(meta))
+        got = passes.load(tmp_path / "c.safetensors", meta)
+        assert got.describe() == ctl.describe() and [c.describe() for c in got.ladder] == [c.describe() for c in ctl.ladder]
+        want, got_out = passes.run(meta, ctl, x), passes.run(meta, got, x)
+        assert all(torch.equal(a, b) for a, b in zip(want, got_out))
+
+
+def test_bad_controller_files_are_one_line_errors(setup, tmp_path):
+    from prance.errors import PranceError
+
+    meta = setup[0]
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    for path, words in ((tmp_path / "none.safetensors", "not found"), (tmp_path / "junk.safetensors", "is not a controller checkpoint")):
+        with pytest.raises(PranceError, match=words):
+            passes.load(path, meta)

@@ -136,3 +136,24 @@ def export_selector(selector_path: str | Path, checkpoint: str | Path, folder: s
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"kind": "selector", "folder": str(folder), "selector": str(folder / SELECTOR_FILE), "onnx": None,
             "why_no_onnx": SELECTOR_REASON}
+
+
+CONTROLLER_REASON = ("the controller decides per image, after each pass, whether and which rung runs next: "
+                     "data-dependent control flow that one ONNX graph does not express; its rungs export as static "
+                     "configurations (`prance export --config`)")
+
+
+def export_controller(controller_path: str | Path, checkpoint: str | Path, folder: str | Path) -> dict:
+    """PyTorch only, as a selector: the controller file and its meta-network side by side."""
+    from prance.selector.passes import CONTROLLER_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(controller_path, folder / CONTROLLER_FILE)
+    shutil.copyfile(checkpoint, folder / "meta.safetensors")
+    manifest = {"format": "prance.controller_export.v1", "controller": CONTROLLER_FILE, "meta_network": "meta.safetensors",
+                "onnx": None, "why_no_onnx": CONTROLLER_REASON,
+                "load": "prance.selector.passes.load('controller.safetensors', prance.checkpoint.load_checkpoint('meta.safetensors')[0])"}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"kind": "controller", "folder": str(folder), "controller": str(folder / CONTROLLER_FILE), "onnx": None,
+            "why_no_onnx": CONTROLLER_REASON}

@@ -76,7 +76,8 @@ def _checkpoint(args) -> str:
 
 def config_from_args(args: argparse.Namespace, base=None):
     """(meta-network, configuration, header, SweepRow or None) of ``--config`` / ``--sweep``:
-    the configuration is a StaticConfig or a Cascade; a selector row gives (None, None, None, row)."""
+    the configuration is a StaticConfig, a Cascade or (a controller row) a passes.Controller;
+    a selector row gives (None, None, None, row)."""
     from prance import cascade, static_search
     from prance.checkpoint import load_checkpoint
 
@@ -84,7 +85,7 @@ def config_from_args(args: argparse.Namespace, base=None):
         row = sweep_row(args)
         if row.selector is not None:
             return None, None, None, row
-        return row.meta, row.cascade or row.static, _header(row.checkpoint), row
+        return row.meta, row.controller or row.cascade or row.static, _header(row.checkpoint), row
     meta, header = load_checkpoint(_checkpoint(args), getattr(args, "model", None))
     parse = cascade.parse if cascade.is_cascade(args.static_config) else static_search.parse
     return meta, parse(args.static_config, meta, base), header, None
@@ -130,6 +131,8 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
     loader = _loader(args, meta, row)
     if isinstance(config, Cascade):
         return {**_row_fields(row), **_eval_cascade(args, meta, config, loader)}
+    if row is not None and row.controller is not None:
+        return {**_row_fields(row), **_eval_controller(args, meta, row.controller, loader)}
     result = evaluate(meta, loader, config.subnet, config.plan, device=args.device, amp=args.amp, progress=not args.json)
     result.update(latency(args, lambda x: meta(x, config.subnet, config.plan), loader))
     return {**_row_fields(row), "configuration": config.describe(), "strategy": config.strategy.name,
@@ -149,6 +152,21 @@ def _eval_cascade(args, meta, cascade, loader) -> dict:
     result = casc.evaluate(meta, cascade, torch.cat(xs), torch.cat(ys), args.batch_size)
     result.update(latency(args, lambda x: casc.forward(meta, cascade, x)[0], loader))
     return {"configuration": cascade.describe(), "strategy": "cascade", "rungs": len(cascade.used().rungs), **result}
+
+
+def _eval_controller(args, meta, ctl, loader) -> dict:
+    """A multi-pass controller's Top-1, per-image GFLOPs, passes, img/s and batch-1 latency."""
+    import torch
+
+    from prance.cli import latency
+    from prance.device import resolve
+    from prance.selector import passes
+
+    meta.to(resolve(args.device))
+    xs, ys = zip(*loader)
+    result = passes.evaluate(meta, ctl, torch.cat(xs), torch.cat(ys), args.batch_size)
+    result.update(latency(args, lambda x: passes.run(meta, ctl, x)[0], loader))
+    return {"configuration": ctl.describe(), "strategy": "controller", **result}
 
 
 def _loader(args, meta, row):
@@ -183,7 +201,7 @@ def _check_images(args, meta):
 
 def cmd_export(args: argparse.Namespace) -> dict:
     from prance.cascade import Cascade, is_cascade
-    from prance.export import export_cascade, export_selector, export_static
+    from prance.export import export_cascade, export_controller, export_selector, export_static
 
     chosen = [bool(args.static_config), bool(args.sweep), bool(args.cascade), bool(args.selector)]
     if sum(chosen) != 1:
@@ -208,6 +226,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
     meta, config, header, row = config_from_args(args)
     if row is not None and row.selector is not None:
         return {**_row_fields(row), **export_selector(row.selector, row.checkpoint, args.output)}
+    if row is not None and row.controller is not None:
+        return {**_row_fields(row), **export_controller(row.row["selector_path"], row.checkpoint, args.output)}
     if isinstance(config, Cascade):
         say(f"cascade {config.describe()} -> {args.output} (one ONNX export per rung: a minute or two each on a busy CPU)")
         return {**_row_fields(row), **export_cascade(meta, config, args.output, header.get("model", ""),

@@ -30,6 +30,12 @@ class PranceModel(PythonModel):
 
             self.rungs = [static.load(folder / name) for name in info["rungs"]]
             self.thresholds = [float(t) for t in info["thresholds"]]
+        elif self.kind == "controller":  # a multi-pass controller with its meta-network
+            from prance.checkpoint import load_checkpoint
+            from prance.selector import passes
+
+            self.meta, _ = load_checkpoint(folder / "meta.safetensors")
+            self.controller = passes.load(folder / passes.CONTROLLER_FILE, self.meta)
         else:  # a selector with its meta-network
             from prance.checkpoint import load_checkpoint
             from prance.selector.store import load_selector
@@ -52,6 +58,10 @@ class PranceModel(PythonModel):
                 from prance.cascade import chain
 
                 logits = chain(self.rungs, self.thresholds, x)[0]
+            elif self.kind == "controller":
+                from prance.selector.passes import run
+
+                logits = run(self.meta, self.controller, x)[0]
             else:
                 logits = self.selector.run_episode(self.meta, x, self.budget).logits
         return logits.float().numpy()

@@ -34,8 +34,12 @@ one rung at a time on the images that reach it; it equals the table episode (tes
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -49,6 +53,8 @@ from prance.selector.reward import update_multiplier
 from prance.static_search import StaticConfig
 
 STOP = 0  # action 0 stops; action j >= 1 runs ladder rung j - 1
+CONTROLLER_FILE = "controller.safetensors"  # the file name in a sweep trial's checkpoint folder
+FORMAT = "prance-controller/1"
 
 
 @dataclass(frozen=True)
@@ -332,9 +338,75 @@ def run(meta, ctl: Controller, x: Tensor, batch_size: int = 256) -> tuple[Tensor
 
 
 def evaluate(meta, ctl: Controller, x: Tensor, y: Tensor, batch_size: int = 256) -> dict:
-    """Top-1 (%), per-image GFLOPs (mean, p95, max) and mean passes on (x, y)."""
+    """Top-1 (%), per-image GFLOPs (mean, p95, max), mean passes, the share of images that
+    ran more than one pass, and images/s of the controller run batch by batch (each rung
+    on the images of the batch that reach it, the policy's decisions included)."""
+    from prance.device import of as device_of, synchronize
+
     if x.shape[0] == 0:
         raise PranceError("no images to evaluate the controller on")
-    logits, passes, spent = run(meta, ctl, x, batch_size)
+    dev = device_of(meta)
+    out, seconds = [], 0.0
+    for i in range(0, x.shape[0], batch_size):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        out.append(run(meta, ctl, x[i : i + batch_size], batch_size))
+        synchronize(dev)
+        seconds += time.perf_counter() - t0
+    logits, passes, spent = (torch.cat(t) for t in zip(*out))
     return {"top1": 100.0 * float((logits.argmax(-1) == y).double().mean()), **spread(spent.tolist()),
-            "passes": float(passes.double().mean()), "n_images": int(x.shape[0])}
+            "passes": float(passes.double().mean()), "escalated": float((passes > 1).double().mean()),
+            "throughput_img_s": x.shape[0] / seconds, "n_images": int(x.shape[0])}
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def save(ctl: Controller, path: str | Path, fingerprint: str) -> None:
+    """``ctl`` as safetensors (the policy's weights, none for a cascade) with a JSON header:
+    its ladder and fallback cascade as descriptions, read back by :func:`load`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "ladder": [c.describe() for c in ctl.ladder], "start": ctl.start,
+              "max_passes": ctl.max_passes, "budget_gflops": ctl.budget_gflops, "target_gflops": ctl.target_gflops,
+              "cascade": ctl.cascade.describe(), "meta_fingerprint": fingerprint,
+              "hidden": None if ctl.policy is None else ctl.policy.hidden}
+    state = {} if ctl.policy is None else {k: v.detach().contiguous() for k, v in ctl.policy.state_dict().items()}
+    if not state:
+        state = {"none": torch.zeros(0)}  # safetensors keeps a file with at least one tensor
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"prance": json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, meta) -> Controller:
+    """The controller saved at ``path``, on ``meta`` (the meta-network it was trained on)."""
+    from safetensors import safe_open
+
+    from prance import static_search
+    from prance.selector.selector import meta_fingerprint
+
+    path = Path(path)
+    if not path.is_file():
+        raise PranceError(f"controller checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("prance", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not safetensors, or a broken header
+        raise PranceError(f"{path} is not a controller checkpoint ({e.__class__.__name__})") from None
+    if header.get("format") != FORMAT:
+        raise PranceError(f"{path} is not a prance controller checkpoint (format {header.get('format')!r})")
+    if header["meta_fingerprint"] != meta_fingerprint(meta):
+        raise PranceError(f"controller {path} was trained on another meta-network: pass the --checkpoint it was trained with")
+    ladder = [static_search.parse(t, meta) for t in header["ladder"]]
+    ctl = Controller(ladder, int(header["start"]), int(header["max_passes"]), float(header["budget_gflops"]),
+                     casc.parse(header["cascade"], meta), float(header["target_gflops"]))
+    if header.get("hidden") is not None:
+        classes = meta.arch.num_classes
+        ctl.policy = ActorCritic(feature_dim(classes, len(ladder), ctl.max_passes), (len(ladder) + 1,), int(header["hidden"]))
+        ctl.policy.load_state_dict(state)
+        ctl.policy.eval()
+    return ctl

@@ -49,6 +49,20 @@ class CascadeSettings(Strict):
         return self
 
 
+class ControllerSettings(Strict):
+    """The ``controller`` method (prance.selector.passes): PPO over the passes of the
+    cascade method's ladder, started from its best cascade (docs/selector.md)."""
+
+    iterations: int = Field(default=60, ge=1)  # PPO updates (each on images_per_iteration rollout episodes)
+    images_per_iteration: int = Field(default=1024, ge=8)
+    lr: float = Field(default=3e-4, gt=0)
+    hidden: int = Field(default=64, ge=4)
+    multiplier_lr: float = Field(default=0.05, ge=0)  # dual ascent on the mean-GFLOPs multiplier
+    imitation_epochs: int = Field(default=30, ge=0)  # warm start: fit the policy to the cascade's decisions
+    eval_every: int = Field(default=5, ge=1)
+    max_passes: int = Field(default=3, ge=1, le=3)  # the most rungs an image runs
+
+
 # SelectorConfig keys a sweep sets per trial or at its top level, never in ``selector:``.
 SWEEP_OWNED = ("checkpoint", "dataset", "strategy", "budget", "budget_kind", "device")
 
@@ -107,6 +121,7 @@ class SweepConfig(Strict):
     startup_trials: int = Field(default=4, ge=0)  # random selector trials before TPE models the space
     static: StaticSearchSettings = Field(default_factory=StaticSearchSettings)  # the static_* baselines' search
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)  # the cascade method's ladder and chains
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)  # the controller method's PPO
     seed: int = 0
 
     # resources, storage, tracking

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from prance.budget import lowest_gflops
 from prance.tokens.strategies import REGISTRY, SELECTOR_STRATEGIES, TRAINING_FREE_STRATEGIES
-from prance.sweep import cascade_trial, trial
+from prance.sweep import cascade_trial, controller_trial, trial
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ def _cascade_lowest(model, token: str, cfg) -> float:
 
 
 register(SweepMethod("cascade", 3, "^", {"cascade": "ladder"}, cascade_trial.run_cascade, _cascade_lowest,
+                     meets=("mean",)))
+register(SweepMethod("controller", 5, "P", {"controller": "ladder"}, controller_trial.run_controller, _cascade_lowest,
                      meets=("mean",)))
 register(SweepMethod("selector", 4, "o", {n: n for n in SELECTOR_STRATEGIES}, trial.run_selector_trial,
                      _selector_lowest, meets=("cap", "mean"), searches=True))

@@ -18,7 +18,7 @@ from pathlib import Path
 from prance.errors import PranceError
 from prance.sweep import rows as sweep_rows
 
-METHODS = ("training_free", "static", "cascade", "selector")
+METHODS = ("training_free", "static", "cascade", "controller", "selector")
 PYFUNC_FILE = Path(__file__).resolve().parent.parent / "export" / "pyfunc_model.py"
 
 
@@ -45,6 +45,12 @@ def _artifacts(row: sweep_rows.SweepRow, folder: Path) -> Path:
                         folder / f"rung{i}")
         info = {"kind": "cascade", "configuration": cascade.describe(), "thresholds": list(cascade.thresholds),
                 "rungs": [f"rung{i}" for i in range(1, len(cascade.rungs) + 1)]}
+    elif row.controller is not None:
+        from prance.selector.passes import CONTROLLER_FILE
+
+        shutil.copyfile(row.row["selector_path"], folder / CONTROLLER_FILE)
+        shutil.copyfile(row.checkpoint, folder / "meta.safetensors")
+        info = {"kind": "controller", "configuration": row.controller.describe()}
     else:
         shutil.copyfile(row.selector, folder / "selector.safetensors")
         shutil.copyfile(row.checkpoint, folder / "meta.safetensors")
@@ -73,6 +79,10 @@ def _example(row: sweep_rows.SweepRow):
             from prance import cascade as casc
 
             logits = casc.forward(row.meta, row.cascade, x[:2])[0].numpy()
+        elif row.controller is not None:
+            from prance.selector import passes
+
+            logits = passes.run(row.meta, row.controller, x[:2])[0].numpy()
         else:  # a selector: only the shape matters for the signature
             logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
     return x, y, example, logits

@@ -8,6 +8,8 @@ read from the sweep's ``results.csv``, turned into the configuration it stands f
   (:class:`prance.cascade.Cascade`), read back from the description the trial recorded.
 - ``selector`` rows are a trained selector: ``selector_path`` in results.csv (older sweeps:
   found in the trial's folder from its trial id).
+- ``controller`` rows are a trained multi-pass controller (:mod:`prance.selector.passes`),
+  its file in ``selector_path`` too.
 
 The meta-network and dataset are the sweep's (``sweep.json``), and
 :meth:`SweepRow.validation_images` are the images the sweep scored the row on, so
@@ -27,15 +29,16 @@ RESULTS_FILE = "results.csv"
 DONE = ("finished", "stopped")  # as prance.sweep.report.DONE
 
 
-def selector_path(checkpoint) -> str | None:
-    """The selector file of a Tune ``Checkpoint`` (a URI on remote storage)."""
-    from prance.selector.store import SELECTOR_FILE
+CHECKPOINT_FILES = {"selector": "selector.safetensors", "controller": "controller.safetensors"}  # a trained row's file in its trial checkpoint
 
+
+def selector_path(checkpoint, file: str = CHECKPOINT_FILES["selector"]) -> str | None:
+    """The selector (or controller) ``file`` of a Tune ``Checkpoint`` (a URI on remote storage)."""
     if checkpoint is None:
         return None
     fs = getattr(checkpoint, "filesystem", None)
     kind = getattr(fs, "type_name", "local") if fs is not None else "local"
-    path = f"{str(checkpoint.path).rstrip('/')}/{SELECTOR_FILE}"
+    path = f"{str(checkpoint.path).rstrip('/')}/{file}"
     return path if kind == "local" else f"{kind}://{path}"
 
 
@@ -57,8 +60,9 @@ def read_results(storage: str, name: str):
 @dataclass
 class SweepRow:
     """One row of a sweep, with what is needed to run it: ``meta`` (the sweep's
-    meta-network), and ``static`` (a StaticConfig), ``cascade`` (a Cascade) or
-    ``selector`` (a selector file)."""
+    meta-network), and ``static`` (a StaticConfig), ``cascade`` (a Cascade),
+    ``controller`` (a passes.Controller, its file in ``row['selector_path']``) or ``selector`` (a
+    selector file)."""
 
     sweep: str
     row: dict
@@ -69,6 +73,7 @@ class SweepRow:
     cascade: object | None = None  # prance.cascade.Cascade
     selector: str | None = None
     meta: object | None = None  # MetaViT
+    controller: object | None = None  # prance.selector.passes.Controller
 
     @property
     def trial_number(self) -> int | None:
@@ -88,6 +93,8 @@ class SweepRow:
             return self.static.describe()
         if self.cascade is not None:
             return self.cascade.describe()
+        if self.controller is not None:
+            return self.controller.describe()
         return f"selector {self.selector}"
 
     def validation_images(self):
@@ -121,6 +128,11 @@ class SweepRow:
         if self.cascade is not None:
             logits, passes = casc.forward(self.meta, self.cascade, x, batch_size)
             return logits, torch.tensor(self.cascade.costs(), dtype=torch.float64)[passes - 1]
+        if self.controller is not None:
+            from prance.selector import passes
+
+            logits, _, spent = passes.run(self.meta, self.controller, x, batch_size)
+            return logits, spent
         return self._run_selector(x, batch_size)
 
     def _run_selector(self, x, batch_size: int):
@@ -183,6 +195,13 @@ def load_row(storage: str, name: str, row: dict) -> SweepRow:
         raise PranceError(f"trial {row.get('trial_number')} of sweep {name} did not finish (status {row.get('status')})")
     if method == "selector":
         out.selector = _find_selector(storage, name, row)
+        return out
+    if method == "controller":
+        from prance.selector import passes
+
+        if _nan(row.get("selector_path")):
+            raise PranceError(f"trial {row.get('trial_number')} of sweep {name} kept no controller checkpoint")
+        out.controller = passes.load(str(row["selector_path"]), meta)
         return out
     top = ",".join([str(static_search.num_levels(meta.space) - 1)] * len(meta.space.stage_starts))
     token = row.get("token_strategy") or "none"

@@ -50,6 +50,7 @@ class TrialContext:
     progress: bool = False
     static: dict = field(default_factory=dict)  # StaticSearchSettings fields
     cascade: dict = field(default_factory=dict)  # CascadeSettings fields
+    controller: dict = field(default_factory=dict)  # ControllerSettings fields
     shared: str = ""  # the name of the sweep's registry of shared work (prance.sweep.shared); "" in-process
 
 
