@@ -122,7 +122,7 @@ def threshold_text(t: float) -> str:
 def is_cascade(text: str) -> bool:
     """Whether ``text`` describes a cascade (:meth:`Cascade.describe`) rather than one static configuration."""
     s = str(text).strip()
-    return ARROW in s or s.endswith(NEVER)
+    return ARROW.strip() in s or "[p<" in s or s.endswith(NEVER)  # a half-typed chain is read (and refused) as a cascade
 
 
 def parse(text: str, meta: MetaViT, base=None) -> Cascade:
@@ -133,7 +133,7 @@ def parse(text: str, meta: MetaViT, base=None) -> Cascade:
     s = str(text).strip()
     if s.endswith(NEVER):
         return Cascade((static_search.parse(s[: -len(NEVER)].strip(), meta, base),), ())
-    parts = s.split(ARROW)
+    parts = [p.strip() for p in s.split(ARROW.strip())]
     shape = (f"cascade {text!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
              "(as search-cascade and the sweep print it)")
     rungs, thresholds = [static_search.parse(parts[0], meta, base)], []

@@ -209,7 +209,7 @@ CASES = {
     "bench_latency_images_negative": ("prance", ["bench", "--model", MICRO, "--dataset", "random", "--latency-images", "-3"],
                                       r"--latency-images must be >= 0, got -3"),
     "eval_cascade_one_rung": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none ->"],
-                              r"cascade"),
+                              r"cascade 'widths=0,0,0,0 none ->' is not '<configuration> -> \[p<threshold\]"),
     "eval_cascade_bad_threshold": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config",
                                               "widths=0,0,0,0 none -> [p<abc] widths=1,1,1,1 none"], r"cascade"),
     "eval_cascade_bad_rung": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config",
