@@ -47,6 +47,9 @@ def run_controller(config: dict, ctx: TrialContext, report: Report, workdir: Pat
     m.pop("n_images", None)
     m.update({"param": ctl.describe(), "margin": found.margin, "ladder_rungs": len(ladder),
               "cascade_top1": found.top1, "trained": float(ctl.policy is not None)})
+    within = [h["val_top1"] for h in ctl.history if h["val_gflops"] <= ctl.target_gflops * (1 + 1e-9)]
+    if within:  # how close PPO came, also when it did not beat the cascade
+        m["policy_top1"] = max(within)
     final = finish_fixed(config, ctx, lambda metrics, _: None, m, baseline_top1(ctx, budget), start)
     report(final, folder)
     return final

@@ -697,7 +697,7 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
         else:
             status = "interrupted"
         row = {**config, "trial_id": m.get("trial_id"), "status": status, "mlflow_run_id": runs.run_ids.get(n)}
-        for k in (*rep.METRIC_COLUMNS, "gflops_p95", "gflops_max", "escalated", "margin", "score", "baseline_top1", "iteration", "best_iteration", "warm_start_top1", "warm_start", "body_s"):
+        for k in (*rep.METRIC_COLUMNS, "gflops_p95", "gflops_max", "escalated", "margin", "passes", "cascade_top1", "trained", "policy_top1", "score", "baseline_top1", "iteration", "best_iteration", "warm_start_top1", "warm_start", "body_s"):
             if k in m:
                 row[k] = m[k]
         for k, v in m.items():
