@@ -139,33 +139,38 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
             "params": dict(config.plan.params), **result}
 
 
-def _eval_cascade(args, meta, cascade, loader) -> dict:
-    """A cascade's Top-1, per-image GFLOPs (mean, p95, max), escalation shares, img/s and batch-1 latency."""
+def _eval_adaptive(args, loader, evaluate, forward) -> dict:
+    """An adaptive configuration's ``evaluate(x, y, batch_size)`` on all of ``loader``'s
+    images, plus the batch-1 latency of ``forward`` (images -> logits)."""
     import torch
 
-    from prance import cascade as casc
     from prance.cli import latency
+
+    xs, ys = zip(*loader)
+    result = evaluate(torch.cat(xs), torch.cat(ys), args.batch_size)
+    result.update(latency(args, forward, loader))
+    return result
+
+
+def _eval_cascade(args, meta, cascade, loader) -> dict:
+    """A cascade's Top-1, per-image GFLOPs (mean, p95, max), escalation shares, img/s and batch-1 latency."""
+    from prance import cascade as casc
     from prance.device import resolve
 
     meta.to(resolve(args.device))
-    xs, ys = zip(*loader)
-    result = casc.evaluate(meta, cascade, torch.cat(xs), torch.cat(ys), args.batch_size)
-    result.update(latency(args, lambda x: casc.forward(meta, cascade, x)[0], loader))
+    result = _eval_adaptive(args, loader, lambda x, y, b: casc.evaluate(meta, cascade, x, y, b),
+                            lambda x: casc.forward(meta, cascade, x)[0])
     return {"configuration": cascade.describe(), "strategy": "cascade", "rungs": len(cascade.used().rungs), **result}
 
 
 def _eval_controller(args, meta, ctl, loader) -> dict:
     """A multi-pass controller's Top-1, per-image GFLOPs, passes, img/s and batch-1 latency."""
-    import torch
-
-    from prance.cli import latency
     from prance.device import resolve
     from prance.selector import passes
 
     meta.to(resolve(args.device))
-    xs, ys = zip(*loader)
-    result = passes.evaluate(meta, ctl, torch.cat(xs), torch.cat(ys), args.batch_size)
-    result.update(latency(args, lambda x: passes.run(meta, ctl, x)[0], loader))
+    result = _eval_adaptive(args, loader, lambda x, y, b: passes.evaluate(meta, ctl, x, y, b),
+                            lambda x: passes.run(meta, ctl, x)[0])
     return {"configuration": ctl.describe(), "strategy": "controller", **result}
 
 

@@ -46,6 +46,17 @@ def shared_ladder(ctx: TrialContext, budget_gflops: float) -> list:
     return _LADDERS[key]
 
 
+def search(ctx: TrialContext, model, budget_gflops: float, val: tuple, ladder: list, logits=None):
+    """The sweep's cascade choice on ``ladder`` (:func:`prance.cascade.search` with the
+    sweep's ``cascade:`` settings), on the validation images ``val`` and, when the caller
+    has them, the ladder's ``logits`` on them."""
+    from prance import cascade
+
+    c = ctx.cascade
+    return cascade.search(model, budget_gflops, val, c.get("strategies", ["none", "merge", "prune_merge"]),
+                          max_rungs=c.get("max_rungs", 3), configs=ladder, margin=c.get("margin", True), logits=logits)
+
+
 def run_cascade(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
     """The best cascade at the trial's (mean) budget, evaluated on the validation images."""
     from prance import cascade
@@ -54,9 +65,7 @@ def run_cascade(config: dict, ctx: TrialContext, report: Report, workdir: Path, 
     budget = float(config["budget_gflops"])
     model = model_of(ctx.checkpoint)
     x, y = validation_images(ctx, model)
-    c = ctx.cascade
-    found = cascade.search(model, budget, (x, y), c.get("strategies", ["none", "merge", "prune_merge"]),
-                           max_rungs=c.get("max_rungs", 3), configs=shared_ladder(ctx, budget), margin=c.get("margin", True))
+    found = search(ctx, model, budget, (x, y), shared_ladder(ctx, budget))
     m = cascade.evaluate(model, found.best, x, y, batch_size=max(ctx.selector.get("batch_size", 64), 256))
     m.pop("n_images", None)
     m.update({"param": found.best.describe(), "margin": found.margin, "ladder_rungs": len(found.ladder)})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prance.sweep.cascade_trial import shared_ladder
+from prance.sweep.cascade_trial import search, shared_ladder
 from prance.sweep.trial import (Report, TrialContext, baseline_top1, begin, finish_fixed, model_of, split_images,
                                 split_of, validation_images)
 
@@ -33,9 +33,7 @@ def run_controller(config: dict, ctx: TrialContext, report: Report, workdir: Pat
     ladder = shared_ladder(ctx, budget)
     size = max(ctx.selector.get("batch_size", 64), 256)
     val = passes.Table.of(model, ladder, x, y, size)
-    c = ctx.cascade
-    found = cascade.search(model, budget, (x, y), c.get("strategies", ["none", "merge", "prune_merge"]),
-                           max_rungs=c.get("max_rungs", 3), configs=ladder, margin=c.get("margin", True), logits=val.logits)
+    found = search(ctx, model, budget, (x, y), ladder, logits=val.logits)
     settings = dict(ctx.controller)
     max_passes = settings.pop("max_passes", cascade.MAX_RUNGS)
     xr, yr = split_images(model, split_of(ctx), "train", ctx.shared)
