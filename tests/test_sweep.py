@@ -277,6 +277,8 @@ def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped"
     assert (cascade["gflops_max"] >= cascade["gflops"]).all() and cascade["param"].str.startswith("widths=").all()
     static = trials[trials["method"] == "static"]
     assert static["param"].str.startswith("widths=").all()  # the configuration its search chose
+    finished_selectors = trials[(trials["method"] == "selector") & (trials["status"] == "finished")]
+    assert all(Path(p).name == "selector.safetensors" and Path(p).is_file() for p in finished_selectors["selector_path"])
     assert trials[METRICS].notna().all().all()
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     lines = stdout.strip().splitlines()

@@ -29,11 +29,23 @@ RESULTS_FILE = "results.csv"
 DONE = ("finished", "stopped")  # as prance.sweep.report.DONE
 
 
-CHECKPOINT_FILES = {"selector": "selector.safetensors", "controller": "controller.safetensors"}  # a trained row's file in its trial checkpoint
+def trained_file(method: str) -> str | None:
+    """The file a trial of ``method`` keeps in its checkpoint for its row to run again
+    (the selector's or the controller's), or None for methods that train nothing."""
+    if method == "selector":
+        from prance.selector.store import SELECTOR_FILE
+
+        return SELECTOR_FILE
+    if method == "controller":
+        from prance.selector.passes import CONTROLLER_FILE
+
+        return CONTROLLER_FILE
+    return None
 
 
-def selector_path(checkpoint, file: str = CHECKPOINT_FILES["selector"]) -> str | None:
-    """The selector (or controller) ``file`` of a Tune ``Checkpoint`` (a URI on remote storage)."""
+def selector_path(checkpoint, method: str = "selector") -> str | None:
+    """The selector (or controller) file of a Tune ``Checkpoint`` (a URI on remote storage)."""
+    file = trained_file(method)
     if checkpoint is None:
         return None
     fs = getattr(checkpoint, "filesystem", None)

@@ -41,7 +41,7 @@ from prance.sweep.runs import QUEUE_FOLDER, SweepRuns
 from prance.sweep.space import DefineByRun
 from prance.selector.store import SELECTOR_FILE
 from prance.sweep.methods import DENSE, METHODS, run_trial
-from prance.sweep.rows import CHECKPOINT_FILES, selector_path
+from prance.sweep.rows import selector_path, trained_file
 from prance.sweep.trial import FINAL, TrialContext, selector_config
 
 # Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
@@ -705,8 +705,8 @@ def result_rows(grid, plan: SweepPlan, runs: SweepRuns, progress: Progress) -> l
                 row[k] = v
         if m.get("configuration"):  # a static trial: what its search chose
             row["param"] = m["configuration"]
-        if config.get("method") in CHECKPOINT_FILES and result.checkpoint is not None:  # what `prance eval --sweep` runs
-            row["selector_path"] = selector_path(result.checkpoint, CHECKPOINT_FILES[config["method"]])
+        if trained_file(str(config.get("method"))) and result.checkpoint is not None:  # what `prance eval --sweep` runs
+            row["selector_path"] = selector_path(result.checkpoint, config["method"])
         if n in progress.wall:
             row["wall_s"] = progress.wall[n]
         if result.error is not None:
