@@ -130,6 +130,39 @@ def test_define_by_run_space_is_conditional_and_follows_the_schedule():
     assert forms == {"penalty", "constrained"}
 
 
+@pytest.mark.parametrize("grace, max_t, rf", [(10, 40, 2.0), (2, 4, 2.0), (3, 100, 3.0), (5, 5, 2.0), (4, 50, 4.0)])
+def test_asha_rungs_are_rays(grace, max_t, rf):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from prance.sweep.tune import asha_rungs
+
+    bracket = ASHAScheduler(time_attr="iteration", metric="score", mode="max", max_t=max_t, grace_period=grace,
+                            reduction_factor=rf)._brackets[0]
+    assert asha_rungs(grace, max_t, rf) == sorted(m for m, _ in bracket._rungs)
+
+
+def test_selector_trials_checkpoint_at_asha_rungs_and_every_grace_period():
+    """Issue 36 part 6: a checkpoint at the first report at or past each of ASHA's rungs (the
+    report ASHA judges, and stops, a trial at) and every grace period between them; every
+    report without ASHA."""
+    from prance.sweep.trial import checkpoint_due
+    from prance.sweep.tune import checkpoint_iterations
+
+    imagenet = load_config(SweepConfig, "sweep", "deit_s_imagenet")  # 40 iterations, reports every 5, grace 10, rf 2
+    at = checkpoint_iterations(imagenet)
+    assert at == (10, 20, 30, 40)
+    reports = range(imagenet.selector.eval_every, imagenet.selector.iterations + 1, imagenet.selector.eval_every)
+    assert [it for prev, it in zip([0, *reports], reports) if checkpoint_due(at, prev, it)] == [10, 20, 30, 40]
+    odd = load_config(SweepConfig, "sweep", "tiny", {"selector.iterations": 27, "selector.eval_every": 4, "grace_period": 3,
+                                                      "reduction_factor": 3.0})
+    assert checkpoint_iterations(odd) == (3, 6, 9, 12, 15, 18, 21, 24, 27)
+    # reports at 4, 8, ...: the rung at 9 is judged at the report of 12, which carries a checkpoint
+    assert checkpoint_due(checkpoint_iterations(odd), 8, 12) and not checkpoint_due((10, 20), 12, 16)
+    assert checkpoint_iterations(imagenet.model_copy(update={"scheduler": "fifo"})) == ()
+    assert checkpoint_iterations(imagenet.model_copy(update={"multi_objective": True})) == ()
+    assert checkpoint_due((), 5, 10)  # no ASHA: every report
+
+
 def test_score_and_report_pick_the_best_within_budget(tmp_path):
     assert score(80.0, 1.0, 1.0, 79.0, 200) == pytest.approx(1.0)
     assert score(80.0, 1.1, 1.0, 79.0, 200) == pytest.approx(1.0 - 20.0)  # 10% over the budget costs 20 points
