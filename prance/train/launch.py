@@ -13,7 +13,7 @@ from prance import tracking
 from prance.checkpoint import locate, read_header
 from prance.train.config import PretrainConfig
 from prance.errors import PranceError
-from prance.storage import absolute, is_remote, local_path
+from prance.storage import absolute, fetch, is_remote, local_path
 from prance.train.placement import check_shared_locations
 from prance.train.worker import MODEL_FILE, has_train_state, load_train_state, train_loop_per_worker
 
@@ -97,12 +97,7 @@ def fetch_best(remote_run: str, best_by: str, dest: Path) -> Path:
     if not scored:
         raise PranceError(f"no finished run in {remote_run} (no checkpoint with a metrics.json)")
     best = max(scored)[2]
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / "best.safetensors.tmp"
-    with fs.open_input_stream(f"{best}/{MODEL_FILE}") as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-    tmp.replace(dest / "best.safetensors")
-    return dest / "best.safetensors"
+    return fetch(f"{best}/{MODEL_FILE}", dest / "best.safetensors", fs=fs)
 
 
 def run_dir_of(cfg: PretrainConfig) -> Path:
