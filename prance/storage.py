@@ -54,3 +54,18 @@ def local_file(path: str, folder: Path) -> str:
         return str(local_path(path)) if path.startswith("file://") else path
     dest = Path(folder) / "_".join(path.rstrip("/").split("/")[-3:])
     return str(dest if dest.is_file() else fetch(path, dest))
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write ``text`` as the file at ``uri`` on remote storage; PranceError naming ``uri``."""
+    import pyarrow.fs
+
+    from prance.errors import PranceError
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        fs.create_dir(path.rsplit("/", 1)[0])
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+    except (OSError, ValueError) as e:
+        raise PranceError(f"cannot write {uri}: {type(e).__name__}: {e}") from None
