@@ -1,5 +1,6 @@
-"""The sweep's data path at ImageNet scale, on a generated JPEG folder (issue 36; table in
-docs/benchmarks.md, "Data path at scale"). Timings need an otherwise idle machine:
+"""The sweep's data path at ImageNet scale, on a generated JPEG folder (issue 36).
+
+Its table is in docs/benchmarks.md, "Data path at scale". Timings need an otherwise idle machine:
 
     .venv/bin/python scripts/bench_data.py                      # everything, 13,192 images
     .venv/bin/python scripts/bench_data.py --parts memory node --images 2000   # memory only, smaller

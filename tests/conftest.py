@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,3 +230,61 @@ def sweep_runs(uri: str, name: str):
     exp = client.get_experiment_by_name(f"prance-sweep-{name}")
     assert exp is not None
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# ------------------------------------------------------------- an MLflow server (test_sweep, test_multinode)
+
+
+class MlflowServer:
+    """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifacts)
+    that a test can stop and start again on the same port and database."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        self.launch()
+        self.wait()
+
+    def launch(self) -> None:
+        """Start the server process without waiting for it (:meth:`wait` does)."""
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",
+               str(self.folder / "artifacts"), "--workers", "1"]
+        log = open(self.folder / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder)
+
+    def wait(self) -> None:
+        """Until the launched server answers; stopped and the test failed when it does not in time."""
+        deadline = time.monotonic() + 240  # minutes on a loaded 2-core machine, seconds on an idle one
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()  # no server left behind, listening after the test gave up on it
+                    pytest.fail(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

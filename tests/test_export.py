@@ -118,3 +118,27 @@ def test_a_checkpoint_with_a_holdout_never_trains_on_it(tmp_path):
             for positions in loader.batch_sampler:
                 seen.update(base_of[p] for p in positions)
     assert seen and not seen & held_idx and seen <= set(_tensor_source(limited)[1])
+
+
+def test_sharded_over_ray_tasks_the_record_is_the_same(micro_checkpoint):
+    """Issue 36 part 5: the record's evaluation as Ray tasks over consecutive parts of the
+    images (here 3 CPU tasks on a local Ray; on a cluster one per GPU) gives every job the
+    same per-image correctness, in order, as the pass in this process."""
+    import ray
+
+    from prance.train.export import Devices, correct_per_image
+
+    model, _ = load_checkpoint(micro_checkpoint)
+    images = CountingImages(fashion_mnist("test", FASHION_MNIST_SPEC), 301)
+    jobs = {"largest": (model, model.space.largest(), None), "smallest": (model, model.space.smallest(), None)}
+    here = correct_per_image(jobs, images, batch_size=64)
+    assert images.decoded == 301
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert Devices.of_cluster() == Devices()  # no GPU in the cluster: in this process
+        plain = TensorImageDataset(images.images, images.labels, images.spec, images.classes)  # the class a worker can import
+        sharded = correct_per_image(jobs, plain, batch_size=64, on=Devices(shards=3), exact=frozenset({"largest"}))
+    finally:
+        ray.shutdown()
+    assert set(sharded) == set(jobs) and all(torch.equal(sharded[k], here[k]) for k in jobs)
+    assert len(sharded["largest"]) == 301 and 0 < int(sharded["largest"].sum()) < 301

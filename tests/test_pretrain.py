@@ -325,3 +325,46 @@ def test_a_resumable_state_in_safetensors_continues_bit_identically(tmp_path):
     # a state that has nothing left to train, or another architecture, is refused in one line
     done = _run("--preset", "smoke", "--num-workers", "1", "--storage", str(tmp_path / "c"), "--resume-from", str(state), "--epochs", "1")
     assert done.returncode == 2 and "nothing left to train" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_image_folder_pretraining_feeds_workers_from_persistent_one_thread_loader_processes(tmp_path):
+    """Issue 36 part 4, on a generated JPEG folder: ``loader_workers`` (default: the worker's
+    CPUs but one) reaches the DataLoader, whose processes persist across epochs, keep 4
+    batches ready and run one torch thread each (asked of a real loader process); a GPU
+    worker's CPUs are Ray's ``resources_per_worker``."""
+    from test_shared_data import jpeg_folder
+
+    from prance.data import one_thread_worker
+    from prance.train.launch import _trainer
+    from prance.train.worker import _build_worker
+
+    jpeg_folder(tmp_path / "t", per_class=6)
+    (tmp_path / "t" / "val").rename(tmp_path / "train")
+    jpeg_folder(tmp_path, per_class=4)
+    cfg = PretrainConfig(model="prance_vit_micro", dataset=f"imagefolder:{tmp_path}", batch_size=4, augment=False, eval_limit=8)
+    model = create_meta(cfg.model)
+    for config, processes in (({"cpus": 3}, 2), ({"cpus": 3, "loader_workers": 1}, 1)):
+        w = _build_worker(cfg, config, model, None, torch.device("cpu"), 0, 1)
+        for loader in (w.loader, w.eval_loader):
+            assert loader.num_workers == processes and loader.persistent_workers and loader.prefetch_factor == 4
+            assert loader.worker_init_fn is one_thread_worker and not loader.pin_memory  # pinned on CUDA only
+    x, y = next(iter(w.loader))
+    assert x.shape[0] == 4 and x.dtype == torch.float32
+
+    class Threads(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.zeros(1), torch.get_num_threads()
+
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what a loader process would inherit without one_thread_worker
+        _, threads = next(iter(make_loader(Threads(), batch_size=2, num_workers=1)))
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert threads.tolist() == [1, 1]
+    trainer = _trainer(cfg.model_copy(update={"use_gpu": True, "num_workers": 2, "loader_workers": 5}), "/tmp/unused", 6, {})
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 6} and trainer.scaling_config.use_gpu
+    assert trainer.train_loop_config["loader_workers"] == 5 and trainer.train_loop_config["cpus"] == 6

@@ -52,3 +52,20 @@ def test_the_best_checkpoint_of_a_run_on_remote_storage_is_fetched_before_export
     # the run folder of s3:// storage is a local staging folder, never a mangled "s3:/..." path
     cfg = PretrainConfig(storage="s3://bucket/prance", name="run")
     assert launch.staging_dir(cfg).is_absolute() and "s3:" not in str(launch.staging_dir(cfg))
+
+
+def test_a_file_on_remote_storage_is_fetched_whole(tmp_path: Path) -> None:
+    """storage.fetch copies a URI (file:// here, the pyarrow path of s3:// and gs://, which
+    tests/test_multinode.py reads from a real S3 server) to a local file; an unreadable URI is
+    one PranceError and leaves no partial file; local_file leaves local paths local."""
+    remote = tmp_path / "bucket" / "t0001-prune" / "checkpoint_000002"
+    remote.mkdir(parents=True)
+    (remote / "selector.safetensors").write_bytes(b"a selector")
+    got = storage.fetch(f"file://{remote}/selector.safetensors", tmp_path / "fetched" / "s.safetensors")
+    assert got == tmp_path / "fetched" / "s.safetensors" and got.read_bytes() == b"a selector"
+    with pytest.raises(PranceError, match="cannot read file://.*nope.safetensors") as e:
+        storage.fetch(f"file://{remote}/nope.safetensors", tmp_path / "fetched" / "n.safetensors")
+    assert "\n" not in str(e.value) and sorted(p.name for p in (tmp_path / "fetched").iterdir()) == ["s.safetensors"]
+    local = str(remote / "selector.safetensors")
+    assert storage.local_file(local, tmp_path / "x") == local == storage.local_file(f"file://{local}", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

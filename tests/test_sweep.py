@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -130,6 +129,39 @@ def test_define_by_run_space_is_conditional_and_follows_the_schedule():
     assert forms == {"penalty", "constrained"}
 
 
+@pytest.mark.parametrize("grace, max_t, rf", [(10, 40, 2.0), (2, 4, 2.0), (3, 100, 3.0), (5, 5, 2.0), (4, 50, 4.0)])
+def test_asha_rungs_are_rays(grace, max_t, rf):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from prance.sweep.tune import asha_rungs
+
+    bracket = ASHAScheduler(time_attr="iteration", metric="score", mode="max", max_t=max_t, grace_period=grace,
+                            reduction_factor=rf)._brackets[0]
+    assert asha_rungs(grace, max_t, rf) == sorted(m for m, _ in bracket._rungs)
+
+
+def test_selector_trials_checkpoint_at_asha_rungs_and_every_grace_period():
+    """Issue 36 part 6: a checkpoint at the first report at or past each of ASHA's rungs (the
+    report ASHA judges, and stops, a trial at) and every grace period between them; every
+    report without ASHA."""
+    from prance.sweep.trial import checkpoint_due
+    from prance.sweep.tune import checkpoint_iterations
+
+    imagenet = load_config(SweepConfig, "sweep", "deit_s_imagenet")  # 40 iterations, reports every 5, grace 10, rf 2
+    at = checkpoint_iterations(imagenet)
+    assert at == (10, 20, 30, 40)
+    reports = range(imagenet.selector.eval_every, imagenet.selector.iterations + 1, imagenet.selector.eval_every)
+    assert [it for prev, it in zip([0, *reports], reports) if checkpoint_due(at, prev, it)] == [10, 20, 30, 40]
+    odd = load_config(SweepConfig, "sweep", "tiny", {"selector.iterations": 27, "selector.eval_every": 4, "grace_period": 3,
+                                                      "reduction_factor": 3.0})
+    assert checkpoint_iterations(odd) == (3, 6, 9, 12, 15, 18, 21, 24, 27)
+    # reports at 4, 8, ...: the rung at 9 is judged at the report of 12, which carries a checkpoint
+    assert checkpoint_due(checkpoint_iterations(odd), 8, 12) and not checkpoint_due((10, 20), 12, 16)
+    assert checkpoint_iterations(imagenet.model_copy(update={"scheduler": "fifo"})) == ()
+    assert checkpoint_iterations(imagenet.model_copy(update={"multi_objective": True})) == ()
+    assert checkpoint_due((), 5, 10)  # no ASHA: every report
+
+
 def test_score_and_report_pick_the_best_within_budget(tmp_path):
     assert score(80.0, 1.0, 1.0, 79.0, 200) == pytest.approx(1.0)
     assert score(80.0, 1.1, 1.0, 79.0, 200) == pytest.approx(1.0 - 20.0)  # 10% over the budget costs 20 points
@@ -216,53 +248,6 @@ def test_bad_input_from_the_command_line(tmp_path, micro_checkpoint):
 
 
 # ------------------------------------------------------------------- real sweeps on Ray
-
-
-class MlflowServer:
-    """A real `mlflow server` on a free loopback port (sqlite backend, proxied artifacts)
-    that a test can stop and start again on the same port and database."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> None:
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination",
-               str(self.folder / "artifacts"), "--workers", "1"]
-        log = open(self.folder / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder)
-        deadline = time.monotonic() + 240  # minutes on a loaded 2-core machine, seconds on an idle one
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()  # no server left behind, listening after the test gave up on it
-                    pytest.fail(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def check_report(folder: Path, stdout: str, statuses_done=("finished", "stopped")) -> pd.DataFrame:

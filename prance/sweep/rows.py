@@ -10,6 +10,8 @@ read from the sweep's ``results.csv``, turned into the configuration it stands f
   found in the trial's folder from its trial id).
 - ``controller`` rows are a trained multi-pass controller (:mod:`prance.selector.passes`),
   its file in ``selector_path`` too.
+- A selector or controller file on remote storage (``s3://...`` in ``selector_path``) is
+  fetched once into the local report folder's ``fetched/`` and read from there.
 
 The meta-network and dataset are the sweep's (``sweep.json``), and
 :meth:`SweepRow.validation_images` are the images the sweep scored the row on, so
@@ -23,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prance.errors import PranceError
+from prance.storage import local_file
 from prance.sweep import store
 
 RESULTS_FILE = "results.csv"
 DONE = ("finished", "stopped")  # as prance.sweep.report.DONE
+FETCHED = "fetched"  # under the local report folder: selector files of a sweep on remote storage, copied to be read
 
 
 def trained_file(method: str) -> str | None:
@@ -205,15 +209,17 @@ def load_row(storage: str, name: str, row: dict) -> SweepRow:
     method = row.get("method")
     if row.get("status") not in DONE:
         raise PranceError(f"trial {row.get('trial_number')} of sweep {name} did not finish (status {row.get('status')})")
+    fetched = store.report_folder(storage, name) / FETCHED  # a trained file on remote storage is read from a local copy
     if method == "selector":
-        out.selector = _find_selector(storage, name, row)
+        out.selector = local_file(_find_selector(storage, name, row), fetched)
         return out
     if method == "controller":
         from prance.selector import passes
 
         if _nan(row.get("selector_path")):
             raise PranceError(f"trial {row.get('trial_number')} of sweep {name} kept no controller checkpoint")
-        out.controller = passes.load(str(row["selector_path"]), meta)
+        out.row = {**row, "selector_path": local_file(str(row["selector_path"]), fetched)}
+        out.controller = passes.load(out.row["selector_path"], meta)
         return out
     top = ",".join([str(static_search.num_levels(meta.space) - 1)] * len(meta.space.stage_starts))
     token = row.get("token_strategy") or "none"

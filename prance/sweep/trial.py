@@ -52,6 +52,7 @@ class TrialContext:
     cascade: dict = field(default_factory=dict)  # CascadeSettings fields
     controller: dict = field(default_factory=dict)  # ControllerSettings fields
     shared: str = ""  # the name of the sweep's registry of shared work (prance.sweep.shared); "" in-process
+    checkpoint_at: tuple = ()  # iterations a selector trial checkpoints at (prance.sweep.tune.checkpoint_iterations); (): every report
 
 
 def score(top1: float, gflops: float, budget_gflops: float, baseline_top1: float, overshoot_penalty: float) -> float:
@@ -272,6 +273,12 @@ def run_static(config: dict, ctx: TrialContext, report: Report, workdir: Path, r
     return finish_fixed(config, ctx, report, m, baseline_top1(ctx, budget), start)
 
 
+def checkpoint_due(at: tuple, previous: int, iteration: int) -> bool:
+    """Whether the report of ``iteration`` carries a checkpoint: it is the first report at or
+    past one of ``at`` (after the report of ``previous``), or ``at`` is empty (every report)."""
+    return not at or any(previous < m <= iteration for m in at)
+
+
 def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir: Path, restored: bool = False) -> dict:
     """Train the PPO selector (:func:`prance.selector.pipeline.run_selector`) on the sweep's
     split, reporting validation metrics every ``eval_every`` iterations. It keeps its
@@ -303,11 +310,16 @@ def run_selector_trial(config: dict, ctx: TrialContext, report: Report, workdir:
     def checkpoint_dir() -> Path | None:
         return workdir if (workdir / SELECTOR_FILE).is_file() else None
 
+    last = [0]  # the iteration of the previous report
+
     def on_report(m: dict) -> None:
         # The last iteration is reported once, as the final result below: a scheduler
         # stopping the trial at that report would otherwise cut off the final metrics.
-        if int(m.get("iteration", 0)) < cfg.iterations:
-            report(with_score(m), checkpoint_dir())
+        it = int(m.get("iteration", 0))
+        if it < cfg.iterations:
+            due = checkpoint_due(ctx.checkpoint_at, last[0], it)
+            last[0] = it
+            report(with_score(m), checkpoint_dir() if due else None)
 
     with anchor_searches(anchor_search(ctx, spec, min(cfg.static_images, len(data["train"][1])))):
         final = with_score(run_selector(cfg, on_report, workdir, progress=ctx.progress, resume_from=workdir if restored else None,

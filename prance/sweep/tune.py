@@ -17,6 +17,7 @@ sweep -- so a finished trial is never lost.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -282,15 +283,39 @@ def _searcher(cfg: SweepConfig, plan: SweepPlan, multi: bool):
     return OptunaSearch(space, metric="score", mode="max", sampler=sampler)
 
 
+def _grace(cfg: SweepConfig) -> int | None:
+    """ASHA's grace period in PPO iterations; None when no ASHA decides (FIFO, several objectives)."""
+    if cfg.multi_objective or cfg.scheduler == "fifo":
+        return None
+    s = cfg.selector
+    return min(cfg.grace_period or max(s.eval_every, s.iterations // 4), s.iterations)
+
+
+def asha_rungs(grace: int, max_t: int, reduction_factor: float) -> list[float]:
+    """The iterations at which ASHA (one bracket, as ``_scheduler`` builds it) records a
+    trial and may stop it: ``grace * rf**k`` up to ``max_t``, by Ray's own formula."""
+    n = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
+    return [grace * reduction_factor ** k for k in range(n)]
+
+
+def checkpoint_iterations(cfg: SweepConfig) -> tuple[float, ...]:
+    """Where a selector trial checkpoints (the first report at or past each): ASHA's rungs, so
+    that a trial it stops keeps the selector it was judged on, and every grace period between
+    them, so that a failure loses at most that much work; empty (every report) without ASHA."""
+    grace = _grace(cfg)
+    if grace is None:
+        return ()
+    every = range(grace, cfg.selector.iterations + 1, grace)
+    return tuple(sorted(set(asha_rungs(grace, cfg.selector.iterations, cfg.reduction_factor)) | set(every)))
+
+
 def _scheduler(cfg: SweepConfig, multi: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if multi or cfg.scheduler == "fifo":
+    grace = _grace(cfg)
+    if multi or grace is None:
         return FIFOScheduler()
-    s = cfg.selector
-    grace = cfg.grace_period or max(s.eval_every, s.iterations // 4)
-    grace = min(grace, s.iterations)
-    return ASHAScheduler(time_attr="iteration", metric="score", mode="max", max_t=s.iterations,
+    return ASHAScheduler(time_attr="iteration", metric="score", mode="max", max_t=cfg.selector.iterations,
                          grace_period=grace, reduction_factor=cfg.reduction_factor)
 
 
@@ -442,7 +467,9 @@ def _tuner(session: SweepSession, ctx: TrialContext, slots: int):
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, callbacks=[_make_callback()], verbose=0,
                 # 2: the newest checkpoint may be half-synced when a node dies; Tune forces an experiment
-                # snapshot every num_to_keep checkpoints of a trial, so 1 forced one per report (issue 36)
+                # snapshot every num_to_keep checkpoints of a trial (1: one per checkpoint), and its warning
+                # about snapshots that take long stays on; trials checkpoint at ASHA's rungs and every grace
+                # period, not at every report (checkpoint_iterations; issue 36)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             ),
@@ -554,7 +581,7 @@ def _trial_context(cfg: SweepConfig, plan: SweepPlan, shared: str) -> TrialConte
         selector=cfg.selector.model_dump(), overshoot_penalty=cfg.overshoot_penalty,
         threads=trial_threads(cfg.cpus_per_trial) if not cfg.use_gpu else cfg.cpus_per_trial,
         device="cuda" if cfg.use_gpu else "cpu", static=cfg.static.model_dump(), cascade=cfg.cascade.model_dump(),
-        controller=cfg.controller.model_dump(),
+        controller=cfg.controller.model_dump(), checkpoint_at=checkpoint_iterations(cfg),
     )
 
 

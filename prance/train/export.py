@@ -9,6 +9,8 @@ check: the same sub-networks' Top-1 on the whole hold-out beside the test split.
 Every sub-network of the record is evaluated on each batch as it is decoded: one pass
 over the test split and one over the hold-out, whatever the number of sub-networks
 (a second test pass only when float16 turns out lossy and the float32 weights ship).
+On a Ray cluster with GPUs (right after pretraining) each pass is sharded over one Ray
+task per GPU, the float16 weights under AMP; elsewhere it runs in this process.
 The record names files relative to the repository (or by file name), never by the
 absolute path of the machine that trained them."""
 
@@ -20,12 +22,14 @@ import math
 import os
 import platform
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from prance.checkpoint import load_checkpoint, save_checkpoint
+from prance.device import autocast_for
 from prance.data import build_dataset, input_spec_for_model, make_loader, pretrain_holdout, seeded_subset
 from prance import flops
 from prance.models.meta import MetaViT
@@ -72,19 +76,68 @@ def _record_rows(model: MetaViT, n_random: int, seed: int) -> list[tuple[str, ob
     return named + [(f"random_{i}", space.sample(gen)) for i in range(n_random)]
 
 
+@dataclass(frozen=True)
+class Devices:
+    """Where the record's sub-networks are evaluated: in this process (``shards`` 0, on its
+    CPU), or as ``shards`` Ray tasks over consecutive parts of the images, each on a GPU of
+    the cluster when ``gpu`` (under AMP: float16 autocast), else on a CPU of a worker."""
+
+    shards: int = 0
+    gpu: bool = False
+
+    @classmethod
+    def of_cluster(cls) -> "Devices":
+        """One task per GPU of the running Ray cluster; in this process without Ray or GPUs."""
+        try:
+            import ray
+        except ImportError:
+            return cls()
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+        return cls(shards=gpus, gpu=True) if gpus else cls()
+
+
+IN_PROCESS = Devices()
+
+
 @torch.inference_mode()
-def correct_per_image(jobs: dict[str, tuple], dataset: Dataset, batch_size: int = 500, desc: str = "eval") -> dict[str, torch.Tensor]:
+def correct_per_image(jobs: dict[str, tuple], dataset: Dataset, batch_size: int = 500, desc: str = "eval",
+                      on: Devices = IN_PROCESS, exact: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """For every job ``name: (model, subnet, plan)``: a bool per image of ``dataset``, whether
-    that sub-network's prediction is right. Each batch is decoded once and fed to all jobs."""
+    that sub-network's prediction is right. Each batch is decoded once and fed to all jobs;
+    ``on`` shards the images over Ray tasks (each decodes its part once). On a GPU every job
+    but those named in ``exact`` runs under AMP."""
+    if on.shards:
+        return _sharded(jobs, dataset, batch_size, on, exact)
     from tqdm import tqdm
 
-    for model, _, _ in jobs.values():
-        model.eval()
+    device = torch.device("cuda") if on.gpu and torch.cuda.is_available() else torch.device("cpu")
+    models = {id(m): m.to(device).eval() for m, _, _ in jobs.values()}
     out: dict[str, list[torch.Tensor]] = {name: [] for name in jobs}
-    for x, y in tqdm(make_loader(dataset, batch_size), desc=desc, unit="batch", leave=False):
+    for x, y in tqdm(make_loader(dataset, batch_size, pin_memory=device.type == "cuda"), desc=desc, unit="batch", leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         for name, (model, sub, plan) in jobs.items():
-            out[name].append(model(x, sub, plan).argmax(-1) == y)
+            with autocast_for(device, device.type == "cuda" and name not in exact):
+                out[name].append((models[id(model)](x, sub, plan).argmax(-1) == y).cpu())
     return {name: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for name, v in out.items()}
+
+
+def _sharded(jobs: dict[str, tuple], dataset: Dataset, batch_size: int, on: Devices, exact: frozenset) -> dict[str, torch.Tensor]:
+    """``correct_per_image`` as ``on.shards`` Ray tasks over consecutive index ranges, joined in order."""
+    import ray
+
+    n = len(dataset)
+    bounds = [round(i * n / on.shards) for i in range(on.shards + 1)]
+    task = ray.remote(_shard).options(num_gpus=1 if on.gpu else 0, num_cpus=1)
+    jobs_ref, data_ref = ray.put(jobs), ray.put(dataset)  # once, whatever the shards
+    parts = ray.get([task.remote(jobs_ref, data_ref, range(a, b), batch_size, on.gpu, exact) for a, b in zip(bounds, bounds[1:]) if b > a])
+    return {name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0, dtype=torch.bool) for name in jobs}
+
+
+def _shard(jobs: dict[str, tuple], dataset: Dataset, indices: range, batch_size: int, gpu: bool, exact: frozenset) -> dict:
+    """One Ray task of :func:`_sharded`: its part of the images, on its GPU when given one."""
+    from torch.utils.data import Subset
+
+    return correct_per_image(jobs, Subset(dataset, list(indices)), batch_size, desc="shard", on=Devices(gpu=gpu), exact=exact)
 
 
 def _top1(correct: torch.Tensor) -> float:
@@ -105,7 +158,8 @@ def _se_points(p_percent: float, n: int) -> float:
 
 def space_record(model, dataset, n_random: int = 20, keep: float = 0.5, seed: int = RANDOM_SUBNETS_SEED,
                  holdout: Dataset | None = None, validation_images: int = VALIDATION_IMAGES,
-                 extra: dict[str, tuple] | None = None, return_correct: bool = False) -> dict:
+                 extra: dict[str, tuple] | None = None, return_correct: bool = False, on: Devices = IN_PROCESS,
+                 amp: bool = True) -> dict:
     """Top-1 over ``dataset`` of every uniform width level (level 0 is the smallest, the
     last the largest) and of ``n_random`` seeded random mixed sub-networks, each dense and
     with token pruning at ``keep``; with the median and the worst of the random ones.
@@ -115,7 +169,9 @@ def space_record(model, dataset, n_random: int = 20, keep: float = 0.5, seed: in
     largest, the smallest and the random median (the gap is the evidence that nothing
     leaked). ``extra`` jobs (name: (model, subnet, plan)) ride along on the test pass; with
     ``return_correct`` the per-image correctness of every test job (the rows by name, the
-    pruned ones as ``name/prune``, the extra ones) comes back under ``"_correct"``."""
+    pruned ones as ``name/prune``, the extra ones) comes back under ``"_correct"``. ``on``:
+    where they are evaluated; on GPUs the rows run under AMP when ``amp``, the extra jobs
+    never."""
     arch = model.arch
     plan = build_plan(StrategyConfig("prune").with_param(keep), arch)
     full = flops.gflops(arch)
@@ -125,9 +181,10 @@ def space_record(model, dataset, n_random: int = 20, keep: float = 0.5, seed: in
         jobs[name] = (model, sub, None)
         jobs[f"{name}/prune"] = (model, sub, plan)
     jobs.update(extra or {})
-    test_c = correct_per_image(jobs, dataset, desc="space record: test")
-    held_c = correct_per_image({name: (model, sub, None) for name, sub in named}, holdout,
-                               desc="space record: hold-out") if holdout is not None else None
+    exact = frozenset(extra or {}) if amp else frozenset(jobs)
+    test_c = correct_per_image(jobs, dataset, desc="space record: test", on=on, exact=exact)
+    held_c = correct_per_image({name: (model, sub, None) for name, sub in named}, holdout, desc="space record: hold-out",
+                               on=on, exact=exact) if holdout is not None else None
     rows = []
     for name, sub in named:
         row = {
@@ -213,15 +270,16 @@ def _portable_config(config: dict | None) -> dict | None:
 
 
 def measure(model32: MetaViT, model16: MetaViT, test: Dataset, holdout: Dataset | None, tolerance: float,
-            n_random: int = 20) -> dict:
+            n_random: int = 20, on: Devices = IN_PROCESS) -> dict:
     """Everything the record measures. One test pass runs the float32 largest and smallest
     beside the whole space record of the float16 weights; float16 ships when it is within
     ``tolerance`` points of float32 for both, else the space record is redone on float32
-    (a second pass). Returns the fields of the record plus ``use_half``."""
+    (a second pass). ``on``: where (:class:`Devices`; on GPUs the float16 weights run under
+    AMP, the float32 ones exactly). Returns the fields of the record plus ``use_half``."""
     fixed_idx = torch.as_tensor(seeded_subset(test, FIXED_SUBSET["n"], FIXED_SUBSET["seed"]).indices)
     extra = {"fp32/largest": (model32, model32.space.largest(), None),
              "fp32/smallest": (model32, model32.space.smallest(), None)}
-    space = space_record(model16, test, n_random=n_random, holdout=holdout, extra=extra, return_correct=True)
+    space = space_record(model16, test, n_random=n_random, holdout=holdout, extra=extra, return_correct=True, on=on)
     c = space.pop("_correct")
     last = f"level_{num_levels(model16.space) - 1}"
     ends = {"top1_largest": (last, "fp32/largest"), "top1_smallest": ("level_0", "fp32/smallest")}
@@ -231,17 +289,19 @@ def measure(model32: MetaViT, model16: MetaViT, test: Dataset, holdout: Dataset 
     pick = 0 if use_half else 1
     fixed = {k: _top1(c[names[pick]][fixed_idx]) for k, names in ends.items()}
     if not use_half:  # float32 ships: its space record, a second pass
-        space = space_record(model32, test, n_random=n_random, holdout=holdout)
+        space = space_record(model32, test, n_random=n_random, holdout=holdout, on=on, amp=False)
     return {"use_half": use_half, "test_top1_float32": full32, "test_top1": full16 if use_half else full32,
             "fixed_subset": {**FIXED_SUBSET, **fixed}, "leak_check": space.pop("leak_check", None), "space": space}
 
 
 def export_run(run_dir: Path, out: Path, command: str, dataset: str, tolerance: float = 0.1,
-               mlflow_uri: str | None = None, n_random: int = 20, limit: int | None = None) -> dict:
+               mlflow_uri: str | None = None, n_random: int = 20, limit: int | None = None, on: Devices | None = None) -> dict:
     """Export ``run_dir/best.safetensors`` to ``out`` (+ ``out``.json, the record).
     ``mlflow_uri``: the run's tracking store (default: the sqlite file beside ``run_dir``).
     ``limit``: measure on a seeded subset of that many test and hold-out images (a quick
-    check; a shipped record uses the whole splits)."""
+    check; a shipped record uses the whole splits). ``on``: where the sub-networks are
+    evaluated (default :meth:`Devices.of_cluster`: one Ray task per GPU of the cluster this
+    process has joined, e.g. right after pretraining; else in this process)."""
     from prance import tracking
     from prance.train.launch import RUN_ID_FILE
 
@@ -256,7 +316,8 @@ def export_run(run_dir: Path, out: Path, command: str, dataset: str, tolerance: 
     half_path = out.with_suffix(".fp16.tmp.safetensors")
     save_checkpoint(half_path, model, header["model"], header.get("model_kwargs"), header.get("info"), dtype=torch.float16)
     half, _ = load_checkpoint(half_path)
-    m = measure(model, half, test, holdout, tolerance, n_random=n_random)
+    on = Devices.of_cluster() if on is None else on
+    m = measure(model, half, test, holdout, tolerance, n_random=n_random, on=on)
     if m["use_half"]:
         half_path.replace(out)
     else:
@@ -291,6 +352,7 @@ def export_run(run_dir: Path, out: Path, command: str, dataset: str, tolerance: 
         "epochs": [epochs[k] for k in sorted(epochs)],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "evaluated_on": {"ray_tasks": on.shards, "device": "cuda" if on.gpu else "cpu", "amp": on.gpu},
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -13,7 +13,7 @@ from prance import tracking
 from prance.checkpoint import locate, read_header
 from prance.train.config import PretrainConfig
 from prance.errors import PranceError
-from prance.storage import absolute, is_remote, local_path
+from prance.storage import absolute, fetch, is_remote, local_path, write_text
 from prance.train.placement import check_shared_locations
 from prance.train.worker import MODEL_FILE, has_train_state, load_train_state, train_loop_per_worker
 
@@ -97,12 +97,7 @@ def fetch_best(remote_run: str, best_by: str, dest: Path) -> Path:
     if not scored:
         raise PranceError(f"no finished run in {remote_run} (no checkpoint with a metrics.json)")
     best = max(scored)[2]
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / "best.safetensors.tmp"
-    with fs.open_input_stream(f"{best}/{MODEL_FILE}") as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-    tmp.replace(dest / "best.safetensors")
-    return dest / "best.safetensors"
+    return fetch(f"{best}/{MODEL_FILE}", dest / "best.safetensors", fs=fs)
 
 
 def run_dir_of(cfg: PretrainConfig) -> Path:
@@ -111,6 +106,7 @@ def run_dir_of(cfg: PretrainConfig) -> Path:
     if is_remote(cfg.storage):
         run_dir = staging_dir(cfg)
         fetch_best(f"{absolute(cfg.storage)}/{cfg.name}", cfg.best_by, run_dir)
+        _fetch_run_id(cfg, run_dir)
         return run_dir
     run_dir = local_path(cfg.storage) / cfg.name
     if not (run_dir / "best.safetensors").is_file():
@@ -276,9 +272,22 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, resume_from: str | Pa
         tracking.end_run(uri, run_id, ok)
 
 
+def _fetch_run_id(cfg: PretrainConfig, run_dir: Path) -> None:
+    """The MLflow run id of a run on remote storage, from beside its checkpoints into
+    ``run_dir`` (runs started before it was kept there have none: nothing is fetched)."""
+    try:
+        fetch(f"{absolute(cfg.storage)}/{cfg.name}/{RUN_ID_FILE}", run_dir / RUN_ID_FILE)
+    except PranceError:
+        pass
+
+
 def _mlflow_run(cfg: PretrainConfig, uri: str, run_dir: Path, resume: bool) -> str:
-    """The run's MLflow run id: reopened on resume, else a new run (its id kept in ``run_dir``)."""
+    """The run's MLflow run id: reopened on resume, else a new run (its id kept in ``run_dir``
+    and, for a run on remote storage, beside its checkpoints: an export or a resume on
+    another machine finds it there)."""
     run_id_path = run_dir / RUN_ID_FILE
+    if resume and is_remote(cfg.storage) and not run_id_path.is_file():
+        _fetch_run_id(cfg, run_dir)
     if resume and run_id_path.is_file():
         run_id = run_id_path.read_text().strip()
         tracking.reopen_run(uri, run_id)
@@ -287,6 +296,8 @@ def _mlflow_run(cfg: PretrainConfig, uri: str, run_dir: Path, resume: bool) -> s
     run_id = tracking.start_run(uri, cfg.experiment, f"pretrain-{cfg.name}", params, tags={"prance.kind": "pretrain"})
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id_path.write_text(run_id)
+    if is_remote(cfg.storage):
+        write_text(f"{absolute(cfg.storage)}/{cfg.name}/{RUN_ID_FILE}", run_id)
     return run_id
 
 
