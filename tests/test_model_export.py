@@ -339,6 +339,30 @@ def test_exported_static_configuration_matches_the_meta_network(tmp_path, capsys
         assert torch.equal(module(x), decisive_micro(x, c.subnet, c.plan))
 
 
+def test_export_compile_checks_the_compiled_module_and_load_compiles_it(tmp_path, capsys, decisive_checkpoint):
+    """export --compile BACKEND: the sliced module under torch.compile, as one graph
+    (fullgraph: a graph break fails), gives the meta-network's logits on real test images,
+    and static.load compiles it with the backend the manifest records. PPT is the strategy
+    with a per-image branch (torch.where in the sliced module). The backend here is
+    aot_eager: dynamo's capture and AOT tracing, where a graph break or a data-dependent
+    shape fails, without inductor's C++ build (10 minutes for the micro model on this loaded
+    2-core machine; docs/export.md)."""
+    from prance.export import static
+
+    out = tmp_path / "m"
+    rc, res, err = run_cli(capsys, "export", "--config", "widths=1,1,1,1 ppt r=4", "--checkpoint", str(decisive_checkpoint),
+                           "--output", str(out), "--no-onnx", "--compile", "aot_eager", "--check-limit", "300", "--json")
+    assert rc == 0, err
+    assert res["torch_compile"] == "aot_eager" and res["compile_s"] > 0 and res["check_images"] == 300
+    assert res["compiled_max_abs_diff"] < 1e-4 and res["compiled_predictions_differ"] == 0
+    assert res["compiled_top1"] == res["meta_top1"] == res["torch_top1"]
+    loaded, eager = static.load(out), static.load(out, compile=False)
+    assert isinstance(loaded, torch._dynamo.eval_frame.OptimizedModule) and isinstance(eager, static.StaticViT)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), eager(x), atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("text", ["widths=2,2,2,2 none", "widths=1,0,1,0 prune keep=0.5", "widths=0,0,0,1 prune_merge keep=0.375",
                                   "widths=1,1,1,1 ppt r=4"])
