@@ -144,3 +144,53 @@ def load_images(spec: SplitSpec, image_spec, parts: Iterable[str] = PARTS, worke
 def load(meta, spec: SplitSpec, parts: Iterable[str] = PARTS) -> dict[str, tuple[Tensor, Tensor]]:
     """:func:`load_images` for the meta-network ``meta``."""
     return load_images(spec, input_spec_for_model(meta.vit), parts)
+
+
+# ------------------------------------------------------------- what MLflow records of a split
+
+# a part's name in MLflow's dataset inputs and its context tag (what the run did with it)
+PART_NAMES = {"val": ("validation", "validation"), "train": ("rollouts", "training"), "test": ("test", "testing")}
+
+
+def _identity(dataset, indices: list[int]) -> tuple[bytes, str]:
+    """(bytes that identify the images ``indices`` of ``dataset``, where its images are):
+    in-memory images (Fashion-MNIST) by their pixels and labels; an image folder by each
+    file's path under its root, size and label. Nothing is decoded."""
+    import os
+    from pathlib import Path
+
+    if hasattr(dataset, "samples"):  # torchvision ImageFolder
+        root = Path(dataset.root)
+        lines = [f"{Path(p).relative_to(root)}\t{os.stat(p).st_size}\t{label}" for p, label in (dataset.samples[i] for i in indices)]
+        return "\n".join(lines).encode(), root.resolve().as_uri()
+    from prance.data import FASHION_MNIST_DIRS, _find_fashion_mnist
+
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    found = _find_fashion_mnist("test", FASHION_MNIST_DIRS)
+    where = found[0].parent.resolve().as_uri() if found else "fashion-mnist"
+    return dataset.images[idx].numpy().tobytes() + dataset.labels[idx].numpy().tobytes(), where
+
+
+def inputs(spec: SplitSpec, image_spec, parts: Iterable[str] = ("val", "train")) -> dict[str, dict]:
+    """Per part of the split, what an MLflow run records as its dataset input without a copy
+    of the images: name (``fashion-mnist-validation``), digest (sha256 of the part's
+    images, :func:`_identity`), source (their folder), the number of images and the
+    context tag. Plain data (JSON), so a write queued while a server is away keeps it;
+    :func:`prance.tracking.log_inputs` logs it. Lists files, decodes nothing."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    lay = layout(spec, image_spec)
+    short = Path(spec.dataset.split(":", 1)[1]).name if spec.dataset.lower().startswith("imagefolder:") else spec.dataset
+    out = {}
+    for part in parts:
+        if part not in lay.parts:
+            continue
+        dataset, indices = lay.parts[part]
+        data, where = _identity(dataset, indices)
+        name, context = PART_NAMES[part]
+        out[part] = {"name": f"{short}-{name}", "digest": hashlib.sha256(data).hexdigest()[:16], "source_type": "local",
+                     "source": json.dumps({"uri": where}), "context": context,
+                     "profile": json.dumps({"images": len(indices), "rollouts_from": lay.source, "seed": spec.seed})}
+    return out

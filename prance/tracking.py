@@ -9,6 +9,7 @@ URI would resolve inside each Ray worker's temporary directory).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,24 @@ def check_store(uri: str) -> None:
         quiet.setLevel(level)
 
 
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow reads it each time it would draw a bar
+
+
+@contextmanager
+def no_artifact_progress_bars():
+    """MLflow's artifact upload/download progress bars off inside the block (logging a
+    model downloads it again to check its input example: one bar per model in the sweep's
+    output), unless the user set ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` themselves."""
+    if PROGRESS_BAR_ENV in os.environ:
+        yield
+        return
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_BAR_ENV, None)
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 
@@ -164,6 +183,7 @@ TAG_STATUS = "prance.status"  # finished | stopped | error | interrupted
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI picks an experiment's first page from this tag
 MODEL_TRAINING = "custom_model_development"
 TAG_CONFIGURATION = "prance.configuration"  # what a static baseline's search chose
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names (the UI's run tree)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -230,6 +250,20 @@ def log_artifacts(uri: str, run_id: str, folder: str | os.PathLike, artifact_pat
 
 def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
     client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_inputs(uri: str, run_id: str, datasets: list[dict]) -> None:
+    """The run's dataset inputs (``mlflow.log_input`` through the client): ``datasets`` are
+    records of :func:`prance.splits.inputs` (name, digest, source, profile, context), no
+    copy of the data. MLflow keeps one input per dataset and run: logging it again adds
+    nothing."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entries = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d.get("profile")),
+                            tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets]
+    if entries:
+        client(uri).log_inputs(run_id, datasets=entries)
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:

@@ -95,6 +95,8 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=_count(1), help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the JSON object to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--latency-images", type=_count(0), default=20,
+                   help="batch-1 latency (median, p95 ms) of dense and adaptive over this many single images (default 20; 0: none)")
     p.add_argument("--profile", type=_count(1), metavar="N",
                    help="after timing, one more adaptive pass over every batch under cProfile: the N functions with the most own time go into the JSON ('profile')")
     return p
@@ -249,11 +251,36 @@ def profile_adaptive(meta, selector, batches, budget_gflops: float, greedy: bool
             for (f, line, name), v in rows]
 
 
+def batch1_latency(meta, selector, x, budget_gflops: float, greedy: bool, args, dev) -> dict:
+    """``dense_latency_b1_median_ms``, ``..._p95_ms`` and the same for ``adaptive`` (a
+    whole episode per image: the policy decides for that image alone), over the first
+    ``--latency-images`` images (prance.evaluate.latency_b1, as ``prance eval`` reports it)."""
+    import torch
+
+    from prance.device import autocast_for
+    from prance.evaluate import latency_b1
+
+    if args.latency_images == 0:
+        return {}
+
+    def dense(b):
+        with autocast_for(dev, args.amp):
+            return meta(b)
+
+    def adaptive(b):
+        gen = None if greedy else torch.Generator().manual_seed(args.seed)
+        return selector.run_episode(meta, b, budget_gflops, greedy=greedy, generator=gen, amp=args.amp).logits
+
+    found = latency_b1({"dense": dense, "adaptive": adaptive}, x, args.latency_images, dev)
+    return {f"{name}_{k}": v for name, row in found.items() for k, v in row.items() if k != "latency_images"} | {
+        "latency_images": found["dense"]["latency_images"]}
+
+
 def run(args) -> dict:
     import torch
 
     from prance import flops
-    from prance.budget import parse_budget
+    from prance.budget import parse_budget, spread
     from prance.device import resolve
 
     if args.threads:
@@ -278,8 +305,10 @@ def run(args) -> dict:
     m = measure(meta, selector, batches, budget, greedy, args.seed, dev, args.amp, args.warmup, args.repeats, not args.quiet)
 
     profile = profile_adaptive(meta, selector, batches, budget, greedy, args.seed, dev, args.amp, args.profile) if args.profile else None
+    latency = batch1_latency(meta, selector, x, budget, greedy, args, dev)
     eps = m["episodes"]
     macs = torch.cat([ep.macs for ep in eps])
+    per_image = spread((macs / 1e9).tolist())
     n = int(macs.numel())
     adaptive_gflops = float(macs.mean()) / 1e9
     dense_img_s = n / sum(m["dense_s"])
@@ -314,6 +343,7 @@ def run(args) -> dict:
         "adaptive_gflops_share": adaptive_gflops / dense_gflops,
         "selector_overhead_gflops": selector.overhead_macs / 1e9,
         "max_gflops": float(macs.max()) / 1e9,
+        "adaptive_gflops_p95": per_image["gflops_p95"],
         "within_budget": float((macs <= budget * 1e9 * (1 + 1e-9) + 1e-3).double().mean()),
         "token_ratio": float(torch.cat([ep.token_ratio for ep in eps]).mean()),
         "final_token_ratio": float(torch.cat([ep.final_token_ratio for ep in eps]).mean()),
@@ -326,6 +356,7 @@ def run(args) -> dict:
         "sub_batches_per_batch": sum(int(ep.sub_batches) for ep in eps) / len(eps),
         "distinct_schedules_per_batch": sum(distinct) / len(distinct),
         "schedules": groups,
+        **latency,
         "dense_s_per_batch": m["dense_s"],
         "adaptive_s_per_batch": m["adaptive_s"],
         "command": f"python scripts/{PROG}.py " + " ".join(sys.argv[1:]),

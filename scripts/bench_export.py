@@ -1,6 +1,7 @@
 """Speed of an exported static configuration (docs/benchmarks.md, "Exported static
 configuration"): the meta-network running it by slicing (what ``eval`` does), the sliced
-standalone module in eager PyTorch, the same under ``torch.compile``, and its ONNX graph
+standalone module in eager PyTorch, the same under ``torch.compile`` (as ``prance export
+--compile`` offers it: :func:`prance.export.static.compiled`), and its ONNX graph
 under onnxruntime -- img/s at batch 256 and batch-1 latency (median, p95 ms), on real
 Fashion-MNIST test images, all at the same torch / onnxruntime thread count.
 
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=100, help="timed single images per runner")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (as `prance export --compile BACKEND`)")
     ap.add_argument("--output", default=str(ROOT / "docs" / "results" / "bench_export_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,7 +74,7 @@ def main() -> None:
         }
         compile_s = None
         if not args.no_compile:
-            compiled = torch.compile(module, dynamic=False)
+            compiled = static.compiled(module, args.compile_backend)  # what `export --compile` offers: static.load compiles so
             t0 = time.perf_counter()
             with torch.inference_mode():
                 compiled(x)
@@ -111,7 +113,8 @@ def main() -> None:
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "checkpoint": args.checkpoint, "configuration": config.describe(), "gflops": config.gflops,
         "batch_size": args.batch_size, "rounds": args.rounds, "latency_runs": args.latency_runs,
-        "onnx_export_s": export_s, "compile_s": compile_s, "onnx_bytes": onnx_bytes,
+        "onnx_export_s": export_s, "compile_s": compile_s, "compile_backend": None if args.no_compile else args.compile_backend,
+        "onnx_bytes": onnx_bytes,
         "sliced_params": static.parameters(module), "meta_params": static.parameters(meta.vit),
         "rows": rows,
     }

@@ -249,6 +249,11 @@ CASES = {
                                  r"a --trial row has its own budget: drop --budget"),
     "export_missing_checkpoint": ("prance", ["export", "--checkpoint", "{tmp}/no.safetensors", "--config", "widths=0,0,0,0 none", "--output", "{tmp}/exp"],
                                   r"no\.safetensors"),
+    "export_compile_cascade": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--cascade", "widths=0,0,0,0 none -> [p<0.5] widths=2,2,2,2 none",
+                                          "--compile", "--output", "{tmp}/exp"], r"--compile applies to a static configuration"),
+    "export_compile_unknown_backend": ("prance", ["export", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none", "--no-onnx",
+                                                  "--check-limit", "0", "--compile", "no_such_backend", "--output", "{tmp}/exp"],
+                                       r"--compile 'no_such_backend': not a torch\.compile backend; use inductor"),
 }
 if torch.cuda.device_count() == 0:
     CASES["sweep_use_gpu_without_gpu"] = (SWEEP, ["--preset", "tiny", "--storage", "{tmp}/sweeps", "--use-gpu"], r"--use-gpu: a trial needs 1 GPU, this machine has 0")

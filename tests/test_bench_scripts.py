@@ -47,6 +47,11 @@ def check_adaptive(record: dict, strategy: str, batch: int, batches: int) -> Non
     assert record["within_budget"] == 1.0 and record["max_gflops"] <= record["budget_gflops"] * (1 + 1e-9)
     assert record["schedules_per_batch"] >= 1 and len(record["schedules"]) == batches
     assert record["dense_img_s"] > 0 and record["adaptive_img_s"] > 0
+    # per-image numbers: the GFLOPs spread and the batch-1 latency of both paths
+    assert 0 < record["adaptive_gflops_p95"] <= record["max_gflops"]
+    assert record["latency_images"] == min(20, record["n_images"])
+    for path in ("dense", "adaptive"):
+        assert 0 < record[f"{path}_latency_b1_median_ms"] <= record[f"{path}_latency_b1_p95_ms"]
 
 
 @needs_fmnist

@@ -339,6 +339,30 @@ def test_exported_static_configuration_matches_the_meta_network(tmp_path, capsys
         assert torch.equal(module(x), decisive_micro(x, c.subnet, c.plan))
 
 
+def test_export_compile_checks_the_compiled_module_and_load_compiles_it(tmp_path, capsys, decisive_checkpoint):
+    """export --compile BACKEND: the sliced module under torch.compile, as one graph
+    (fullgraph: a graph break fails), gives the meta-network's logits on real test images,
+    and static.load compiles it with the backend the manifest records. PPT is the strategy
+    with a per-image branch (torch.where in the sliced module). The backend here is
+    aot_eager: dynamo's capture and AOT tracing, where a graph break or a data-dependent
+    shape fails, without inductor's C++ build (10 minutes for the micro model on this loaded
+    2-core machine; docs/export.md)."""
+    from prance.export import static
+
+    out = tmp_path / "m"
+    rc, res, err = run_cli(capsys, "export", "--config", "widths=1,1,1,1 ppt r=4", "--checkpoint", str(decisive_checkpoint),
+                           "--output", str(out), "--no-onnx", "--compile", "aot_eager", "--check-limit", "300", "--json")
+    assert rc == 0, err
+    assert res["torch_compile"] == "aot_eager" and res["compile_s"] > 0 and res["check_images"] == 300
+    assert res["compiled_max_abs_diff"] < 1e-4 and res["compiled_predictions_differ"] == 0
+    assert res["compiled_top1"] == res["meta_top1"] == res["torch_top1"]
+    loaded, eager = static.load(out), static.load(out, compile=False)
+    assert isinstance(loaded, torch._dynamo.eval_frame.OptimizedModule) and isinstance(eager, static.StaticViT)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), eager(x), atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("text", ["widths=2,2,2,2 none", "widths=1,0,1,0 prune keep=0.5", "widths=0,0,0,1 prune_merge keep=0.375",
                                   "widths=1,1,1,1 ppt r=4"])
@@ -424,6 +448,7 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     import shutil
     import subprocess
     import sys
+    import warnings
 
     import numpy as np
     import pandas as pd
@@ -442,7 +467,10 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
     df["mlflow_run_id"] = [c.create_run(exp).info.run_id for _ in range(len(df))]
     df.to_csv(csv, index=False)
 
-    logged = log_models(str(tmp_path), SWEEP, uri)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logged = log_models(str(tmp_path), SWEEP, uri)
+    assert not [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
     assert {r["method"] for r in logged} == {"training_free", "static", "cascade", "controller", "selector"}
     registered = [r for r in logged if r["registered"]]
     assert len(registered) == 1 and registered[0]["registered"] == "models:/prance-fashion-mnist-50pct/1"
@@ -503,6 +531,49 @@ def test_best_rows_become_registered_pyfunc_models(sweep, tmp_path):
         mlflow.set_tracking_uri(before)
     ref = passes.run(row.meta, row.controller, x)[0]
     assert np.abs(got - ref.numpy()).max() < 1e-4
+
+
+def test_the_pyfunc_model_is_typed_so_mlflow_does_not_warn_per_model():
+    """MLflow 3 warns "Add type hints to the `predict` method" each time it loads a
+    PythonModel whose predict has none: once per model the sweep logs. PranceModel.predict
+    takes and gives np.ndarray, a hint MLflow accepts without inferring a schema."""
+    import runpy
+    import warnings
+
+    import numpy as np
+
+    from prance.sweep.models import PYFUNC_FILE
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = runpy.run_path(str(PYFUNC_FILE))  # what mlflow.pyfunc.log_model(python_model=<file>) runs
+    assert not [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
+    assert module["PranceModel"]().predict_type_hints.input is np.ndarray
+
+
+def test_no_mlflow_progress_bars_while_the_sweep_logs_models(monkeypatch):
+    """Against a tracking server MLflow draws a progress bar for each artifact download it
+    makes while logging a model (it loads the model back to check its input example):
+    log_models runs inside tracking.no_artifact_progress_bars, which MLflow's own bar
+    honours; the setting is left as it was, and one the user made is kept."""
+    import os
+
+    from mlflow.utils.file_utils import ArtifactProgressBar
+
+    from prance import tracking
+
+    def drawn() -> bool:
+        with ArtifactProgressBar.files(desc="Downloading artifacts", total=1) as bar:
+            return bar.pbar is not None
+
+    monkeypatch.delenv(tracking.PROGRESS_BAR_ENV, raising=False)
+    assert drawn()
+    with tracking.no_artifact_progress_bars():
+        assert not drawn()
+    assert drawn() and tracking.PROGRESS_BAR_ENV not in os.environ
+    monkeypatch.setenv(tracking.PROGRESS_BAR_ENV, "true")  # the user wants them
+    with tracking.no_artifact_progress_bars():
+        assert drawn()
 
 
 def test_sweep_experiments_are_marked_as_model_training(tmp_path):

@@ -480,6 +480,58 @@ def test_mlflow_writes_queued_in_an_outage_outlive_a_killed_driver(tmp_path, mlf
     assert steps == {0: [2, 4], 1: [2]}
 
 
+def test_trial_runs_nest_under_the_sweeps_parent_run_and_record_their_images(tmp_path, micro_checkpoint):
+    """SweepRuns on a real MLflow store (sqlite): the parent run is made once and found
+    again by a resumed driver; every trial run names it in mlflow.parentRunId (also a run
+    an older sweep made without it, once reopened); each run records the split's parts it
+    read as dataset inputs (name, digest, context; no copy of the images), and the parent
+    becomes the summary run."""
+    import json
+
+    from prance import splits, tracking
+    from prance.checkpoint import load_checkpoint
+    from prance.data import input_spec_for_model
+    from prance.sweep.runs import SUMMARY_KIND, TAG_NUMBER, TRIAL_KIND, SweepRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "prance-sweep-nest")
+    image_spec = input_spec_for_model(load_checkpoint(micro_checkpoint)[0].vit)
+    spec = splits.SplitSpec(dataset="fashion-mnist", checkpoint=str(micro_checkpoint), val_limit=64, train_limit=32,
+                            rollouts_from="holdout")
+    records = splits.inputs(spec, image_spec)
+    assert json.loads(json.dumps(records)) == records == splits.inputs(spec, image_spec)  # plain data (queued as JSON), stable
+    other = splits.inputs(splits.SplitSpec(**{**spec.__dict__, "val_limit": 65}), image_spec)
+    assert other["val"]["digest"] != records["val"]["digest"] != records["train"]["digest"]
+
+    runs = SweepRuns(uri, exp, "nest-1")
+    parent = runs.open_parent("nest", {"budgets": "['50%']"}, list(records.values()))
+    runs.open(0, "t0", "dense#0", {"val_limit": 64}, {"method": "dense"}, [records["val"]])
+    runs.close(0, "FINISHED", "finished")
+    c = mlflow_client(uri)
+    old = c.create_run(exp, tags={tracking.TAG_KIND: TRIAL_KIND, tracking.TAG_SWEEP: "nest-1", TAG_NUMBER: "1"}).info.run_id
+
+    resumed = SweepRuns(uri, exp, "nest-1")  # a resumed driver
+    assert resumed.open_parent("nest", {"budgets": "['50%']"}, list(records.values())) == parent
+    resumed.open(1, "t1", "prune@50%#1", {}, {"method": "selector"}, [records["val"], records["train"]])
+    resumed.open(2, "t2", "prune@50%#2", {}, {"method": "selector"}, [records["val"], records["train"]])
+    for n in (1, 2):
+        resumed.close(n, "FINISHED", "finished")
+    assert resumed.summary("nest", {"budgets": "['50%']"}, [], {"trials_finished": 3}, {"complete": "true"}) == parent
+
+    runs = c.search_runs([exp])
+    trials = {r.data.tags[TAG_NUMBER]: r for r in runs if r.data.tags[tracking.TAG_KIND] == TRIAL_KIND}
+    assert [r.info.run_id for r in runs if r.data.tags[tracking.TAG_KIND] == SUMMARY_KIND] == [parent]
+    assert trials["1"].info.run_id == old and len(trials) == 3
+    assert {r.data.tags.get(tracking.PARENT_RUN_ID) for r in trials.values()} == {parent}
+    seen = {n: sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in r.inputs.dataset_inputs) for n, r in trials.items()}
+    val = ("fashion-mnist-validation", records["val"]["digest"], "validation")
+    rollouts = ("fashion-mnist-rollouts", records["train"]["digest"], "training")
+    assert seen == {"0": [val], "1": [rollouts, val], "2": [rollouts, val]}
+    summary = c.get_run(parent)
+    assert summary.info.status == "FINISHED" and summary.data.params["budgets"] == "['50%']"
+    assert summary.data.metrics["trials_finished"] == 3 and len(summary.inputs.dataset_inputs) == 2
+
+
 def test_a_corrupt_trial_checkpoint_falls_back_to_the_one_before(tmp_path, micro_checkpoint, capsys):
     """A selector trial restored from a truncated checkpoint (a disk that filled up) goes
     on from the checkpoint before it, with a warning; with none readable it starts over

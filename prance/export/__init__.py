@@ -37,16 +37,21 @@ def file_size(path: str | Path) -> int:
 
 @torch.inference_mode()
 def check_static(meta, config, module, onnx_path: str | Path | None, x: torch.Tensor, y: torch.Tensor | None,
-                 batch_size: int = 256) -> dict:
-    """Logits of the sliced module and (when given) the ONNX graph under onnxruntime against
-    the meta-network's on the images ``x``: largest absolute difference, and Top-1 of each
-    (with labels ``y``) and how many predictions differ."""
+                 batch_size: int = 256, compiled_module=None) -> dict:
+    """Logits of the sliced module, (when given) the ONNX graph under onnxruntime and the
+    module under torch.compile against the meta-network's on the images ``x``: largest
+    absolute difference, and Top-1 of each (with labels ``y``) and how many predictions differ."""
     from prance.export import onnx as ox
 
-    ref = torch.cat([meta(x[i : i + batch_size], config.subnet, config.plan) for i in range(0, x.shape[0], batch_size)])
-    got = {"torch": torch.cat([module(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])}
+    def run(f) -> torch.Tensor:
+        return torch.cat([f(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+    ref = run(lambda b: meta(b, config.subnet, config.plan))
+    got = {"torch": run(module)}
     if onnx_path is not None:
         got["onnxruntime"] = ox.run(ox.session(onnx_path), x, batch_size)
+    if compiled_module is not None:
+        got["compiled"] = run(compiled_module)
     out = {"check_images": int(x.shape[0])}
     if y is not None:
         out["meta_top1"] = 100.0 * float((ref.argmax(-1) == y).float().mean())
@@ -59,9 +64,13 @@ def check_static(meta, config, module, onnx_path: str | Path | None, x: torch.Te
 
 
 def export_static(meta, config, folder: str | Path, model_name: str = "", model_kwargs: dict | None = None,
-                  onnx: bool = True, check: tuple | None = None, meta_file: str | Path | None = None) -> dict:
+                  onnx: bool = True, check: tuple | None = None, meta_file: str | Path | None = None,
+                  compile: str | None = None) -> dict:
     """Write ``folder/{model.safetensors, manifest.json, model.onnx}`` for ``config`` and
-    check them on ``check`` = (images, labels or None)."""
+    check them on ``check`` = (images, labels or None). ``compile`` (a torch.compile
+    backend, e.g. ``inductor``): also check the module compiled with it
+    (:func:`static.compiled`) and record in the manifest that :func:`static.load` compiles
+    it so."""
     from prance.export import onnx as ox
     from prance.export import static
 
@@ -75,12 +84,42 @@ def export_static(meta, config, folder: str | Path, model_name: str = "", model_
         out["meta_bytes"] = file_size(meta_file)
     onnx_path = None
     if onnx:
-        x0 = check[0][:2] if check is not None else torch.zeros(2, module.manifest["in_chans"], *module.img_size)
+        x0 = check[0][:2] if check is not None else x_zero(module)
         onnx_path = ox.export_onnx(module, x0, folder / ox.ONNX_FILE)
         out.update(onnx=str(onnx_path), onnx_bytes=file_size(onnx_path))
+    fast = None
+    if compile:
+        fast, out["compile_s"] = _compiled(folder, compile, check[0][:256] if check is not None else x_zero(module))
     if check is not None:
-        out.update(check_static(meta, config, static.load(folder), onnx_path, *check))
+        out.update(check_static(meta, config, static.load(folder, compile=False), onnx_path, *check, compiled_module=fast))
+    if compile:
+        static.set_compile(folder, compile)
+        out[static.COMPILE_KEY] = compile
     return out
+
+
+def x_zero(module) -> torch.Tensor:
+    """Two black images of the shape ``module`` takes."""
+    return torch.zeros(2, module.manifest["in_chans"], *module.img_size)
+
+
+def _compiled(folder: Path, backend: str, x: torch.Tensor) -> tuple:
+    """(the exported module under torch.compile with ``backend``, seconds its first call
+    took: the compilation) -- PranceError in one line when it cannot be compiled."""
+    import time
+
+    from prance.errors import first_line
+    from prance.export import static
+
+    t0 = time.perf_counter()
+    try:
+        fast = static.compiled(static.load(folder, compile=False), backend)
+        with torch.inference_mode():
+            fast(x)
+    except Exception as e:
+        raise PranceError(f"torch.compile failed on the exported module ({type(e).__name__}: {first_line(e)}); "
+                          "export without --compile") from None
+    return fast, time.perf_counter() - t0
 
 
 def export_cascade(meta, cascade, folder: str | Path, model_name: str = "", model_kwargs: dict | None = None,

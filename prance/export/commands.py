@@ -214,6 +214,10 @@ def cmd_export(args: argparse.Namespace) -> dict:
     if args.check_limit is not None and args.check_limit < 0:
         raise PranceError(f"--check-limit must be >= 0, got {args.check_limit}")
     say = (lambda text: None) if args.json else (lambda text: print(f"[export] {text}", file=sys.stderr))
+    if args.compile and (args.selector or args.cascade):
+        raise PranceError(_COMPILE_STATIC_ONLY)
+    if args.compile:
+        _check_backend(args.compile)
     if args.selector:
         from prance.artifacts import local_path
         from prance.selector.config import SelectorConfig
@@ -229,6 +233,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
             raise PranceError(f"--cascade {args.cascade!r} is not '<configuration> -> [p<threshold] <configuration> ...' "
                               "(as search-cascade and the sweep print it); a static configuration goes to --config")
     meta, config, header, row = config_from_args(args)
+    if args.compile and (isinstance(config, Cascade) or row is not None and (row.selector or row.controller) is not None):
+        raise PranceError(_COMPILE_STATIC_ONLY)
     if row is not None and row.selector is not None:
         return {**_row_fields(row), **export_selector(row.selector, row.checkpoint, args.output)}
     if row is not None and row.controller is not None:
@@ -238,11 +244,25 @@ def cmd_export(args: argparse.Namespace) -> dict:
         return {**_row_fields(row), **export_cascade(meta, config, args.output, header.get("model", ""),
                                                      header.get("model_kwargs") or {}, check=_check_images(args, meta))}
     ckpt = row.checkpoint if row is not None else _checkpoint(args)
-    say(f"{config.describe()} -> {args.output}" + ("" if args.no_onnx else " (the ONNX export takes about a minute on a busy CPU)"))
+    say(f"{config.describe()} -> {args.output}" + ("" if args.no_onnx else " (the ONNX export takes about a minute on a busy CPU)")
+        + (f"; torch.compile ({args.compile}) compiles on first use: minutes on a CPU" if args.compile else ""))
     out = export_static(meta, config, args.output, header.get("model", ""), header.get("model_kwargs") or {},
                         onnx=not args.no_onnx, check=_check_images(args, meta),
-                        meta_file=None if str(ckpt).startswith("timm:") else ckpt)
+                        meta_file=None if str(ckpt).startswith("timm:") else ckpt, compile=args.compile)
     return {**_row_fields(row), **out}
+
+
+_COMPILE_STATIC_ONLY = ("--compile applies to a static configuration (its sliced module); a cascade runs its rungs' "
+                        "ONNX graphs, a selector or controller decides shapes per image: drop --compile")
+
+
+def _check_backend(name: str) -> None:
+    """A torch.compile backend torch knows (PranceError, before anything is written)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise PranceError(f"--compile {name!r}: not a torch.compile backend; use inductor (the default) or one of {', '.join(known)}")
 
 
 def add_export_parser(sub) -> None:
@@ -253,6 +273,9 @@ def add_export_parser(sub) -> None:
     p.add_argument("--checkpoint", help=f"the meta-network (default {DEFAULT_CHECKPOINT}; a sweep row uses the sweep's)")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--no-onnx", action="store_true", help="only the sliced PyTorch module")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="static configuration: also check the sliced module under torch.compile (backend, default "
+                        "inductor) and have prance.export.static.load compile it (the manifest records the backend)")
     p.add_argument("--dataset", default="fashion-mnist", help="test images the export is checked on")
     p.add_argument("--check-limit", type=int, help="check on this many test images (default: the whole test split; 0: no check)")
     p.add_argument("--json", action="store_true")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -47,7 +48,10 @@ class PranceModel(PythonModel):
         # process to check its input example, and that would switch autograd off there
         # for good; predict runs under inference_mode instead
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray: a type hint MLflow 3 accepts without inferring a schema from it (the logged
+    # signature, a (-1, C, H, W) float32 tensor, describes the input); without a hint MLflow
+    # warns "Add type hints to the `predict` method" every time this file is loaded
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)))

@@ -321,9 +321,30 @@ def save(module: StaticViT, folder: str | Path) -> Path:
     return folder
 
 
-def load(folder: str | Path) -> StaticViT:
+COMPILE_KEY = "torch_compile"  # in the manifest: the torch.compile backend the export checked the module with
+
+
+def compiled(module: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``module`` under ``torch.compile``, as one graph (``fullgraph``: a graph break is an
+    error here, not a silent fall back to eager). It compiles on its first call, and once
+    more for the first batch of another size (the batch dimension is then dynamic)."""
+    return torch.compile(module.eval(), fullgraph=True, backend=backend)
+
+
+def set_compile(folder: str | Path, backend: str | None) -> None:
+    """Record in ``folder``'s manifest the torch.compile backend :func:`load` compiles the
+    module with by default (None: eager)."""
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest[COMPILE_KEY] = backend
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load(folder: str | Path, compile: bool | str | None = None) -> nn.Module:
     """The module :func:`save` wrote (no pickle: JSON and safetensors). A hybrid ViT's
-    convolutional stem is rebuilt from the manifest's model name, then loaded."""
+    convolutional stem is rebuilt from the manifest's model name, then loaded. ``compile``:
+    the module under :func:`compiled` with that backend (True: inductor), eager (False),
+    or what the export recorded (None: compiled as ``prance export --compile`` checked it)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -340,7 +361,8 @@ def load(folder: str | Path) -> StaticViT:
         stem = create_vit(manifest["model"], **manifest["model_kwargs"]).patch_embed.backbone
     module = StaticViT(manifest, stem)
     module.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return module.eval()
+    backend = manifest.get(COMPILE_KEY) if compile is None else ("inductor" if compile is True else compile)
+    return compiled(module, backend) if backend else module.eval()
 
 
 def parameters(module: nn.Module) -> int:

@@ -33,6 +33,7 @@ class SweepMethod:
     setting: Callable[[Any, str, float], str] | None = None  # (model, token strategy, GFLOPs): what the plan fixes
     meets: tuple[str, ...] = ("mean", "cap")  # budget kinds its results meet by construction
     searches: bool = False  # suggests hyper-parameters, runs ``trials_per_combo`` times, reports per iteration (ASHA)
+    parts: tuple[str, ...] = ("val",)  # the split's parts its trials read (prance.splits.PARTS): their runs' MLflow inputs
 
 
 METHODS: dict[str, SweepMethod] = {}
@@ -93,9 +94,9 @@ def _cascade_lowest(model, token: str, cfg) -> float:
 register(SweepMethod("cascade", 3, "^", {"cascade": "ladder"}, cascade_trial.run_cascade, _cascade_lowest,
                      meets=("mean",)))
 register(SweepMethod("controller", 5, "P", {"controller": "ladder"}, controller_trial.run_controller, _cascade_lowest,
-                     meets=("mean",)))
+                     meets=("mean",), parts=("val", "train")))
 register(SweepMethod("selector", 4, "o", {n: n for n in SELECTOR_STRATEGIES}, trial.run_selector_trial,
-                     _selector_lowest, meets=("cap", "mean"), searches=True))
+                     _selector_lowest, meets=("cap", "mean"), searches=True, parts=("val", "train")))
 
 
 def run_trial(config: dict, ctx, report, workdir, restored: bool = False) -> dict:

@@ -64,13 +64,13 @@ TAG_MODEL_URI = "prance.model_uri"  # ... and that model's URI (MLflow 3: models
 
 
 def _example(row: sweep_rows.SweepRow):
-    """(validation images, labels, a two-image input example, its logits) of ``row``."""
+    """(a two-image input example, its logits) of ``row``: its first two validation images."""
     import numpy as np
     import torch
 
     from prance.data import input_spec_for_model, preprocess
 
-    x, y = row.validation_images()  # uint8, as the sweep held them; the model takes normalised floats
+    x, _ = row.validation_images()  # uint8, as the sweep held them; the model takes normalised floats
     example = preprocess(x[:2], input_spec_for_model(row.meta.vit)).numpy()
     with torch.inference_mode():
         if row.static is not None:
@@ -85,26 +85,28 @@ def _example(row: sweep_rows.SweepRow):
             logits = passes.run(row.meta, row.controller, x[:2])[0].numpy()
         else:  # a selector: only the shape matters for the signature
             logits = np.zeros((2, row.meta.arch.num_classes), np.float32)
-    return x, y, example, logits
+    return example, logits
 
 
 def _log_one(row: sweep_rows.SweepRow, run_id: str, folder: Path) -> str:
     """Log ``row`` as the pyfunc model ``model`` of its trial run (with the images it was
-    chosen on as the run's input); returns the model URI. A run that already holds the
-    model of this configuration (a resumed sweep) is not logged again."""
+    chosen on as the run's input, the record the sweep gave the run: a run of an older
+    sweep gets it here); returns the model URI. A run that already holds the model of this
+    configuration (a resumed sweep) is not logged again."""
     import mlflow
-    import mlflow.data
     from mlflow.models import infer_signature
 
-    from prance import tracking
+    from prance import splits, tracking
+    from prance.data import input_spec_for_model
 
-    tags = tracking.client(mlflow.get_tracking_uri()).get_run(run_id).data.tags
+    uri = mlflow.get_tracking_uri()
+    tags = tracking.client(uri).get_run(run_id).data.tags
     if tags.get(TAG_MODEL) == row.describe() and tags.get(TAG_MODEL_URI):
         return tags[TAG_MODEL_URI]
-    x, y, example, logits = _example(row)
+    example, logits = _example(row)
+    spec = splits.SplitSpec.of_settings(row.dataset, row.checkpoint, row.selector_settings)
+    tracking.log_inputs(uri, run_id, [splits.inputs(spec, input_spec_for_model(row.meta.vit), parts=("val",))["val"]])
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), name=f"{row.dataset}-validation"),
-                         context="validation")
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE), artifacts={"prance": str(_artifacts(row, folder))},
                                        signature=infer_signature(example, logits), input_example=example,
                                        pip_requirements=["prance", "torch", "timm", "safetensors"])
@@ -135,6 +137,8 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
     registered twice."""
     import mlflow
 
+    from prance import tracking
+
     df = sweep_rows.read_results(storage, name)
     budgets = list(dict.fromkeys(df.loc[df["method"] != "dense", "budget"].dropna().astype(str)))
     dataset = sweep_rows._settings(storage, name).get("config", {}).get("dataset", "fashion-mnist")
@@ -143,7 +147,7 @@ def log_models(storage: str, name: str, uri: str, register: bool = True) -> list
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        with tempfile.TemporaryDirectory(prefix="prance-models-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="prance-models-") as tmp, tracking.no_artifact_progress_bars():
             for budget in budgets:
                 logged = []
                 for method in METHODS:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prance import flops
 from prance.budget import Budget
@@ -61,6 +62,7 @@ class SweepPlan:
     budgets: dict[str, Budget]  # as written -> the parsed budget
     combos: list[BudgetStrategy]  # every budget x strategy, reachable or not (not dense)
     trials: list[BudgetStrategy] = field(default_factory=list)  # trial number -> combo
+    image_spec: Any = None  # the meta-network's prance.data.InputSpec: how its split's images are shaped
 
     @property
     def unreachable(self) -> list[BudgetStrategy]:
@@ -90,6 +92,8 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Check the inputs (PranceError with one line on the first problem) and lay out the
     trials: the dense reference, every reachable training-free and static combo once, then
     the selector combos round-robin, ``trials_per_combo`` times."""
+    from prance.data import input_spec_for_model
+
     checkpoint, model, header, dataset = _check_model_and_data(cfg)
     dense = flops.gflops(model.arch)
     budgets = _budgets(cfg, dense)
@@ -111,7 +115,8 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         c = combos[0]
         raise PranceError(f"no budget x strategy of this sweep can run ({c.strategy}@{c.budget}: {c.note}; "
                           f"budget_kind {cfg.budget_kind}, strategies {', '.join(cfg.strategies)})")
-    plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos)
+    plan = SweepPlan(str(checkpoint), dataset, header.get("model", ""), dense, budgets, combos,
+                     image_spec=input_spec_for_model(model.vit))
     plan.trials = _trial_order(cfg, combos, dense)
     return plan
 

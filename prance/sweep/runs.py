@@ -1,8 +1,11 @@
 """A sweep's MLflow runs, driven from the Ray driver only (no trial talks to MLflow).
 
-One experiment per sweep; one run per Tune trial, found again by its tags (sweep id +
-trial number) so that a resumed sweep reuses it instead of creating a duplicate; one
-summary run with the results table and the plot. Every run a session opened is closed
+One experiment per sweep; one parent run (created when the sweep starts, found again
+on resume; at the end it holds the summary: the results table and the plot); one run per
+Tune trial, nested under the parent (``mlflow.parentRunId``) and found again by its tags
+(sweep id + trial number) so that a resumed sweep reuses it instead of creating a
+duplicate. Every run records the images it read as MLflow dataset inputs (a record of
+the split, :func:`prance.splits.inputs`: no copy of the images). Every run a session opened is closed
 by the end of that session: FINISHED, FAILED, or KILLED when the sweep was interrupted
 (and reopened when the resumed sweep runs that trial again).
 
@@ -61,6 +64,7 @@ class SweepRuns:
         self.offline_since: float | None = time.monotonic() if self.pending else None
         self._next_try = 0.0
         self._stash: Path | None = None  # copies of artifact folders whose upload waits (no queue_dir)
+        self.parent_id: str | None = None  # the sweep's parent run (open_parent): every trial run nests under it
         self.refresh()
 
     # ------------------------------------------------------------ the queue on disk
@@ -207,7 +211,10 @@ class SweepRuns:
             if number not in self.last_step:
                 self.last_step[number] = self._logged_steps(run_id)
             tracking.set_status(self.uri, run_id, "RUNNING")
-            tracking.log_batch(self.uri, run_id, tags={tracking.TAG_STATUS: "running", tracking.TAG_TRIAL: op["trial_id"]})
+            parent = {tracking.PARENT_RUN_ID: op["parent"]} if op.get("parent") else {}  # a run made before runs nested
+            tracking.log_batch(self.uri, run_id, tags={tracking.TAG_STATUS: "running", tracking.TAG_TRIAL: op["trial_id"], **parent})
+        elif kind == "inputs":
+            tracking.log_inputs(self.uri, run_id, op["datasets"])
         elif kind == "metrics":
             if number not in self.last_step:
                 self.last_step[number] = self._logged_steps(run_id)
@@ -237,17 +244,39 @@ class SweepRuns:
         return tracking.last_step(self.uri, run_id, STEP_METRIC)
 
     # ------------------------------------------------------------------ the runs
-    def open(self, number: int, trial_id: str, run_name: str, params: dict[str, Any], tags: dict[str, Any]) -> None:
-        """The trial's run, RUNNING: created with its params and tags, or reopened (a
-        retried trial, or a resumed sweep)."""
+    def open_parent(self, name: str, params: dict[str, Any], inputs: list[dict] | None = None) -> str:
+        """The sweep's parent run, RUNNING: created with the sweep's settings as params and
+        ``inputs`` (:func:`prance.splits.inputs` records) when the sweep starts, found again
+        by its tags on resume (the same parent, whatever session). Trial runs opened after
+        this nest under it; it becomes the summary run at the end (:meth:`summary`)."""
+        found = tracking.find_runs(self.uri, self.experiment_id, {tracking.TAG_SWEEP: self.sweep_id, tracking.TAG_KIND: SUMMARY_KIND})
+        if found:
+            self.parent_id = found[0].info.run_id
+            tracking.set_status(self.uri, self.parent_id, "RUNNING")
+        else:
+            run = tracking.client(self.uri).create_run(self.experiment_id, run_name=name,
+                                                       tags={tracking.TAG_KIND: SUMMARY_KIND, tracking.TAG_SWEEP: self.sweep_id})
+            self.parent_id = run.info.run_id
+            tracking.log_batch(self.uri, self.parent_id, params=params)
+        tracking.log_inputs(self.uri, self.parent_id, inputs or [])
+        return self.parent_id
+
+    def open(self, number: int, trial_id: str, run_name: str, params: dict[str, Any], tags: dict[str, Any],
+             inputs: list[dict] | None = None) -> None:
+        """The trial's run, RUNNING: created with its params, tags (nested under the parent
+        run, when one is open) and dataset ``inputs``, or reopened (a retried trial, or a
+        resumed sweep)."""
+        parent = {tracking.PARENT_RUN_ID: self.parent_id} if self.parent_id else {}
         if number not in self.run_ids:
             all_tags = {tracking.TAG_KIND: TRIAL_KIND, tracking.TAG_SWEEP: self.sweep_id, tracking.TAG_TRIAL: trial_id,
-                        TAG_NUMBER: str(number), **{k: str(v) for k, v in tags.items()}}
+                        TAG_NUMBER: str(number), **parent, **{k: str(v) for k, v in tags.items()}}
             self._write({"op": "create", "trial": number, "run_name": run_name, "tags": all_tags})
             self._write({"op": "params", "trial": number, "params": {k: str(v)[:6000] for k, v in params.items()}})
             self.last_step.setdefault(number, -1)
         else:
-            self._write({"op": "reopen", "trial": number, "trial_id": trial_id})
+            self._write({"op": "reopen", "trial": number, "trial_id": trial_id, "parent": self.parent_id})
+        if inputs:
+            self._write({"op": "inputs", "trial": number, "datasets": list(inputs)})
         self.status[number] = "RUNNING"
 
     def log(self, number: int, metrics: dict[str, Any], step: int) -> None:
@@ -282,7 +311,7 @@ class SweepRuns:
         return closed
 
     def reconcile(self, number: int, run_name: str, params: dict[str, Any], tags: dict[str, Any], metrics: dict[str, Any],
-                  outcome: str, step: int) -> bool:
+                  outcome: str, step: int, inputs: list[dict] | None = None) -> bool:
         """Make the run of a trial that Tune knows as ended say so: created with its final
         metrics when no run was ever written for it, closed when it was left RUNNING or
         KILLED (the driver died between the trial's end and its callback). True when
@@ -292,7 +321,7 @@ class SweepRuns:
             return False
         if number not in self.run_ids:
             self.open(number, str(tags.get(tracking.TAG_TRIAL, "")), run_name, params,
-                      {k: v for k, v in tags.items() if k != tracking.TAG_TRIAL})
+                      {k: v for k, v in tags.items() if k != tracking.TAG_TRIAL}, inputs)
         self.log(number, metrics, step)  # a step already logged is not logged again
         self.close(number, status, outcome, step=step)
         return True
@@ -301,17 +330,9 @@ class SweepRuns:
         return self.tags.get(number, {}).get(tracking.TAG_STATUS)
 
     def summary(self, name: str, params: dict[str, Any], files: list[Path], metrics: dict[str, Any], tags: dict[str, Any]) -> str:
-        """The sweep's summary run (created once, updated on resume), FINISHED."""
-        found = tracking.find_runs(self.uri, self.experiment_id, {tracking.TAG_SWEEP: self.sweep_id, tracking.TAG_KIND: SUMMARY_KIND})
-        if found:
-            run_id = found[0].info.run_id
-            tracking.set_status(self.uri, run_id, "RUNNING")
-        else:
-            run = tracking.client(self.uri).create_run(
-                self.experiment_id, run_name=f"{name}-summary",
-                tags={tracking.TAG_KIND: SUMMARY_KIND, tracking.TAG_SWEEP: self.sweep_id})
-            run_id = run.info.run_id
-            tracking.log_batch(self.uri, run_id, params=params)
+        """The sweep's parent run (:meth:`open_parent`, created here when it was not)
+        with the summary: metrics, tags, the files; FINISHED."""
+        run_id = self.parent_id or self.open_parent(name, params)
         tracking.log_batch(self.uri, run_id, metrics=metrics, tags=tags)
         for f in files:
             tracking.log_artifact(self.uri, run_id, f)

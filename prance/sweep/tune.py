@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prance import tracking
+from prance import splits, tracking
 from pydantic import ValidationError
 
 from prance.config import _format_error
@@ -43,7 +43,7 @@ from prance.sweep.space import DefineByRun
 from prance.selector.store import SELECTOR_FILE
 from prance.sweep.methods import DENSE, METHODS, run_trial
 from prance.sweep.rows import selector_path, trained_file
-from prance.sweep.trial import FINAL, TrialContext, selector_config
+from prance.sweep.trial import FINAL, TrialContext, selector_config, split_of
 
 # Tune's own bookkeeping in every result, and ours, stay out of MLflow's metrics
 NOT_LOGGED = frozenset({"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname",
@@ -141,6 +141,16 @@ def run_tags(config: dict) -> dict:
     return {k: config.get(k) for k in ("method", "strategy", "token_strategy", "budget", "budget_gflops")}
 
 
+def split_inputs(spec, image_spec) -> dict[str, dict]:
+    """:func:`prance.splits.inputs` of ``spec``; a warning and none when they cannot be
+    worked out (a run without its dataset inputs is better than no run)."""
+    try:
+        return splits.inputs(spec, image_spec)
+    except Exception as e:
+        print(f"warning: the MLflow dataset inputs of the split could not be recorded ({first_line(e)})", file=sys.stderr, flush=True)
+        return {}
+
+
 @dataclass
 class Progress:
     """What the callback needs on the driver: the MLflow runs, the plan, the clock."""
@@ -154,6 +164,7 @@ class Progress:
     start: float = field(default_factory=time.monotonic)
     started: dict = field(default_factory=dict)  # trial number -> monotonic start (this session)
     wall: dict = field(default_factory=dict)  # trial number -> seconds from start to end (this session)
+    dataset_inputs: dict = field(default_factory=dict)  # repr(SplitSpec) -> its parts' MLflow dataset inputs
 
     def line(self, text: str) -> None:
         print(f"[{_clock(time.monotonic() - self.start):>6}] {text}", flush=True)
@@ -166,6 +177,18 @@ class Progress:
             base.update({k: self.ctx.selector.get(k) for k in ("val_limit", "batch_size", "seed")})
         return base
 
+    def inputs(self, config: dict) -> list[dict]:
+        """The MLflow dataset inputs of a trial's run: the parts of the split its method
+        reads, of its own split (a searching trial's suggestions may change it)."""
+        method = METHODS[config["method"]]
+        spec = split_of(self.ctx)
+        if method.searches:
+            spec = splits.SplitSpec.of(selector_config(config, self.ctx).model_copy(update={"test_limit": None}))
+        if repr(spec) not in self.dataset_inputs:
+            self.dataset_inputs[repr(spec)] = split_inputs(spec, self.plan.image_spec)
+        known = self.dataset_inputs[repr(spec)]
+        return [known[p] for p in method.parts if p in known]
+
     def tracked(self, what: str, write) -> None:
         """MLflow writes never take the sweep down (an outage is queued by SweepRuns)."""
         try:
@@ -177,7 +200,8 @@ class Progress:
         c = trial.config
         n = int(c["trial_number"])
         self.started.setdefault(n, time.monotonic())
-        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, trial_label(c), self.params(c), run_tags(c)))
+        self.tracked(f"run of trial {n}", lambda: self.runs.open(n, trial.trial_id, trial_label(c), self.params(c), run_tags(c),
+                                                                 self.inputs(c)))
 
     def on_result(self, trial, result: dict) -> None:
         c = trial.config
@@ -509,8 +533,7 @@ def _report(session: SweepSession, grid, runs: SweepRuns, progress: Progress, sl
         summary_metrics["dense_top1"] = float(dense.iloc[0][tracking.TOP1])
     if tracking_error is None:
         try:
-            runs.summary(name, {k: v for k, v in cfg.model_dump(exclude={"space", "selector"}).items()},
-                         [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
+            runs.summary(name, summary_params(cfg), [results, plot], summary_metrics, {"complete": str(interrupted == 0).lower(), "folder": str(folder)})
         except Exception as e:
             tracking_error = f"the summary run could not be written ({e})"
     if tracking_error is None:  # each budget x method's best row as a pyfunc model, each budget's best registered
@@ -571,7 +594,15 @@ def _open_tracking(session: SweepSession, source: str, command: str, settings: d
         closed = runs.close_running()
         if closed:
             print(f"[sweep] closed {len(closed)} MLflow run(s) left RUNNING by the interrupted session (trials {closed})", flush=True)
+    # the parent run every trial's run nests under (the same one on resume): the summary at the end
+    split = splits.SplitSpec.of_settings(session.plan.dataset, session.plan.checkpoint, cfg.selector.model_dump())
+    runs.open_parent(name, summary_params(cfg), list(split_inputs(split, session.plan.image_spec).values()))
     return runs, experiment, experiment_id
+
+
+def summary_params(cfg: SweepConfig) -> dict:
+    """The sweep's settings as its parent run's params."""
+    return cfg.model_dump(exclude={"space", "selector"})
 
 
 def _trial_context(cfg: SweepConfig, plan: SweepPlan, shared: str) -> TrialContext:
@@ -683,7 +714,8 @@ def reconcile_runs(runs: SweepRuns, grid, rows: list[dict], progress: "Progress"
             m = dict(result.metrics or {})
             metrics = {k: v for k, v in m.items() if k not in NOT_LOGGED}
             tags = {**run_tags(config), tracking.TAG_TRIAL: m.get("trial_id") or ""}
-            if runs.reconcile(n, trial_label(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0)):
+            if runs.reconcile(n, trial_label(config), progress.params(config), tags, metrics, status[n], int(m.get("iteration") or 0),
+                              progress.inputs(config)):
                 made.append(n)
         runs.drain(0)
     except PranceError as e:
