@@ -105,9 +105,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-images", type=int, default=Halving.first_images, help="successive halving: images every candidate is scored on first")
     p.add_argument("--eta", type=int, default=Halving.eta, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--val-limit", type=int, default=2000,
-                   help="validation images the choice is made on (default 2000, the default sweep's: the same defaults give its static rows)")
-    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
+    p.add_argument("--val-limit", type=int,
+                   help="validation images the choice is made on (default: the default sweep's, so that the same defaults give its static rows)")
+    p.add_argument("--train-limit", type=int, help="the selector's rollout images, skipped here (default: the default sweep's)")
     p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true")
@@ -311,14 +311,39 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     return summary
 
 
+def sweep_split_defaults() -> dict:
+    """``val_limit`` and ``train_limit`` of the default sweep's selector settings: the
+    defaults of search-static and search-cascade, whose choice then is the sweep's static
+    row's (another number of validation images can choose another configuration)."""
+    from prance.config import load_config
+    from prance.sweep.config import SweepConfig
+
+    selector = load_config(SweepConfig, "sweep", "default").selector
+    return {"val_limit": selector.val_limit, "train_limit": selector.train_limit}
+
+
+def search_split(args: argparse.Namespace, command: str):
+    """The SplitSpec of ``search-static`` / ``search-cascade``: the selector's split, with
+    the default sweep's validation and rollout sizes unless given."""
+    from prance.config import validate
+    from prance.selector.config import SelectorConfig
+    from prance.splits import SplitSpec
+
+    fields = {**sweep_split_defaults(), "test_limit": args.test_limit}
+    fields.update({k: getattr(args, k) for k in ("val_limit", "train_limit") if getattr(args, k) is not None})
+    if args.checkpoint:
+        fields["checkpoint"] = args.checkpoint
+    if args.dataset:
+        fields["dataset"] = args.dataset
+    return SplitSpec.of(validate(SelectorConfig, fields, command))
+
+
 def _search_inputs(args: argparse.Namespace, command: str):
     """(meta-network, budget GFLOPs, the selector's image split, strategy names, progress)
     for ``search-static`` and ``search-cascade``: the same images ``train-selector`` uses."""
     from prance.checkpoint import load_checkpoint
-    from prance.config import validate
     from prance import splits
     from prance.budget import Budget
-    from prance.selector.config import SelectorConfig
 
     if args.budget is None:
         raise PranceError("--budget is required (GFLOPs, e.g. 0.03, or a share of the full sub-network, e.g. 30%)")
@@ -329,15 +354,10 @@ def _search_inputs(args: argparse.Namespace, command: str):
             raise PranceError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if args.eta < 2:
         raise PranceError(f"--eta must be at least 2, got {args.eta}")
-    fields = {"val_limit": args.val_limit, "train_limit": args.train_limit, "test_limit": args.test_limit}
-    if args.checkpoint:
-        fields["checkpoint"] = args.checkpoint
-    if args.dataset:
-        fields["dataset"] = args.dataset
-    cfg = validate(SelectorConfig, fields, command)
-    model, _ = load_checkpoint(cfg.checkpoint)
+    spec = search_split(args, command)
+    model, _ = load_checkpoint(spec.checkpoint)
     budget = Budget.of(args.budget, model.arch).gflops
-    data = splits.load(model, splits.SplitSpec.of(cfg), parts=("val", "test"))
+    data = splits.load(model, spec, parts=("val", "test"))
     tag = command.split("-")[-1]
     say = lambda text: print(f"[{tag}] {text}", file=sys.stderr, flush=True)  # noqa: E731 -- stderr, also with --json
     return model, budget, data, names, say
