@@ -24,6 +24,13 @@ def is_mlflow_uri(path: str | os.PathLike | None) -> bool:
     return isinstance(path, str) and path.strip().startswith(SCHEMES)
 
 
+def add_mlflow_uri_arg(parser) -> None:
+    """``--mlflow-uri`` of every command that takes a runs:/ or models:/ path (the errors of
+    :func:`check_store` name it)."""
+    parser.add_argument("--mlflow-uri", help="tracking store for runs:/ and models:/ paths (default $PRANCE_MLFLOW_URI, "
+                                             "$MLFLOW_TRACKING_URI, else sqlite:///runs/sweeps/mlflow.db)")
+
+
 def default_tracking_uri() -> str:
     from prance import tracking
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from prance.artifacts import add_mlflow_uri_arg
 from prance.errors import PranceError, one_line
 from prance.halving import Halving
 from prance.tokens.strategies import REDUCING_STRATEGIES, STRATEGIES
@@ -48,6 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None
                                             "runs:/ or models:/ URI, or timm:NAME (default: the model's shipped weights where prance ships some, "
                                             "timm:prance_vit_fmnist.base for the default model)")
         p.add_argument("--random-init", action="store_true", help="a randomly initialised model even where a checkpoint is shipped")
+        add_mlflow_uri_arg(p)
 
 
 def _add_strategy_args(p: argparse.ArgumentParser, single: bool = True) -> None:
@@ -103,9 +105,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-images", type=int, default=Halving.first_images, help="successive halving: images every candidate is scored on first")
     p.add_argument("--eta", type=int, default=Halving.eta, help="successive halving: keep the best 1/eta each round")
     p.add_argument("--dataset", help="fashion-mnist or imagefolder:PATH")
-    p.add_argument("--val-limit", type=int, default=2000,
-                   help="validation images the choice is made on (default 2000, the default sweep's: the same defaults give its static rows)")
-    p.add_argument("--train-limit", type=int, default=4000, help="the selector's rollout images, skipped here")
+    p.add_argument("--val-limit", type=int,
+                   help="validation images the choice is made on (default: the default sweep's, so that the same defaults give its static rows)")
+    p.add_argument("--train-limit", type=int, help="the selector's rollout images, skipped here (default: the default sweep's)")
     p.add_argument("--test-limit", type=int, default=5000, help="held-out test images the result is reported on")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true")
@@ -189,7 +191,7 @@ def _images(args: argparse.Namespace, model, n: int):
     spec = input_spec_for_model(model.vit)
     if args.dataset == "random":
         return torch.randn(n, spec.in_chans, *spec.img_size, generator=torch.Generator().manual_seed(args.seed))
-    ds = build_dataset(args.dataset, "test", spec)
+    ds = build_dataset(args.dataset, "test", spec, skip_bad=args.skip_bad_images)
     if len(ds) < n:
         raise PranceError(f"dataset {args.dataset} has {len(ds)} test images, fewer than the batch size {n}")
     x, _ = next(iter(make_loader(seeded_subset(ds, n, args.seed), batch_size=n)))
@@ -241,10 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
     result = evaluate(model, loader, plan=plan, device=args.device, amp=args.amp, progress=True)
     result.update(latency(args, lambda x: model(x, None, plan), loader))
-    out = {"checkpoint": _weights(args), "strategy": cfg.name, "params": plan.params, **result}
-    if args.skip_bad_images:
-        out["skipped_images"] = len(ds) - result["n_images"]
-    return out
+    return {"checkpoint": _weights(args), "strategy": cfg.name, "params": plan.params, **result, **skipped_images(args, loader, result)}
 
 
 def _weights(args: argparse.Namespace) -> str:
@@ -312,14 +311,39 @@ def cmd_train_selector(args: argparse.Namespace) -> dict:
     return summary
 
 
+def sweep_split_defaults() -> dict:
+    """``val_limit`` and ``train_limit`` of the default sweep's selector settings: the
+    defaults of search-static and search-cascade, whose choice then is the sweep's static
+    row's (another number of validation images can choose another configuration)."""
+    from prance.config import load_config
+    from prance.sweep.config import SweepConfig
+
+    selector = load_config(SweepConfig, "sweep", "default").selector
+    return {"val_limit": selector.val_limit, "train_limit": selector.train_limit}
+
+
+def search_split(args: argparse.Namespace, command: str):
+    """The SplitSpec of ``search-static`` / ``search-cascade``: the selector's split, with
+    the default sweep's validation and rollout sizes unless given."""
+    from prance.config import validate
+    from prance.selector.config import SelectorConfig
+    from prance.splits import SplitSpec
+
+    fields = {**sweep_split_defaults(), "test_limit": args.test_limit}
+    fields.update({k: getattr(args, k) for k in ("val_limit", "train_limit") if getattr(args, k) is not None})
+    if args.checkpoint:
+        fields["checkpoint"] = args.checkpoint
+    if args.dataset:
+        fields["dataset"] = args.dataset
+    return SplitSpec.of(validate(SelectorConfig, fields, command))
+
+
 def _search_inputs(args: argparse.Namespace, command: str):
     """(meta-network, budget GFLOPs, the selector's image split, strategy names, progress)
     for ``search-static`` and ``search-cascade``: the same images ``train-selector`` uses."""
     from prance.checkpoint import load_checkpoint
-    from prance.config import validate
     from prance import splits
     from prance.budget import Budget
-    from prance.selector.config import SelectorConfig
 
     if args.budget is None:
         raise PranceError("--budget is required (GFLOPs, e.g. 0.03, or a share of the full sub-network, e.g. 30%)")
@@ -330,15 +354,10 @@ def _search_inputs(args: argparse.Namespace, command: str):
             raise PranceError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if args.eta < 2:
         raise PranceError(f"--eta must be at least 2, got {args.eta}")
-    fields = {"val_limit": args.val_limit, "train_limit": args.train_limit, "test_limit": args.test_limit}
-    if args.checkpoint:
-        fields["checkpoint"] = args.checkpoint
-    if args.dataset:
-        fields["dataset"] = args.dataset
-    cfg = validate(SelectorConfig, fields, command)
-    model, _ = load_checkpoint(cfg.checkpoint)
+    spec = search_split(args, command)
+    model, _ = load_checkpoint(spec.checkpoint)
     budget = Budget.of(args.budget, model.arch).gflops
-    data = splits.load(model, splits.SplitSpec.of(cfg), parts=("val", "test"))
+    data = splits.load(model, spec, parts=("val", "test"))
     tag = command.split("-")[-1]
     say = lambda text: print(f"[{tag}] {text}", file=sys.stderr, flush=True)  # noqa: E731 -- stderr, also with --json
     return model, budget, data, names, say
@@ -429,7 +448,7 @@ def _eval_selector(args: argparse.Namespace, loader=None) -> dict:
     cfg = cfg.model_copy(update={"amp": args.amp})
     result = evaluate_selector(model, selector, loader, budget, progress=True, reward_fn=reward_fn(model, cfg, budget, lam), amp=args.amp)
     result.update(latency(args, lambda x: selector.run_episode(model, x, budget, amp=args.amp).logits, loader))
-    return {"strategy": f"selector:{selector.actions.strategy}", **result}
+    return {"strategy": f"selector:{selector.actions.strategy}", **result, **skipped_images(args, loader, result)}
 
 
 def cmd_bench(args: argparse.Namespace) -> list[dict]:
@@ -538,14 +557,13 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="imagefolder: skip unreadable images (a warning each) and report their count as skipped_images")
+    add_skip_bad_arg(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     _add_latency_arg(p)
     p.add_argument("--json", action="store_true")
-    rowcmd.add_row_args(p)  # --config, --sweep/--trial/--best, --storage, --mlflow-uri
+    rowcmd.add_row_args(p, mlflow_uri=False)  # --config, --sweep/--trial/--best, --storage (--mlflow-uri: _add_model_args)
     p.set_defaults(func=cmd_eval)
 
 
@@ -608,9 +626,25 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="also write the rows with the command, machine and date to this JSON file")
+    add_skip_bad_arg(p)
     _add_latency_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+
+def add_skip_bad_arg(p: argparse.ArgumentParser) -> None:
+    """``--skip-bad-images`` of the commands that read one split of an image folder (eval,
+    bench): the error of an unreadable image names it (prance.data.SKIP_BAD_FLAG)."""
+    from prance.data import SKIP_BAD_FLAG
+
+    p.add_argument(SKIP_BAD_FLAG, action="store_true",
+                   help="imagefolder: skip unreadable images (a warning each) and report their count as skipped_images")
+
+
+def skipped_images(args: argparse.Namespace, loader, result: dict) -> dict:
+    """``{"skipped_images": N}`` with --skip-bad-images: the images of ``loader``'s dataset
+    that could not be read (it read ``result["n_images"]``); {} without the flag."""
+    return {"skipped_images": len(loader.dataset) - result["n_images"]} if getattr(args, "skip_bad_images", False) else {}
 
 
 def _add_latency_arg(p: argparse.ArgumentParser) -> None:
@@ -659,6 +693,10 @@ def _check_args(args: argparse.Namespace) -> None:
     elif hasattr(args, "locs"):  # the commands with strategy flags
         names = [args.strategy] if hasattr(args, "strategy") else [n.strip() for n in args.strategies.split(",") if n.strip()]
         _check_strategy_flags(args, names)
+    if getattr(args, "skip_bad_images", False):
+        read = "--split sweep (the sweep's held images)" if getattr(args, "split", None) == "sweep" else args.dataset
+        if read != args.dataset or not args.dataset.strip().lower().startswith("imagefolder:"):
+            raise PranceError(f"--skip-bad-images applies to an imagefolder:PATH dataset only, not to {read}")
     if hasattr(args, "sweep"):  # eval, export: what picks a configuration
         from prance.export.commands import check_row_args
 

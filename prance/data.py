@@ -373,10 +373,16 @@ def fashion_mnist(
 DECODED = {"images": 0}  # image files this process opened (tests count what planning decodes)
 
 
-def _open_image(path: str, mode: str, skip_bad: bool = False) -> Any:
+SKIP_BAD_FLAG = "--skip-bad-images"
+
+
+def _open_image(path: str, mode: str, skip_bad: bool | None = None) -> Any:
     """Open an image file with PIL and convert it to ``mode`` ("L" or "RGB"). An unreadable
     file (truncated, not an image) is a PranceError naming it; with ``skip_bad`` a warning
-    line on stderr and None (the loader's collate function drops the item)."""
+    line on stderr and None (the loader's collate function drops the item). The error
+    names the remedy the command has: ``skip_bad=False`` (a command that offers
+    :data:`SKIP_BAD_FLAG`, not given) names the flag, ``None`` (no such flag) says to remove
+    or replace the file."""
     from PIL import Image
 
     DECODED["images"] += 1
@@ -385,8 +391,10 @@ def _open_image(path: str, mode: str, skip_bad: bool = False) -> Any:
             return Image.open(handle).convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        if skip_bad is None:
+            raise PranceError(f"unreadable image {path} ({reason}): remove or replace the file") from None
         if not skip_bad:
-            raise PranceError(f"unreadable image {path} ({reason}); pass --skip-bad-images to skip such files and count them") from None
+            raise PranceError(f"unreadable image {path} ({reason}); pass {SKIP_BAD_FLAG} to skip such files and count them") from None
         print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr, flush=True)
         return None
 
@@ -446,7 +454,7 @@ def decode_transform(spec: InputSpec) -> Any:
     return Compose([*steps[:-2], _to_uint8])
 
 
-def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False,
+def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, train: bool = False, skip_bad: bool | None = None,
                  uint8: bool = False) -> Dataset:
     """An ImageNet-style folder ``root/<split>/<class>/<image>`` as a torchvision ImageFolder.
 
@@ -455,7 +463,8 @@ def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, trai
     they are read as grey when the model takes one channel, else as RGB. ``uint8``: items
     are resized and cropped uint8 images (:func:`decode_transform`), not normalised floats.
     An unreadable image is a PranceError naming it, or with ``skip_bad`` a warning and an
-    item the loader of :func:`make_loader` leaves out.
+    item the loader of :func:`make_loader` leaves out (``False``: the command offers
+    ``--skip-bad-images`` and the error says so; ``None``: it offers no skipping).
     """
     from torchvision.datasets import ImageFolder
 
@@ -480,13 +489,14 @@ def image_folder(root: str | os.PathLike[str], split: str, spec: InputSpec, trai
 DATASET_FORMS = ("fashion-mnist", "imagefolder:PATH")
 
 
-def build_dataset(name: str, split: str, spec: InputSpec, train: bool = False, skip_bad: bool = False,
+def build_dataset(name: str, split: str, spec: InputSpec, train: bool = False, skip_bad: bool | None = None,
                   uint8: bool = False) -> Dataset:
     """Build a dataset by name: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
 
     ``split`` is "train" or "test"/"val".  ``train`` turns on augmentation for image
     folders; Fashion-MNIST tensors are served without augmentation. ``skip_bad``: an
-    image folder's unreadable images are skipped with a warning (else a PranceError).
+    image folder's unreadable images are skipped with a warning (else a PranceError naming
+    ``--skip-bad-images`` when ``False``, the command's flag left out, and the file alone when ``None``).
     ``uint8``: an image folder's items are uint8 images for :func:`held_images`.
     Building a dataset lists files; it decodes no image.
     """

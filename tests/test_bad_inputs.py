@@ -63,6 +63,25 @@ def assert_one_line(code: int, out: str, err: str, prog: str, match: str) -> str
     return lines[0]
 
 
+_FLAGS: dict[tuple, set[str]] = {}
+
+
+def flags_of(entry: str, args: list[str]) -> set[str]:
+    """The options the command of ``args`` accepts, read from its ``--help``."""
+    key = (entry, args[0] if entry == "prance" else None)
+    if key not in _FLAGS:
+        code, out, _ = run_entry(entry, [*key[1:], "--help"] if key[1] else ["--help"])
+        assert code == 0, out
+        _FLAGS[key] = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", out))
+    return _FLAGS[key]
+
+
+def assert_named_flags_exist(entry: str, args: list[str], line: str) -> None:
+    """Advice must be followable: every --flag an error line names is one of the command's."""
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", line))
+    assert named <= flags_of(entry, args), (sorted(named - flags_of(entry, args)), line)
+
+
 def digest(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` -> its sha256: what "nothing lost or changed" compares."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -148,8 +167,19 @@ CASES = {
     "locs_given_to_none": ("prance", ["flops", "--model", MICRO, "--locs", "1"], r"--locs applies to"),
     "strategy_flag_with_selector": ("prance", ["eval", "--selector", "{tmp}/none.safetensors", "--threshold", "1e-4"], r"--selector decides"),
     "random_init_with_checkpoint": ("prance", ["flops", "--checkpoint", "{tmp}/micro.safetensors", "--random-init"], r"--random-init cannot"),
-    # --- datasets
+    # --- datasets: an unreadable image is named with the remedy the command has
     "corrupt_image": ("prance", ["eval", "--model", MICRO, "--dataset", "imagefolder:{tmp}/images"], r"unreadable image .*ants/1\.jpg .*--skip-bad-images"),
+    "corrupt_image_eval_config": ("prance", ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none",
+                                             "--dataset", "imagefolder:{tmp}/images"], r"unreadable image .*ants/1\.jpg .*pass --skip-bad-images"),
+    "corrupt_image_bench": ("prance", ["bench", "--model", MICRO, "--dataset", "imagefolder:{tmp}/images", "--batch-size", "6"],
+                            r"unreadable image .*ants/1\.jpg .*pass --skip-bad-images"),
+    "corrupt_image_search_static": ("prance", ["search-static", "--checkpoint", "{tmp}/micro.safetensors", "--dataset", "imagefolder:{tmp}/images",
+                                               "--budget", "50%", "--val-limit", "2", "--train-limit", "2", "--test-limit", "2"],
+                                    r"unreadable image .*ants/1\.jpg .*: remove or replace the file$"),
+    "skip_bad_images_not_imagefolder": ("prance", ["eval", "--model", MICRO, "--skip-bad-images", "--limit", "8"],
+                                        r"--skip-bad-images applies to an imagefolder:PATH dataset only, not to fashion-mnist"),
+    # --- MLflow URIs as checkpoints: the store's error names a flag the command has
+    "flops_runs_uri_without_store": ("prance", ["flops", "--checkpoint", "runs:/0123/model"], r"MLflow store .*mlflow\.db does not exist \(pass --mlflow-uri"),
     # --- resume
     "resume_only_unstarted_sweep": (SWEEP, ["--resume", "--storage", "{tmp}/sweeps"], r"nothing to resume: .*halfmade never started its trials"),
     "resume_named_unstarted_sweep": (SWEEP, ["--resume", "--name", "halfmade", "--storage", "{tmp}/sweeps"], r"never started its trials"),
@@ -270,7 +300,7 @@ def test_bad_input_is_one_line_and_loses_nothing(case: str, files: Path, monkeyp
     before = digest(files)
     code, out, err = run_entry(entry, [a.replace("{tmp}", str(files)) for a in args])
     prog = {"prance": "prance", SWEEP: "budget_sweep", "pretrain": "pretrain"}[entry]
-    assert_one_line(code, out, err, prog, match)
+    assert_named_flags_exist(entry, args, assert_one_line(code, out, err, prog, match))
     assert digest(files) == before  # nothing written, nothing removed, nothing changed
     assert not any(p.is_dir() and p.name not in ("images", "sweeps", "earlier", "halfmade", "test", "ants", "bees")
                    for p in files.rglob("*")), sorted(files.rglob("*"))  # no half-made folder either
@@ -286,13 +316,21 @@ def test_corrupt_image_in_a_real_process_names_the_file(files: Path) -> None:
     assert_one_line(proc.returncode, proc.stdout, proc.stderr, "prance", r"unreadable image .*ants/1\.jpg \(")
 
 
-def test_skip_bad_images_counts_them(files: Path) -> None:
-    code, out, err = run_entry("prance", ["eval", "--model", MICRO, "--dataset", f"imagefolder:{files}/images", "--skip-bad-images", "--json"])
+@pytest.mark.parametrize("command", [["eval", "--model", MICRO], ["eval", "--checkpoint", "{tmp}/micro.safetensors", "--config", "widths=0,0,0,0 none"],
+                                     ["bench", "--model", MICRO, "--strategies", "none", "--batch-size", "6", "--repeats", "1", "--latency-images", "0"]],
+                         ids=["eval", "eval_config", "bench"])
+def test_skip_bad_images_counts_them(files: Path, command: list[str]) -> None:
+    """Every command whose error offers --skip-bad-images takes it (eval --config ignored it)."""
+    args = [a.replace("{tmp}", str(files)) for a in command]
+    code, out, err = run_entry("prance", [*args, "--dataset", f"imagefolder:{files}/images", "--skip-bad-images", "--json"])
     assert code == 0, err
     result = json.loads(out)
-    assert result["skipped_images"] == 1 and result["n_images"] == 5
     assert "skipping unreadable image" in err and "ants/1.jpg" in err
-    assert "randomly initialised" in err  # prance_vit_micro has no shipped checkpoint
+    if command[0] == "bench":  # one batch of the readable images
+        assert "randomly initialised" in err
+        return
+    assert result["skipped_images"] == 1 and result["n_images"] == 5
+    assert ("randomly initialised" in err) == (command[1] == "--model")  # prance_vit_micro has no shipped checkpoint
 
 
 def test_sweep_refusals_before_ray_print_no_ray_line(files: Path, tmp_path: Path) -> None:

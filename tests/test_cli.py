@@ -355,6 +355,25 @@ def test_search_static_json(micro_checkpoint: Path, capsys: pytest.CaptureFixtur
     assert out["candidates"] >= len(out["ranked"]) and out["forwards"] > 0
 
 
+@pytest.mark.parametrize("command", ["search-static", "search-cascade"])
+def test_search_defaults_are_the_default_sweeps_split(command: str) -> None:
+    """At their defaults, the searches choose on the default sweep's validation images, so
+    search-static gives the sweep's static row (its 2,000 images against the sweep's 3,000
+    chose another configuration at 20%)."""
+    from prance.cli import build_parser, search_split
+    from prance.config import load_config
+    from prance.splits import SplitSpec
+    from prance.sweep.config import SweepConfig
+
+    sweep = load_config(SweepConfig, "sweep", "default")
+    trial = SplitSpec.of_settings(sweep.dataset, sweep.checkpoint, sweep.selector.model_dump())
+    search = search_split(build_parser().parse_args([command, "--budget", "20%"]), command)
+    assert (search.dataset, search.checkpoint, search.val_limit, search.train_limit, search.seed, search.source()) == \
+        (trial.dataset, trial.checkpoint, trial.val_limit, trial.train_limit, trial.seed, trial.source())
+    given = search_split(build_parser().parse_args([command, "--budget", "20%", "--val-limit", "500"]), command)
+    assert given.val_limit == 500 and given.train_limit == trial.train_limit
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "--budget is required"),
     (["--budget", "60%", "--eta", 1], "--eta"),

@@ -12,8 +12,11 @@ from prance.errors import PranceError
 from prance.selector.config import DEFAULT_CHECKPOINT
 
 
-def add_row_args(p: argparse.ArgumentParser, budget: bool = False) -> None:
-    """What picks a configuration: a configuration string, or a sweep row."""
+def add_row_args(p: argparse.ArgumentParser, budget: bool = False, mlflow_uri: bool = True) -> None:
+    """What picks a configuration: a configuration string, or a sweep row (and
+    ``--mlflow-uri`` unless the parser has it already)."""
+    from prance.artifacts import add_mlflow_uri_arg
+
     p.add_argument("--config", dest="static_config", metavar="CONFIGURATION",
                    help="a static configuration or a cascade as the sweep prints it, e.g. 'widths=0,0,1,2 merge r=6' "
                         "or 'widths=0,0,0,0 merge r=4 -> [p<0.71] widths=3,3,3,3 none'")
@@ -22,8 +25,8 @@ def add_row_args(p: argparse.ArgumentParser, budget: bool = False) -> None:
     p.add_argument("--best", action="store_true", help="with --sweep and --budget: the best row of that budget")
     p.add_argument("--method", choices=["selector", "cascade", "static", "training_free"], help="with --best: only rows of this method")
     p.add_argument("--storage", help="where the sweep folders are (default $PRANCE_STORAGE, else runs/sweeps)")
-    p.add_argument("--mlflow-uri", help="tracking store for runs:/ and models:/ paths (default $PRANCE_MLFLOW_URI, "
-                                        "$MLFLOW_TRACKING_URI, else sqlite:///runs/sweeps/mlflow.db)")
+    if mlflow_uri:
+        add_mlflow_uri_arg(p)
     if budget:
         p.add_argument("--budget", help="with --sweep --best: the budget as the sweep names it (e.g. 20%%)")
 
@@ -119,7 +122,7 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
     from prance.cli import _strategy_config
 
     from prance.cascade import Cascade
-    from prance.cli import latency
+    from prance.cli import latency, skipped_images
 
     meta, config, _, row = config_from_args(args, _strategy_config(args, "none"))
     if row is not None and row.selector is not None:  # a selector row: eval --selector with the sweep's meta-network
@@ -130,13 +133,14 @@ def eval_row(args: argparse.Namespace, eval_selector) -> dict:
         return {**_row_fields(row), **eval_selector(args, loader)}
     loader = _loader(args, meta, row)
     if isinstance(config, Cascade):
-        return {**_row_fields(row), **_eval_cascade(args, meta, config, loader)}
-    if row is not None and row.controller is not None:
-        return {**_row_fields(row), **_eval_controller(args, meta, row.controller, loader)}
-    result = evaluate(meta, loader, config.subnet, config.plan, device=args.device, amp=args.amp, progress=not args.json)
-    result.update(latency(args, lambda x: meta(x, config.subnet, config.plan), loader))
-    return {**_row_fields(row), "configuration": config.describe(), "strategy": config.strategy.name,
-            "params": dict(config.plan.params), **result}
+        result = _eval_cascade(args, meta, config, loader)
+    elif row is not None and row.controller is not None:
+        result = _eval_controller(args, meta, row.controller, loader)
+    else:
+        result = evaluate(meta, loader, config.subnet, config.plan, device=args.device, amp=args.amp, progress=True)  # stderr, also with --json
+        result.update(latency(args, lambda x: meta(x, config.subnet, config.plan), loader))
+        result = {"configuration": config.describe(), "strategy": config.strategy.name, "params": dict(config.plan.params), **result}
+    return {**_row_fields(row), **result, **skipped_images(args, loader, result)}
 
 
 def _eval_adaptive(args, loader, evaluate, forward) -> dict:
@@ -183,7 +187,7 @@ def _loader(args, meta, row):
         if args.limit is not None:
             x, y = x[: args.limit], y[: args.limit]
         return list(batches(x, y, args.batch_size))
-    ds = build_dataset(args.dataset, args.split, input_spec_for_model(meta.vit))
+    ds = build_dataset(args.dataset, args.split, input_spec_for_model(meta.vit), skip_bad=args.skip_bad_images)
     if args.limit is not None:
         ds = seeded_subset(ds, args.limit, args.seed)
     return make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
@@ -213,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
         raise PranceError("export one thing: --config, --sweep (with --trial or --budget --best), --cascade or --selector")
     if args.check_limit is not None and args.check_limit < 0:
         raise PranceError(f"--check-limit must be >= 0, got {args.check_limit}")
-    say = (lambda text: None) if args.json else (lambda text: print(f"[export] {text}", file=sys.stderr))
+    say = lambda text: print(f"[export] {text}", file=sys.stderr, flush=True)  # noqa: E731 -- stderr, also with --json
     if args.compile and (args.selector or args.cascade):
         raise PranceError(_COMPILE_STATIC_ONLY)
     if args.compile:
