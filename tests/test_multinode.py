@@ -179,6 +179,9 @@ def test_sweep_and_pretraining_on_two_nodes_with_s3_storage_and_an_mlflow_server
     cluster, worker = two_nodes
     mlflow.wait()
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
+    token = Path.home() / ".ray" / "auth_token"  # the nodes' token where Ray's token auth is on: the drivers' own HOME lacks it
+    if token.exists():
+        env.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
     # both drivers at once, as two jobs on one cluster: the training worker takes one of the node's CPUs
     sweep = _driver("budget_sweep.py", tiny_args(micro_checkpoint, "--set", "budgets=[55%]", "--set", "strategies=[prune]",
                                                  "--storage", f"s3://{BUCKET}/sweeps", "--name", "mn", "--mlflow-uri", mlflow.uri),
