@@ -157,8 +157,9 @@ def test_two_trials_on_a_node_read_one_shared_copy(local_ray, tmp_path):
     assert [v for k, v in stats.items() if k.startswith("images-")] == [1]  # one decode for both
     # the same pages: both processes map the same object-store file and hold no copy of their own
     assert a["mapping"] == b["mapping"] and a["mapping"][1] != 0
-    for r in (a, b):
-        assert r["private_kib"] * 1024 < 0.25 * r["bytes"], r
+    for r in (a, b):  # a copy would make all of it private; pages only one reader has touched yet count as
+        # private too (a fresh-clone run measured 25.0%: 844 KiB of 3,375), hence half, not a quarter
+        assert r["private_kib"] * 1024 < 0.5 * r["bytes"], r
 
 
 @needs_fmnist
